@@ -1,0 +1,66 @@
+// pybind11 module distill_ops._C: raw pointers (as integers), sizes, strides, dtype codes and
+// stream handles. No libtorch: the Python layer validates and allocates, the kernels compute.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "cpu/kernels.h"
+
+namespace py = pybind11;
+using distill_ops::KDParams;
+
+namespace {
+
+template <typename T>
+T* as_ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void dense_kd_cpu(uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t t_ptr, int t_dtype,
+                  int64_t t_stride, uintptr_t valid_ptr, uintptr_t labels_ptr, uintptr_t loss_ptr,
+                  int loss_dtype, uintptr_t grad_ptr, int grad_dtype, int64_t grad_stride,
+                  int64_t grad_cols, int64_t n_rows, int64_t vocab, const KDParams& params,
+                  int num_threads) {
+  distill_ops::cpu::dense_kd({as_ptr<const void>(s_ptr), s_dtype, s_stride},
+                             {as_ptr<const void>(t_ptr), t_dtype, t_stride},
+                             as_ptr<const uint8_t>(valid_ptr), as_ptr<const int64_t>(labels_ptr),
+                             as_ptr<void>(loss_ptr), loss_dtype, as_ptr<void>(grad_ptr),
+                             grad_dtype, grad_stride, grad_cols, n_rows, vocab, params,
+                             num_threads);
+}
+
+void scale_rows_cpu(uintptr_t grad_ptr, uintptr_t out_ptr, int dtype, uintptr_t scale_ptr,
+                    int scale_dtype, int64_t scale_stride, int64_t n_rows, int64_t n_cols,
+                    int num_threads) {
+  distill_ops::cpu::scale_rows(as_ptr<const void>(grad_ptr), as_ptr<void>(out_ptr), dtype,
+                               as_ptr<const void>(scale_ptr), scale_dtype, scale_stride, n_rows,
+                               n_cols, num_threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "distill_ops native kernels (CPU always; CUDA when built with nvcc)";
+
+  py::class_<KDParams>(m, "KDParams")
+      .def(py::init<>())
+      .def_readwrite("divergence", &KDParams::divergence)
+      .def_readwrite("temperature", &KDParams::temperature)
+      .def_readwrite("beta", &KDParams::beta)
+      .def_readwrite("scale_s", &KDParams::scale_s)
+      .def_readwrite("cap_s", &KDParams::cap_s)
+      .def_readwrite("scale_t", &KDParams::scale_t)
+      .def_readwrite("cap_t", &KDParams::cap_t)
+      .def_readwrite("hard_weight", &KDParams::hard_weight)
+      .def_readwrite("soft_coef", &KDParams::soft_coef);
+
+  m.def("dense_kd_cpu", &dense_kd_cpu, py::call_guard<py::gil_scoped_release>(),
+        "Fused dense KD loss and student gradient, per row (CPU).");
+  m.def("scale_rows_cpu", &scale_rows_cpu, py::call_guard<py::gil_scoped_release>(),
+        "out[r, :] = grad[r, :] * scale[r] (CPU).");
+#ifdef DISTILL_OPS_WITH_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+}

@@ -1,0 +1,275 @@
+// Dense KD loss on the CPU: OpenMP over rows, one row at a time in per-thread scratch.
+//
+// Per row: load both rows once, transformed (z = f(x) / T), into scratch; row maxima; one
+// vectorised pass of exp for both softmax numerators (kept, so no exp is computed twice);
+// one pass for the divergence (and the quantity its gradient needs); one pass for the
+// gradient, written straight in the student's dtype. Everything after the first load works
+// on scratch that stays in L2 for V up to ~128k.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+#include "row_io.h"
+
+namespace distill_ops::cpu {
+namespace {
+
+template <typename Acc>
+Acc row_max(const Acc* z, int64_t n) {
+  Acc m = -std::numeric_limits<Acc>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, z[j]);
+  return m;
+}
+
+// e[j] = exp(z[j] - m); returns the sum.
+template <typename Acc>
+Acc exp_shifted(const Acc* z, Acc m, int64_t n, Acc* e) {
+  Acc s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) {
+    e[j] = exp_acc(z[j] - m);
+    s += e[j];
+  }
+  return s;
+}
+
+template <typename Acc>
+struct RowStats {
+  Acc m;      // max of z
+  Acc log_s;  // log sum exp(z - m)
+  Acc inv_s;  // 1 / sum exp(z - m)
+};
+
+template <typename Acc>
+RowStats<Acc> softmax_stats(const Acc* z, int64_t n, Acc* e) {
+  const Acc m = row_max(z, n);
+  const Acc s = exp_shifted(z, m, n, e);
+  return {m, log_acc(s), Acc(1) / s};
+}
+
+// Computes the divergence of one row and leaves in d[j] its gradient w.r.t. z_s[j].
+// es/et hold exp(z - max) of student/teacher; et is overwritten by d.
+template <typename Acc>
+Acc divergence_row(Divergence div, Acc beta, const Acc* zs, const Acc* zt, const Acc* es,
+                   Acc* et, RowStats<Acc> s, RowStats<Acc> t, int64_t n, bool want_grad) {
+  Acc loss = 0;
+  switch (div) {
+    case Divergence::ForwardKL: {
+#pragma omp simd reduction(+ : loss)
+      for (int64_t j = 0; j < n; ++j) {
+        const Acc lq = (zs[j] - s.m) - s.log_s;
+        const Acc lp = (zt[j] - t.m) - t.log_s;
+        const Acc p = et[j] * t.inv_s;
+        loss += xlogratio(p, lp, lq);
+        et[j] = es[j] * s.inv_s - p;
+      }
+      break;
+    }
+    case Divergence::ReverseKL: {
+#pragma omp simd reduction(+ : loss)
+      for (int64_t j = 0; j < n; ++j) {
+        const Acc lq = (zs[j] - s.m) - s.log_s;
+        const Acc lp = (zt[j] - t.m) - t.log_s;
+        const Acc q = es[j] * s.inv_s;
+        loss += xlogratio(q, lq, lp);
+        et[j] = q > Acc(0) ? lq - lp : Acc(0);  // g_j - 1
+      }
+      if (want_grad) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const Acc q = es[j] * s.inv_s;
+          et[j] = q > Acc(0) ? q * (et[j] - loss) : Acc(0);
+        }
+      }
+      break;
+    }
+    case Divergence::JSD: {
+      const Acc log_b = log_acc(beta), log_1mb = log_acc(Acc(1) - beta);
+      Acc kl_p = 0, kl_q = 0;
+#pragma omp simd reduction(+ : kl_p, kl_q)
+      for (int64_t j = 0; j < n; ++j) {
+        const Acc lq = (zs[j] - s.m) - s.log_s;
+        const Acc lp = (zt[j] - t.m) - t.log_s;
+        const Acc q = es[j] * s.inv_s;
+        const Acc p = et[j] * t.inv_s;
+        const Acc lm = jsd_log_mixture(lp, lq, log_b, log_1mb);
+        kl_p += xlogratio(p, lp, lm);
+        kl_q += xlogratio(q, lq, lm);
+        et[j] = q > Acc(0) ? (Acc(1) - beta) * (lq - lm) : Acc(0);  // g_j
+      }
+      loss = beta * kl_p + (Acc(1) - beta) * kl_q;
+      if (want_grad) {
+        const Acc sum_qg = (Acc(1) - beta) * kl_q;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) et[j] = es[j] * s.inv_s * (et[j] - sum_qg);
+      }
+      break;
+    }
+    case Divergence::TVD: {
+      Acc sum_qg = 0;
+#pragma omp simd reduction(+ : loss, sum_qg)
+      for (int64_t j = 0; j < n; ++j) {
+        const Acc q = es[j] * s.inv_s;
+        const Acc p = et[j] * t.inv_s;
+        const Acc g = tvd_sign(q, p);
+        loss += std::abs(q - p);
+        sum_qg += q * g;
+        et[j] = g;
+      }
+      loss *= Acc(0.5);
+      if (want_grad) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) et[j] = es[j] * s.inv_s * (et[j] - sum_qg);
+      }
+      break;
+    }
+  }
+  return loss;
+}
+
+template <typename Acc>
+void dense_kd_impl(RowView student, RowView teacher, const uint8_t* valid, const int64_t* labels,
+                   void* loss, int loss_dtype, void* grad, int grad_dtype, int64_t grad_stride,
+                   int64_t grad_cols, int64_t n_rows, int64_t vocab, const KDParams& prm,
+                   int num_threads) {
+  const Acc temperature = Acc(prm.temperature);
+  const Acc inv_t = Acc(1) / temperature;
+  const Acc scale_s = Acc(prm.scale_s), cap_s = Acc(prm.cap_s);
+  const Acc scale_t = Acc(prm.scale_t), cap_t = Acc(prm.cap_t);
+  const Acc hard_w = Acc(prm.hard_weight), soft_c = Acc(prm.soft_coef);
+  const Acc beta = Acc(prm.beta);
+  const bool hard = prm.hard_weight != 0.0;
+  const bool unit_t = prm.temperature == 1.0;
+  const auto div = static_cast<Divergence>(prm.divergence);
+  const Acc nan = std::numeric_limits<Acc>::quiet_NaN();
+
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<Acc> scratch(size_t(4 * vocab));
+    Acc* zs = scratch.data();
+    Acc* zt = zs + vocab;
+    Acc* es = zt + vocab;
+    Acc* et = es + vocab;
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < n_rows; ++r) {
+      void* grow = grad ? row_ptr(grad, grad_dtype, r * grad_stride) : nullptr;
+      Acc row_loss = 0;
+      if (valid && !valid[r]) {
+        if (grow) zero_row(grow, grad_dtype, grad_cols);
+      } else {
+        load_transformed(row_ptr(student.ptr, student.dtype, r * student.row_stride),
+                         student.dtype, vocab, scale_s, cap_s, inv_t, zs);
+        load_transformed(row_ptr(teacher.ptr, teacher.dtype, r * teacher.row_stride),
+                         teacher.dtype, vocab, scale_t, cap_t, inv_t, zt);
+        const RowStats<Acc> s = softmax_stats(zs, vocab, es);
+        const RowStats<Acc> t = softmax_stats(zt, vocab, et);
+        const bool want_grad = grow != nullptr;
+        row_loss = soft_c * divergence_row(div, beta, zs, zt, es, et, s, t, vocab, want_grad);
+
+        // Cross-entropy on the labels at T = 1: z * T is f(x) again.
+        int64_t y = -1;
+        Acc lse1_shift = s.log_s;  // log sum exp(f(x) - max f(x))
+        if (hard) {
+          y = labels[r];
+          if (!unit_t) {
+            Acc s1 = 0;
+            const Acc m1 = s.m * temperature;
+#pragma omp simd reduction(+ : s1)
+            for (int64_t j = 0; j < vocab; ++j) s1 += exp_acc(zs[j] * temperature - m1);
+            lse1_shift = log_acc(s1);
+          }
+          const Acc ce = (y >= 0 && y < vocab) ? (s.m - zs[y]) * temperature + lse1_shift : nan;
+          row_loss += hard_w * ce;
+        }
+
+        if (grow) {
+          // et now holds dD/dz_s; turn it into dL/dx_s in place, then store.
+          const Acc coef = soft_c * inv_t;
+          if (hard) {
+            const Acc m1 = s.m * temperature;
+#pragma omp simd
+            for (int64_t j = 0; j < vocab; ++j) {
+              const Acc sm1 = unit_t ? es[j] * s.inv_s
+                                     : exp_acc(zs[j] * temperature - m1 - lse1_shift);
+              et[j] = coef * et[j] + hard_w * (sm1 - Acc(j == y ? 1 : 0));
+            }
+            if (y < 0 || y >= vocab) {
+              for (int64_t j = 0; j < vocab; ++j) et[j] = nan;
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < vocab; ++j) et[j] *= coef;
+          }
+          if (cap_s > Acc(0)) {
+#pragma omp simd
+            for (int64_t j = 0; j < vocab; ++j)
+              et[j] *= transform_grad(zs[j], scale_s, cap_s, temperature);
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < vocab; ++j) et[j] *= scale_s;
+          }
+          store_row(et, vocab, grad_dtype, grow);
+          zero_row(row_ptr(grow, grad_dtype, vocab), grad_dtype, grad_cols - vocab);
+        }
+      }
+      if (loss_dtype == int(DType::F64)) {
+        static_cast<double*>(loss)[r] = double(row_loss);
+      } else {
+        static_cast<float*>(loss)[r] = float(row_loss);
+      }
+    }
+  }
+}
+
+template <typename Acc>
+void scale_rows_impl(const void* grad, void* out, int dtype, const void* scale, int scale_dtype,
+                     int64_t scale_stride, int64_t n_rows, int64_t n_cols, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<Acc> buf(size_t(std::min<int64_t>(n_cols, 4096)));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const int64_t si = r * scale_stride;
+      const Acc c = scale_dtype == int(DType::F64) ? Acc(static_cast<const double*>(scale)[si])
+                                                   : Acc(static_cast<const float*>(scale)[si]);
+      for (int64_t j0 = 0; j0 < n_cols; j0 += int64_t(buf.size())) {
+        const int64_t n = std::min<int64_t>(int64_t(buf.size()), n_cols - j0);
+        load_transformed(row_ptr(grad, dtype, r * n_cols + j0), dtype, n, c, Acc(0), Acc(1),
+                         buf.data());
+        store_row(buf.data(), n, dtype, row_ptr(out, dtype, r * n_cols + j0));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void dense_kd(RowView student, RowView teacher, const uint8_t* valid, const int64_t* labels,
+              void* loss, int loss_dtype, void* grad, int grad_dtype, int64_t grad_stride,
+              int64_t grad_cols, int64_t n_rows, int64_t vocab, const KDParams& params,
+              int num_threads) {
+  if (student.dtype == int(DType::F64) || teacher.dtype == int(DType::F64)) {
+    dense_kd_impl<double>(student, teacher, valid, labels, loss, loss_dtype, grad, grad_dtype,
+                          grad_stride, grad_cols, n_rows, vocab, params, num_threads);
+  } else {
+    dense_kd_impl<float>(student, teacher, valid, labels, loss, loss_dtype, grad, grad_dtype,
+                         grad_stride, grad_cols, n_rows, vocab, params, num_threads);
+  }
+}
+
+void scale_rows(const void* grad, void* out, int dtype, const void* scale, int scale_dtype,
+                int64_t scale_stride, int64_t n_rows, int64_t n_cols, int num_threads) {
+  if (dtype == int(DType::F64)) {
+    scale_rows_impl<double>(grad, out, dtype, scale, scale_dtype, scale_stride, n_rows, n_cols,
+                            num_threads);
+  } else {
+    scale_rows_impl<float>(grad, out, dtype, scale, scale_dtype, scale_stride, n_rows, n_cols,
+                           num_threads);
+  }
+}
+
+}  // namespace distill_ops::cpu

@@ -1,0 +1,35 @@
+// CPU kernels of distill_ops. They take raw pointers, sizes, strides (in elements) and dtype
+// codes; the Python layer has validated every argument and allocated every output.
+#pragma once
+
+#include <cstdint>
+
+#include "distill_ops/kd_math.h"
+
+namespace distill_ops::cpu {
+
+// A row-major matrix view: element (r, j) is at ptr + r * row_stride + j.
+struct RowView {
+  const void* ptr;
+  int dtype;  // DType
+  int64_t row_stride;
+};
+
+// Dense KD loss per row, with its gradient w.r.t. the student logits fused in.
+//   valid:  nullable [n_rows] bytes; rows with 0 give loss 0 and gradient 0.
+//   labels: nullable [n_rows] int64; needed when params.hard_weight > 0.
+//   loss:   [n_rows] of loss_dtype (F32, or F64 for float64 inputs).
+//   grad:   nullable [n_rows, grad_cols] of grad_dtype with row stride grad_stride; columns at
+//           and past `vocab` are zeroed.
+// Only the first `vocab` columns of student and teacher are read.
+void dense_kd(RowView student, RowView teacher, const uint8_t* valid, const int64_t* labels,
+              void* loss, int loss_dtype, void* grad, int grad_dtype, int64_t grad_stride,
+              int64_t grad_cols, int64_t n_rows, int64_t vocab, const KDParams& params,
+              int num_threads);
+
+// out[r, j] = grad[r, j] * scale[r * scale_stride] for j < n_cols, in the accumulation type,
+// stored in `dtype` (both matrices contiguous rows of n_cols).
+void scale_rows(const void* grad, void* out, int dtype, const void* scale, int scale_dtype,
+                int64_t scale_stride, int64_t n_rows, int64_t n_cols, int num_threads);
+
+}  // namespace distill_ops::cpu

@@ -1,0 +1,187 @@
+// Header-only maths shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels.
+//
+// Everything here is a pure function of a few scalars, so the CPU tests exercise exactly the
+// formulas the GPU kernels run. `Acc` is the accumulation type: float for fp32/bf16/fp16
+// inputs, double for float64 inputs (used by gradcheck).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define DOPS_HD __host__ __device__ __forceinline__
+#else
+#define DOPS_HD inline
+#endif
+
+namespace distill_ops {
+
+// Codes shared with python/distill_ops/_ext.py.
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
+enum class Divergence : int { ForwardKL = 0, ReverseKL = 1, JSD = 2, TVD = 3 };
+
+// Scalars of a dense or sparse KD loss, as the Python layer resolved them.
+struct KDParams {
+  int divergence;       // Divergence
+  double temperature;   // T > 0
+  double beta;          // JSD mixing weight, strictly inside (0, 1) (endpoints become KL)
+  double scale_s;       // student logit scale
+  double cap_s;         // student softcap, 0 = none
+  double scale_t;       // teacher logit scale
+  double cap_t;         // teacher softcap, 0 = none
+  double hard_weight;   // weight of the cross-entropy term at T = 1
+  double soft_coef;     // soft_weight, times T^2 when scale_by_t2
+};
+
+// ---------------------------------------------------------------------------------------
+// Bit-level conversions (no intrinsics, so they compile on host and device alike).
+
+DOPS_HD float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+DOPS_HD uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+DOPS_HD float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+
+DOPS_HD uint16_t float_to_bf16(float f) {
+  uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return uint16_t(u >> 16);
+}
+
+// IEEE half -> float. Normal and subnormal halves both come out of one multiply by 2^112.
+DOPS_HD float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;
+  uint32_t bits = float_to_bits(bits_to_float(em << 13) * 5.192296858534828e33f);  // 2^112
+  if (em >= 0x7c00u) bits = (em << 13) | 0x7f800000u;  // inf / NaN
+  return bits_to_float(bits | sign);
+}
+
+// float -> IEEE half, round to nearest even, overflow to inf, NaN kept.
+DOPS_HD uint16_t float_to_half(float f) {
+  uint32_t x = float_to_bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7fffffffu;
+  if (x >= 0x47800000u) return uint16_t(sign | (x > 0x7f800000u ? 0x7e00u : 0x7c00u));
+  if (x < 0x38800000u) {
+    // Below the smallest normal half: adding 0.5 aligns the half's subnormal unit (2^-24)
+    // with the float's last mantissa bit, so the FPU does the rounding.
+    const float t = bits_to_float(x) + 0.5f;
+    return uint16_t(sign | (float_to_bits(t) - 0x3f000000u));
+  }
+  const uint32_t odd = (x >> 13) & 1u;
+  x += 0xc8000fffu + odd;  // rebias the exponent by -112 and round half to even
+  return uint16_t(sign | (x >> 13));
+}
+
+// ---------------------------------------------------------------------------------------
+// Elementary functions. exp_acc is only ever called on x <= ~0 (values minus their row
+// maximum) or on moderate arguments; results under ~1e-38 flush to zero, which changes a
+// sum that holds at least 1 by nothing representable.
+
+DOPS_HD float exp_acc(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  // Range reduction x = k ln2 + r, |r| <= ln2/2, then a degree-7 Taylor polynomial
+  // (truncation below 1e-8 relative). Branch-free, so `omp simd` loops vectorise it.
+  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // NaN passes through
+  const float shifter = 12582912.0f;                                // 1.5 * 2^23
+  const float t = xc * 1.44269504088896341f + shifter;
+  const float k = t - shifter;
+  const int32_t ki = int32_t(float_to_bits(t) - float_to_bits(shifter));
+  float r = std::fma(k, -0.693145751953125f, xc);
+  r = std::fma(k, -1.428606765330187e-06f, r);
+  float p = 1.9841269841e-4f;
+  p = std::fma(p, r, 1.3888888889e-3f);
+  p = std::fma(p, r, 8.3333333333e-3f);
+  p = std::fma(p, r, 4.1666666667e-2f);
+  p = std::fma(p, r, 1.6666666667e-1f);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.0f);
+  p = std::fma(p, r, 1.0f);
+  const float y = p * bits_to_float(uint32_t(ki + 127) << 23);
+  return x < -87.0f ? 0.0f : y;
+#endif
+}
+
+DOPS_HD double exp_acc(double x) { return exp(x); }
+
+DOPS_HD float log_acc(float x) { return logf(x); }
+DOPS_HD double log_acc(double x) { return log(x); }
+DOPS_HD float log1p_acc(float x) { return log1pf(x); }
+DOPS_HD double log1p_acc(double x) { return log1p(x); }
+DOPS_HD float tanh_acc(float x) { return tanhf(x); }
+DOPS_HD double tanh_acc(double x) { return tanh(x); }
+
+// log(1 + exp(-d)) for d >= 0: the correction term of logaddexp.
+template <typename Acc>
+DOPS_HD Acc log1p_exp_neg(Acc d) {
+  return log1p_acc(exp_acc(-d));
+}
+
+// ---------------------------------------------------------------------------------------
+// Logit transform z = f(x) / T with f(x) = cap * tanh(scale * x / cap) (cap > 0) or
+// scale * x. A -inf logit is a masked vocabulary entry and stays -inf through the softcap.
+
+template <typename Acc>
+DOPS_HD Acc transform_logit(Acc x, Acc scale, Acc cap, Acc inv_t) {
+  if (cap > Acc(0)) {
+    if (x == -std::numeric_limits<Acc>::infinity()) return x;
+    return cap * tanh_acc(scale * x / cap) * inv_t;
+  }
+  return scale * x * inv_t;
+}
+
+// f'(x) expressed through z = f(x) / T, so the gradient pass needs no second tanh.
+template <typename Acc>
+DOPS_HD Acc transform_grad(Acc z, Acc scale, Acc cap, Acc temperature) {
+  if (cap > Acc(0)) {
+    if (z == -std::numeric_limits<Acc>::infinity()) return Acc(0);
+    const Acc th = z * temperature / cap;
+    return scale * (Acc(1) - th * th);
+  }
+  return scale;
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-element pieces of the divergences, in log space. lq = log q_j, lp = log p_j,
+// q = exp(lq), p = exp(lp). Terms with a zero probability contribute exactly zero
+// (0 * log 0 = 0), whatever the other side holds.
+
+// log m_j for m = beta p + (1 - beta) q, by logaddexp (exact where both probabilities
+// underflow). log_b = log(beta), log_1mb = log(1 - beta).
+template <typename Acc>
+DOPS_HD Acc jsd_log_mixture(Acc lp, Acc lq, Acc log_b, Acc log_1mb) {
+  const Acc a = log_b + lp;
+  const Acc b = log_1mb + lq;
+  const Acc hi = a > b ? a : b;
+  if (hi == -std::numeric_limits<Acc>::infinity()) return hi;
+  const Acc lo = a > b ? b : a;
+  return hi + log1p_exp_neg(hi - lo);
+}
+
+// p * (lp - lo) with the zero-probability convention.
+template <typename Acc>
+DOPS_HD Acc xlogratio(Acc p, Acc lp, Acc lo) {
+  return p > Acc(0) ? p * (lp - lo) : Acc(0);
+}
+
+// 0.5 * sign(q - p): the TVD subgradient, exactly 0 where q == p.
+template <typename Acc>
+DOPS_HD Acc tvd_sign(Acc q, Acc p) {
+  return q > p ? Acc(0.5) : (q < p ? Acc(-0.5) : Acc(0));
+}
+
+}  // namespace distill_ops

@@ -1,0 +1,13 @@
+"""distill_ops: fused kernels for knowledge distillation of language models.
+
+Public API (DESIGN.md section 2): :func:`kd_loss` and :class:`KDLoss` (dense losses over the
+full vocabulary), with backends ``cpu`` (C++), ``triton`` (CUDA, or the CPU interpreter) and
+``torch`` (the reference in :mod:`distill_ops.reference`).
+"""
+
+from . import reference
+from .dense_kd import kd_loss
+from .modules import KDLoss
+
+__version__ = "0.1.0"
+__all__ = ["KDLoss", "__version__", "kd_loss", "reference"]

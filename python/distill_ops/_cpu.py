@@ -1,0 +1,61 @@
+"""Launchers of the C++ CPU kernels (csrc/cpu) on validated, row-major tensors."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._ext import dtype_code, native, ptr
+from ._validation import LossScalars
+
+
+def _params(sc: LossScalars):
+    p = native().KDParams()
+    p.divergence = sc.divergence
+    p.temperature = sc.temperature
+    p.beta = sc.beta
+    p.scale_s = sc.student_scale
+    p.cap_s = sc.student_softcap
+    p.scale_t = sc.teacher_scale
+    p.cap_t = sc.teacher_softcap
+    p.hard_weight = sc.hard_weight
+    p.soft_coef = sc.soft_coef
+    return p
+
+
+def dense_kd_forward(
+    student: Tensor,
+    teacher: Tensor,
+    valid: Optional[Tensor],
+    labels: Optional[Tensor],
+    sc: LossScalars,
+    vocab: int,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """(loss [N] fp32 (fp64 for fp64 inputs), grad [N, V_s] in the student's dtype or empty)."""
+    n, grad_cols = student.shape
+    wide = torch.float64 in (student.dtype, teacher.dtype)
+    loss = torch.empty(n, dtype=torch.float64 if wide else torch.float32)
+    grad = torch.empty((n, grad_cols) if compute_grad else (0,), dtype=student.dtype)
+    native().dense_kd_cpu(
+        ptr(student), dtype_code(student), student.stride(0),
+        ptr(teacher), dtype_code(teacher), teacher.stride(0),
+        ptr(valid), ptr(labels),
+        ptr(loss), dtype_code(loss),
+        ptr(grad) if compute_grad else 0, dtype_code(grad), grad_cols, grad_cols,
+        n, vocab, _params(sc), torch.get_num_threads(),
+    )
+    return loss, grad
+
+
+def scale_rows(grad: Tensor, scale: Tensor) -> Tensor:
+    """grad * scale[:, None] in the accumulation type, stored in grad's dtype."""
+    out = torch.empty_like(grad)
+    n, n_cols = grad.shape
+    native().scale_rows_cpu(
+        ptr(grad), ptr(out), dtype_code(grad), ptr(scale), dtype_code(scale), scale.stride(0),
+        n, n_cols, torch.get_num_threads(),
+    )
+    return out

@@ -1,0 +1,211 @@
+"""The one place that validates arguments. Kernels never validate.
+
+Every check here reads only metadata (shapes, dtypes, devices, Python scalars), so it costs no
+host synchronisation and traces under torch.compile. The single data-dependent check (label
+range) runs only on CPU tensors in eager mode, where it costs no device sync.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+DIVERGENCE_CODES = {name: i for i, name in enumerate(DIVERGENCES)}
+REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass(frozen=True)
+class LossScalars:
+    """The scalar options of a KD loss after validation, as every backend receives them."""
+
+    divergence: int  # code in DIVERGENCE_CODES; jsd at beta 0/1 is already forward/reverse KL
+    temperature: float
+    beta: float
+    student_scale: float
+    student_softcap: float  # 0.0 = none
+    teacher_scale: float
+    teacher_softcap: float  # 0.0 = none
+    hard_weight: float
+    soft_coef: float  # soft_weight, times T^2 when scale_by_t2
+
+
+def check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_float_tensor(name: str, t: object) -> Tensor:
+    t = check_tensor(name, t)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, bfloat16 or float16 (float64 on the cpu/torch backends), "
+            f"got {t.dtype}"
+        )
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have a vocabulary dimension [..., V], got a 0-d tensor")
+    if t.shape[-1] < 1:
+        raise ValueError(f"{name} has an empty vocabulary dimension: shape {tuple(t.shape)}")
+    return t
+
+
+def check_positive(name: str, value: object, *, allow_none: bool = False) -> float:
+    if value is None and allow_none:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+def check_non_negative(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return float(value)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_same_device(**tensors: Optional[Tensor]) -> torch.device:
+    present = {k: t for k, t in tensors.items() if t is not None}
+    devices = {k: t.device for k, t in present.items()}
+    first_name, first = next(iter(devices.items()))
+    for k, d in devices.items():
+        if d != first:
+            raise ValueError(
+                f"{k} is on {d} but {first_name} is on {first}: all tensors must share a device"
+            )
+    return first
+
+
+def check_row_tensors(
+    lead: torch.Size,
+    labels: Optional[Tensor],
+    mask: Optional[Tensor],
+    ignore_index: object,
+) -> None:
+    """labels (integer) and mask (bool) must have the logits' leading shape."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if labels is not None:
+        check_tensor("labels", labels)
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.shape != lead:
+            raise ValueError(
+                f"labels must have the logits' leading shape {tuple(lead)}, "
+                f"got {tuple(labels.shape)}"
+            )
+    if mask is not None:
+        check_tensor("mask", mask)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        if mask.shape != lead:
+            raise ValueError(
+                f"mask must have the logits' leading shape {tuple(lead)}, got {tuple(mask.shape)}"
+            )
+
+
+def check_num_items(num_items_in_batch: object) -> None:
+    if num_items_in_batch is None:
+        return
+    if isinstance(num_items_in_batch, Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(
+                "num_items_in_batch must be a number or a one-element tensor, got shape "
+                f"{tuple(num_items_in_batch.shape)}"
+            )
+        return
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
+        raise TypeError(
+            f"num_items_in_batch must be an int or a tensor, got {type(num_items_in_batch).__name__}"
+        )
+    if not num_items_in_batch > 0:
+        raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+
+
+def check_labels_in_range(labels: Tensor, ignore_index: int, vocab: int) -> None:
+    """Label values must index the vocabulary. Checked only where it costs no device sync
+    (CPU tensors, eager mode); elsewhere an out-of-range label makes that row's loss NaN."""
+    if labels.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    flat = labels.reshape(-1)
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
+    if bool(bad.any()):
+        first = int(flat[bad][0])
+        raise ValueError(
+            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}, got {first}"
+        )
+
+
+def resolve_vocab(student_v: int, teacher_v: int, vocab_size: object) -> int:
+    """The number of leading vocabulary columns both sides use."""
+    if vocab_size is None:
+        if student_v != teacher_v:
+            raise ValueError(
+                f"student_logits has V={student_v} but teacher_logits has V={teacher_v}; "
+                "for padded vocabularies pass vocab_size=K (K <= both) to use the first K "
+                "columns of each"
+            )
+        return student_v
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+    if not 1 <= vocab_size <= min(student_v, teacher_v):
+        raise ValueError(
+            f"vocab_size must lie in [1, {min(student_v, teacher_v)}] (student V={student_v}, "
+            f"teacher V={teacher_v}), got {vocab_size}"
+        )
+    return vocab_size
+
+
+def loss_scalars(
+    *,
+    divergence: object,
+    temperature: object,
+    beta: object,
+    hard_weight: object,
+    soft_weight: object,
+    scale_by_t2: object,
+    student_logit_scale: object,
+    teacher_logit_scale: object,
+    student_softcap: object,
+    teacher_softcap: object,
+) -> LossScalars:
+    """Validate the scalar options shared by the dense and sparse losses."""
+    div = check_choice("divergence", divergence, DIVERGENCES)
+    t = check_positive("temperature", temperature)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a number, got {type(beta).__name__}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    if div == "jsd" and beta == 0.0:
+        div = "forward_kl"
+    elif div == "jsd" and beta == 1.0:
+        div = "reverse_kl"
+    if not isinstance(scale_by_t2, bool):
+        raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__}")
+    soft = check_non_negative("soft_weight", soft_weight)
+    return LossScalars(
+        divergence=DIVERGENCE_CODES[div],
+        temperature=t,
+        beta=float(beta),
+        student_scale=check_positive("student_logit_scale", student_logit_scale),
+        student_softcap=check_positive("student_softcap", student_softcap, allow_none=True),
+        teacher_scale=check_positive("teacher_logit_scale", teacher_logit_scale),
+        teacher_softcap=check_positive("teacher_softcap", teacher_softcap, allow_none=True),
+        hard_weight=check_non_negative("hard_weight", hard_weight),
+        soft_coef=soft * (t * t if scale_by_t2 else 1.0),
+    )

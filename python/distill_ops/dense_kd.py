@@ -1,0 +1,225 @@
+"""Dense KD losses: `kd_loss`, its torch.library op, autograd and backend dispatch.
+
+The forward kernel computes each row's loss and its gradient w.r.t. the student logits in
+one launch; autograd's backward only scales that saved gradient by the incoming
+grad_output (on the device, no host sync). The op is registered with a fake impl, so
+`torch.compile(fullgraph=True)` traces straight through it.
+"""
+
+# No `from __future__ import annotations`: torch.library reads the op's annotations.
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _cpu, reference
+from ._backend import resolve_backend
+from ._reduction import reduce_rows, valid_rows
+from ._validation import (
+    REDUCTIONS,
+    LossScalars,
+    check_choice,
+    check_float_tensor,
+    check_labels_in_range,
+    check_num_items,
+    check_row_tensors,
+    check_same_device,
+    loss_scalars,
+    resolve_vocab,
+)
+
+__all__ = ["kd_loss"]
+
+
+def _triton():
+    from .triton import dense_kd as triton_dense_kd
+
+    return triton_dense_kd
+
+
+@torch.library.custom_op("distill_ops::scale_rows", mutates_args=())
+def scale_rows(grad: Tensor, scale: Tensor, backend: str) -> Tensor:
+    """grad * scale[:, None], accumulated in fp32 (fp64 for fp64) and stored in grad's dtype."""
+    if backend == "cpu":
+        return _cpu.scale_rows(grad, scale)
+    return _triton().scale_rows(grad, scale)
+
+
+@scale_rows.register_fake
+def _(grad: Tensor, scale: Tensor, backend: str) -> Tensor:
+    return torch.empty_like(grad)
+
+
+@torch.library.custom_op("distill_ops::dense_kd", mutates_args=())
+def dense_kd(
+    student: Tensor,
+    teacher: Tensor,
+    valid: Optional[Tensor],
+    labels: Optional[Tensor],
+    divergence: int,
+    temperature: float,
+    beta: float,
+    student_scale: float,
+    student_softcap: float,
+    teacher_scale: float,
+    teacher_softcap: float,
+    hard_weight: float,
+    soft_coef: float,
+    vocab: int,
+    compute_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Per-row dense KD loss [N] and, when compute_grad, d(loss_r)/d(student) [N, V_s]."""
+    sc = LossScalars(divergence, temperature, beta, student_scale, student_softcap,
+                     teacher_scale, teacher_softcap, hard_weight, soft_coef)
+    if backend == "cpu":
+        return _cpu.dense_kd_forward(student, teacher, valid, labels, sc, vocab, compute_grad)
+    return _triton().dense_kd_forward(student, teacher, valid, labels, sc, vocab, compute_grad)
+
+
+@dense_kd.register_fake
+def _(student, teacher, valid, labels, divergence, temperature, beta, student_scale,
+      student_softcap, teacher_scale, teacher_softcap, hard_weight, soft_coef, vocab,
+      compute_grad, backend):
+    n = student.shape[0]
+    wide = torch.float64 in (student.dtype, teacher.dtype)
+    loss = student.new_empty(n, dtype=torch.float64 if wide else torch.float32)
+    grad = student.new_empty(tuple(student.shape) if compute_grad else (0,))
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.backend = inputs[-1]
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    g = scale_rows(grad, grad_loss.to(grad.dtype if grad.dtype == torch.float64 else torch.float32),
+                   ctx.backend)
+    return (g,) + (None,) * 15
+
+
+dense_kd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    mask: Optional[Tensor] = None,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    scale_by_t2: bool = False,
+    reduction: str = "mean",
+    num_items_in_batch: Optional[Union[int, Tensor]] = None,
+    vocab_size: Optional[int] = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    process_group: Optional[object] = None,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Distillation loss between full student and teacher next-token distributions.
+
+    With z = f(x) / T, f(x) = softcap * tanh(scale * x / softcap) (or scale * x),
+    q = softmax(z_s), p = softmax(z_t), each valid row contributes
+    ``hard_weight * CE(f(x_s), label) + soft_weight * (T^2 if scale_by_t2) * D(p, q)`` with
+    D one of ``forward_kl`` KL(p||q), ``reverse_kl`` KL(q||p), ``jsd``
+    beta*KL(p||m) + (1-beta)*KL(q||m), m = beta*p + (1-beta)*q (forward KL at beta=0,
+    reverse KL at beta=1, as TRL and Liger define the endpoints), or ``tvd`` 0.5*sum|q - p|.
+
+    Args:
+        student_logits: ``[..., V_s]`` fp32/bf16/fp16 (fp64 on the cpu and torch backends).
+            Receives the gradient.
+        teacher_logits: ``[..., V_t]``, same leading shape. Receives no gradient.
+        divergence: ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"tvd"``.
+        temperature: T > 0 of the soft term (the hard term is always at T = 1).
+        beta: JSD mixing weight in [0, 1].
+        labels: integer ``[...]``; rows equal to ``ignore_index`` contribute nothing. Needed
+            when ``hard_weight > 0``.
+        mask: bool ``[...]``; rows where False contribute nothing.
+        hard_weight, soft_weight, scale_by_t2: weights of the two terms.
+        reduction: ``"mean"`` (over valid rows, or over ``num_items_in_batch``), ``"sum"``,
+            ``"none"`` (shape ``[...]``).
+        vocab_size: use only the first K columns of both sides (padded vocabularies).
+        student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap: the
+            per-side logit transform f. A -inf logit stays -inf (masked vocabulary entry).
+        backend: ``"auto"`` (cpu for CPU tensors, triton for CUDA), ``"cpu"``, ``"triton"``,
+            ``"torch"`` (the reference); ``DISTILL_OPS_BACKEND`` overrides ``"auto"``.
+
+    Returns:
+        fp32 loss (fp64 for fp64 inputs): a scalar, or ``[...]`` for ``reduction="none"``.
+
+    Example:
+        >>> s = torch.randn(4, 7, 32000, requires_grad=True)
+        >>> t = torch.randn(4, 7, 32000)
+        >>> loss = kd_loss(s, t, divergence="jsd", beta=0.5, temperature=2.0)
+        >>> loss.backward()
+    """
+    if process_group is not None:
+        raise NotImplementedError(
+            "process_group (vocab-parallel logits) is not implemented yet in kd_loss"
+        )
+    check_float_tensor("student_logits", student_logits)
+    check_float_tensor("teacher_logits", teacher_logits)
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            "student_logits and teacher_logits must share their leading dims, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    lead = student_logits.shape[:-1]
+    check_row_tensors(lead, labels, mask, ignore_index)
+    device = check_same_device(student_logits=student_logits, teacher_logits=teacher_logits,
+                               labels=labels, mask=mask)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_num_items(num_items_in_batch)
+    vocab = resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+    sc = loss_scalars(
+        divergence=divergence, temperature=temperature, beta=beta, hard_weight=hard_weight,
+        soft_weight=soft_weight, scale_by_t2=scale_by_t2,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+    )
+    if sc.hard_weight > 0 and labels is None:
+        raise ValueError(f"hard_weight={hard_weight} > 0 needs labels for the cross-entropy term")
+    if labels is not None and sc.hard_weight > 0:
+        check_labels_in_range(labels, ignore_index, vocab)
+    be = resolve_backend(backend, device)
+    if be == "triton" and torch.float64 in (student_logits.dtype, teacher_logits.dtype):
+        raise TypeError("backend='triton' takes fp32/bf16/fp16 logits, got float64 "
+                        "(float64 runs on backend='cpu' or 'torch')")
+
+    if be == "torch":
+        return reference.kd_loss(
+            student_logits, teacher_logits, divergence=divergence, temperature=temperature,
+            beta=beta, labels=labels, ignore_index=ignore_index, mask=mask,
+            hard_weight=hard_weight, soft_weight=soft_weight, scale_by_t2=scale_by_t2,
+            reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
+            student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+            student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+        )
+
+    student = _rows(student_logits)
+    teacher = _rows(teacher_logits.detach())
+    valid = valid_rows(labels, mask, ignore_index)
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous() if sc.hard_weight > 0 else None
+    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    rows, _ = dense_kd(
+        student, teacher, valid, flat_labels, sc.divergence, sc.temperature, sc.beta,
+        sc.student_scale, sc.student_softcap, sc.teacher_scale, sc.teacher_softcap,
+        sc.hard_weight, sc.soft_coef, vocab, compute_grad, be,
+    )
+    return reduce_rows(rows, valid, reduction, num_items_in_batch, lead)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """[..., V] -> [N, V] with unit column stride (a view whenever the layout allows)."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
