@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -28,8 +26,8 @@ def _params(sc: LossScalars):
 def dense_kd_forward(
     student: Tensor,
     teacher: Tensor,
-    valid: Optional[Tensor],
-    labels: Optional[Tensor],
+    valid: Tensor | None,
+    labels: Tensor | None,
     sc: LossScalars,
     vocab: int,
     compute_grad: bool,

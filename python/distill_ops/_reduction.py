@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 from torch import Tensor
 
 
-def valid_rows(labels: Optional[Tensor], mask: Optional[Tensor], ignore_index: int) -> Optional[Tensor]:
+def valid_rows(labels: Tensor | None, mask: Tensor | None, ignore_index: int) -> Tensor | None:
     """bool [N]: rows whose label is not ignore_index and whose mask is True; None = all."""
     valid = None
     if labels is not None:
@@ -21,9 +19,9 @@ def valid_rows(labels: Optional[Tensor], mask: Optional[Tensor], ignore_index: i
 
 def reduce_rows(
     rows: Tensor,
-    valid: Optional[Tensor],
+    valid: Tensor | None,
     reduction: str,
-    num_items_in_batch: Optional[Union[int, float, Tensor]],
+    num_items_in_batch: int | float | Tensor | None,
     lead: torch.Size,
 ) -> Tensor:
     """`none`: rows shaped like the logits' leading dims; `sum`; `mean`: the sum over valid

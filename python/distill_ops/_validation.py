@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -79,7 +78,7 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value
 
 
-def check_same_device(**tensors: Optional[Tensor]) -> torch.device:
+def check_same_device(**tensors: Tensor | None) -> torch.device:
     present = {k: t for k, t in tensors.items() if t is not None}
     devices = {k: t.device for k, t in present.items()}
     first_name, first = next(iter(devices.items()))
@@ -93,8 +92,8 @@ def check_same_device(**tensors: Optional[Tensor]) -> torch.device:
 
 def check_row_tensors(
     lead: torch.Size,
-    labels: Optional[Tensor],
-    mask: Optional[Tensor],
+    labels: Tensor | None,
+    mask: Tensor | None,
     ignore_index: object,
 ) -> None:
     """labels (integer) and mask (bool) must have the logits' leading shape."""
@@ -130,9 +129,8 @@ def check_num_items(num_items_in_batch: object) -> None:
             )
         return
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
-        raise TypeError(
-            f"num_items_in_batch must be an int or a tensor, got {type(num_items_in_batch).__name__}"
-        )
+        kind = type(num_items_in_batch).__name__
+        raise TypeError(f"num_items_in_batch must be an int or a tensor, got {kind}")
     if not num_items_in_batch > 0:
         raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
 

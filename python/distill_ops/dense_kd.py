@@ -6,8 +6,9 @@ grad_output (on the device, no host sync). The op is registered with a fake impl
 `torch.compile(fullgraph=True)` traces straight through it.
 """
 
-# No `from __future__ import annotations`: torch.library reads the op's annotations.
-from typing import Optional, Union
+# No `from __future__ import annotations`: torch.library reads the op's annotations, and
+# `Optional[Tensor]` is the spelling every torch >= 2.4 understands there.
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -54,8 +55,8 @@ def _(grad: Tensor, scale: Tensor, backend: str) -> Tensor:
 def dense_kd(
     student: Tensor,
     teacher: Tensor,
-    valid: Optional[Tensor],
-    labels: Optional[Tensor],
+    valid: Optional[Tensor],  # noqa: UP045
+    labels: Optional[Tensor],  # noqa: UP045
     divergence: int,
     temperature: float,
     beta: float,
@@ -110,20 +111,20 @@ def kd_loss(
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
-    labels: Optional[Tensor] = None,
+    labels: Tensor | None = None,
     ignore_index: int = -100,
-    mask: Optional[Tensor] = None,
+    mask: Tensor | None = None,
     hard_weight: float = 0.0,
     soft_weight: float = 1.0,
     scale_by_t2: bool = False,
     reduction: str = "mean",
-    num_items_in_batch: Optional[Union[int, Tensor]] = None,
-    vocab_size: Optional[int] = None,
+    num_items_in_batch: int | Tensor | None = None,
+    vocab_size: int | None = None,
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
-    student_softcap: Optional[float] = None,
-    teacher_softcap: Optional[float] = None,
-    process_group: Optional[object] = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    process_group: object | None = None,
     backend: str = "auto",
 ) -> Tensor:
     r"""Distillation loss between full student and teacher next-token distributions.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,9 +31,9 @@ class KDLoss(torch.nn.Module):
         self,
         student_logits: Tensor,
         teacher_logits: Tensor,
-        labels: Optional[Tensor] = None,
-        mask: Optional[Tensor] = None,
-        num_items_in_batch: Optional[int | Tensor] = None,
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
+        num_items_in_batch: int | Tensor | None = None,
     ) -> Tensor:
         return kd_loss(student_logits, teacher_logits, labels=labels, mask=mask,
                        num_items_in_batch=num_items_in_batch, **self.options)

@@ -8,7 +8,6 @@ intermediate. `backend="torch"` runs these functions.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,7 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def transform_logits(
-    x: Tensor, scale: float, softcap: Optional[float], temperature: float, dtype: torch.dtype
+    x: Tensor, scale: float, softcap: float | None, temperature: float, dtype: torch.dtype
 ) -> Tensor:
     """z = f(x) / T with f(x) = softcap * tanh(scale * x / softcap), or scale * x.
 
@@ -63,7 +62,12 @@ def divergence_rows(zs: Tensor, zt: Tensor, divergence: str, beta: float = 0.5) 
     if divergence == "reverse_kl":
         return _xlogratio(q, lq, lp).sum(-1)
     if divergence == "jsd":
-        lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+        # Where both probabilities are 0, m is 0 too and no term reads log m: give logaddexp
+        # finite inputs there, else its gradient is NaN (exp(-inf - -inf)).
+        both_zero = (p == 0) & (q == 0)
+        zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+        lm = torch.logaddexp(torch.where(both_zero, zero, lp + math.log(beta)),
+                             torch.where(both_zero, zero, lq + math.log1p(-beta)))
         kl_p = _xlogratio(p, lp, lm).sum(-1)
         kl_q = _xlogratio(q, lq, lm).sum(-1)
         return beta * kl_p + (1.0 - beta) * kl_q
@@ -79,19 +83,19 @@ def kd_loss(
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
-    labels: Optional[Tensor] = None,
+    labels: Tensor | None = None,
     ignore_index: int = -100,
-    mask: Optional[Tensor] = None,
+    mask: Tensor | None = None,
     hard_weight: float = 0.0,
     soft_weight: float = 1.0,
     scale_by_t2: bool = False,
     reduction: str = "mean",
-    num_items_in_batch: Optional[int | Tensor] = None,
-    vocab_size: Optional[int] = None,
+    num_items_in_batch: int | Tensor | None = None,
+    vocab_size: int | None = None,
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
-    student_softcap: Optional[float] = None,
-    teacher_softcap: Optional[float] = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> Tensor:
     """Reference of `distill_ops.kd_loss` (same arguments, no validation, no backend)."""
     lead = student_logits.shape[:-1]

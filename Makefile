@@ -1,0 +1,43 @@
+# Quick start on a fresh machine: `make run` (build, then a CPU benchmark table) and
+# `make test` (the whole suite). Both create .venv and install torch==2.13.0 first: on the
+# development machines that pin is a CPU wheel already on disk, where a bare `torch` would
+# pull a several-GB CUDA build.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+PIP    := $(BIN)/python -m pip
+SOURCES := $(shell find csrc python -type f -not -path '*/__pycache__/*') pyproject.toml CMakeLists.txt
+
+.PHONY: run test lint bench aot clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.torch: | $(BIN)/python
+	$(PIP) install -q "$(TORCH)"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch $(SOURCES)
+	$(PIP) install -q ".[dev]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/distill-ops bench --quick
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m pytest bench -q --benchmark-only
+
+aot: $(VENV)/.installed
+	$(BIN)/python -m distill_ops.triton.aot --cc 80 --cc 90
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .benchmarks

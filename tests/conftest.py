@@ -1,0 +1,47 @@
+"""Test setup: Triton runs through its CPU interpreter where there is no GPU, and every test
+draws fresh random data (the seed is printed on failure; DISTILL_OPS_SEED replays one)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton.jit decorates the kernels, i.e. before distill_ops imports.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import secrets
+
+import pytest
+from distill_ops._backend import triton_interpreted
+
+ON_GPU = torch.cuda.is_available()
+
+
+def kernel_backends() -> list[str]:
+    """The fused backends this machine can run: cpu always, triton on a GPU or interpreted."""
+    out = ["cpu"]
+    if ON_GPU or triton_interpreted():
+        out.append("triton")
+    return out
+
+
+def device_for(backend: str) -> torch.device:
+    return torch.device("cuda") if backend == "triton" and ON_GPU else torch.device("cpu")
+
+
+@pytest.fixture
+def seed(request) -> int:
+    value = int(os.environ.get("DISTILL_OPS_SEED", secrets.randbits(31)))
+    request.node.user_properties.append(("seed", value))
+    torch.manual_seed(value)
+    return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for name, value in item.user_properties:
+            if name == "seed":
+                report.sections.append(("seed", f"replay with DISTILL_OPS_SEED={value}"))

@@ -1,0 +1,309 @@
+"""kd_loss on every fused backend against the float64 reference: values and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import distill_ops
+import pytest
+import torch
+from conftest import device_for, kernel_backends
+from distill_ops import reference
+from helpers import GRAD_RTOL, LOSS_FLOOR, LOSS_RTOL, assert_close, logits, rel_err
+
+BACKENDS = kernel_backends()
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def run(backend, student, teacher, *, grad_scale=True, **kw):
+    """(loss, d loss/d student) from distill_ops, and the same from the float64 reference.
+
+    The backward is seeded with a random grad_output, so the check covers the scaling of the
+    saved gradient too."""
+    s = student.detach().clone().requires_grad_()
+    loss = distill_ops.kd_loss(s, teacher, backend=backend, **kw)
+    go = torch.rand_like(loss) + 0.5 if grad_scale else torch.ones_like(loss)
+    (g,) = torch.autograd.grad(loss, s, go)
+
+    s64 = student.detach().to(torch.float64).requires_grad_()
+    ref = reference.kd_loss(s64, teacher.to(torch.float64), **kw)
+    (g64,) = torch.autograd.grad(ref, s64, go.to(torch.float64))
+    return loss, g, ref, g64
+
+
+def check(backend, student, teacher, **kw):
+    loss, g, ref, g64 = run(backend, student, teacher, **kw)
+    dtype = student.dtype
+    assert loss.dtype == torch.float32
+    assert g.dtype == dtype and g.shape == student.shape
+    assert_close(loss, ref, LOSS_RTOL[dtype], "loss", LOSS_FLOOR)
+    assert_close(g, g64, GRAD_RTOL[dtype], "grad")
+    return loss, g
+
+
+# Shapes: a single row and a single token (the smallest legal inputs); V = 257 and 1000 are not
+# powers of two; 4099 spans two Triton blocks of 4096 plus a ragged tail; [2, 3, V] checks
+# leading dims are flattened and restored.
+SHAPES = [(1, 1), (1, 257), (5, 1000), (2, 4099), (2, 3, 300)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(seed, backend, divergence, dtype, shape):
+    dev = device_for(backend)
+    s = logits(*shape, dtype=dtype, device=dev)
+    t = logits(*shape, dtype=dtype, device=dev)
+    check(backend, s, t, divergence=divergence, temperature=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 0.7])
+def test_temperatures(seed, backend, divergence, temperature):
+    dev = device_for(backend)
+    check(backend, logits(4, 777, device=dev), logits(4, 777, device=dev),
+          divergence=divergence, temperature=temperature, beta=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_beta(seed, backend, beta):
+    dev = device_for(backend)
+    check(backend, logits(3, 500, device=dev), logits(3, 500, device=dev), divergence="jsd",
+          beta=beta)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jsd_endpoints_equal_kl_exactly(seed, backend):
+    dev = device_for(backend)
+    s, t = logits(3, 600, device=dev), logits(3, 600, device=dev)
+    for beta, other in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+        a = distill_ops.kd_loss(s, t, divergence="jsd", beta=beta, backend=backend)
+        b = distill_ops.kd_loss(s, t, divergence=other, backend=backend)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_labels_mask_and_reductions(seed, backend, divergence, reduction):
+    dev = device_for(backend)
+    s, t = logits(3, 4, 300, device=dev), logits(3, 4, 300, device=dev)
+    labels = torch.randint(0, 300, (3, 4), device=dev)
+    labels[0, 1] = -100
+    labels[2, 3] = -100
+    mask = torch.rand(3, 4, device=dev) > 0.3
+    mask[1, 0] = False
+    loss, _ = check(backend, s, t, divergence=divergence, labels=labels, mask=mask,
+                    reduction=reduction)
+    if reduction == "none":
+        assert loss.shape == (3, 4)
+        dropped = (labels == -100) | ~mask
+        assert (loss[dropped] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_hard_and_soft_terms(seed, backend, divergence, temperature):
+    dev = device_for(backend)
+    s, t = logits(6, 501, device=dev), logits(6, 501, device=dev)
+    labels = torch.randint(0, 501, (6,), device=dev)
+    labels[4] = -7
+    check(backend, s, t, divergence=divergence, temperature=temperature, labels=labels,
+          ignore_index=-7, hard_weight=0.7, soft_weight=0.4, scale_by_t2=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hard_term_alone_is_cross_entropy(seed, backend):
+    dev = device_for(backend)
+    s, t = logits(7, 300, device=dev), logits(7, 300, device=dev)
+    labels = torch.randint(0, 300, (7,), device=dev)
+    loss = distill_ops.kd_loss(s, t, labels=labels, hard_weight=1.0, soft_weight=0.0,
+                               temperature=3.0, backend=backend)
+    ce = torch.nn.functional.cross_entropy(s.double(), labels)
+    assert_close(loss, ce, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_items_in_batch(seed, backend):
+    dev = device_for(backend)
+    s, t = logits(2, 5, 200, device=dev), logits(2, 5, 200, device=dev)
+    labels = torch.randint(0, 200, (2, 5), device=dev)
+    labels[0, :2] = -100
+    check(backend, s, t, labels=labels, num_items_in_batch=23)
+    n = torch.tensor(23, device=dev)
+    check(backend, s, t, labels=labels, num_items_in_batch=n)
+    total = distill_ops.kd_loss(s, t, labels=labels, reduction="sum", backend=backend)
+    per = distill_ops.kd_loss(s, t, labels=labels, num_items_in_batch=n, backend=backend)
+    assert_close(per, total / 23, 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_padded_vocabularies(seed, backend, divergence):
+    """151936 vs 152064 in miniature: student V=300, teacher V=320, first 290 columns."""
+    dev = device_for(backend)
+    s, t = logits(4, 300, device=dev), logits(4, 320, device=dev)
+    _, g = check(backend, s, t, divergence=divergence, vocab_size=290, labels=torch.randint(
+        0, 290, (4,), device=dev), hard_weight=0.5)
+    assert (g[:, 290:] == 0).all()
+    with pytest.raises(ValueError, match="vocab_size"):
+        distill_ops.kd_loss(s, t, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logit_scale_and_softcap(seed, backend, divergence, dtype):
+    dev = device_for(backend)
+    s = logits(3, 640, dtype=dtype, device=dev, spread=10.0)
+    t = logits(3, 640, dtype=dtype, device=dev, spread=10.0)
+    check(backend, s, t, divergence=divergence, temperature=1.5, student_logit_scale=0.8,
+          teacher_logit_scale=1.3, student_softcap=15.0, teacher_softcap=30.0,
+          labels=torch.randint(0, 640, (3,), device=dev), hard_weight=0.2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(seed, backend):
+    dev = device_for(backend)
+    base_s = logits(6, 4, 900, device=dev)
+    base_t = logits(4, 6, 900, device=dev)
+    s = base_s.transpose(0, 1)  # [4, 6, 900], not viewable as rows
+    t = base_t[:, :, ::1]
+    check(backend, s, t, divergence="jsd")
+    strided = logits(5, 1000, device=dev)[:, ::2]  # column stride 2
+    check(backend, strided, logits(5, 500, device=dev), divergence="forward_kl")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_all_ignored_rows_give_zero_loss_and_grad(seed, backend, divergence):
+    dev = device_for(backend)
+    s = logits(4, 300, device=dev)
+    s[1] = float("-inf")  # an ignored row may hold anything
+    s[2, 5] = float("nan")
+    t = logits(4, 300, device=dev)
+    labels = torch.full((4,), -100, device=dev)
+    for reduction in ("mean", "sum", "none"):
+        loss, g, _, _ = run(backend, s, t, divergence=divergence, labels=labels,
+                            reduction=reduction)
+        assert (loss == 0).all() and (g == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masked_vocab_neg_inf_gives_no_nan(seed, backend, divergence, dtype):
+    """-inf at the same ids on both sides (a masked vocabulary), plus ids that only one side
+    masks: the teacher's (or, for reverse KL, where that is +inf, the student's)."""
+    dev = device_for(backend)
+    s, t = logits(4, 700, dtype=dtype, device=dev), logits(4, 700, dtype=dtype, device=dev)
+    banned = torch.rand(4, 700, device=dev) < 0.3
+    s[banned] = float("-inf")
+    t[banned] = float("-inf")
+    (s if divergence == "reverse_kl" else t)[:, :50] = float("-inf")
+    loss, g = check(backend, s, t, divergence=divergence, temperature=2.0)
+    assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_extreme_logits(seed, backend, divergence):
+    """Logits near +-1e4: the kernel's error stays within twice what fp32 PyTorch makes."""
+    dev = device_for(backend)
+    s = logits(4, 1000, device=dev) + 1e4 * torch.sign(torch.randn(4, 1, device=dev))
+    t = s + logits(4, 1000, device=dev)
+    s[:, ::7] = -1e4
+    loss, g, ref, g64 = run(backend, s, t, divergence=divergence, temperature=0.7)
+    base, gbase, _, _ = run("torch", s, t, divergence=divergence, temperature=0.7)
+    assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+    assert rel_err(loss, ref) <= 2 * rel_err(base, ref) + 1e-5
+    assert rel_err(g, g64) <= 2 * rel_err(gbase, g64) + 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_identical_distributions_give_zero(seed, backend, divergence):
+    dev = device_for(backend)
+    s = logits(3, 333, device=dev)
+    loss, g, _, _ = run(backend, s, s.clone(), divergence=divergence)
+    assert abs(loss.item()) < 1e-6
+    assert g.abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_of_one_gives_zero(seed, backend):
+    dev = device_for(backend)
+    loss, g, _, _ = run(backend, logits(3, 1, device=dev), logits(3, 1, device=dev),
+                        divergence="jsd")
+    assert (loss == 0).all() and (g == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_path_returns_the_same_loss(seed, backend):
+    dev = device_for(backend)
+    s, t = logits(4, 500, device=dev), logits(4, 500, device=dev)
+    with torch.no_grad():
+        a = distill_ops.kd_loss(s, t, divergence="tvd", backend=backend)
+    b = distill_ops.kd_loss(s.clone().requires_grad_(), t, divergence="tvd", backend=backend)
+    assert torch.equal(a, b.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree(seed, backend):
+    dev = device_for(backend)
+    s, t = logits(8, 1500, device=dev), logits(8, 1500, device=dev)
+    ours = distill_ops.kd_loss(s, t, divergence="jsd", backend=backend)
+    ref = distill_ops.kd_loss(s, t, divergence="jsd", backend="torch")
+    assert math.isclose(ours.item(), ref.item(), rel_tol=1e-5)
+
+
+def test_float64_on_cpu_is_exact(seed):
+    s, t = logits(3, 400, dtype=torch.float64), logits(3, 400, dtype=torch.float64)
+    for div in DIVERGENCES:
+        loss, g, ref, g64 = run("cpu", s, t, divergence=div, temperature=1.3)
+        assert loss.dtype == torch.float64
+        assert_close(loss, ref, 1e-12, div)
+        assert_close(g, g64, 1e-10, div)
+
+
+def test_module_wrapper(seed):
+    crit = distill_ops.KDLoss(divergence="reverse_kl", temperature=2.0, scale_by_t2=True)
+    s, t = logits(2, 3, 100), logits(2, 3, 100)
+    labels = torch.randint(0, 100, (2, 3))
+    a = crit(s, t, labels=labels)
+    b = distill_ops.kd_loss(s, t, divergence="reverse_kl", temperature=2.0, scale_by_t2=True,
+                            labels=labels)
+    assert torch.equal(a, b)
+    assert "reverse_kl" in repr(crit)
+    with pytest.raises(TypeError, match="labels"):
+        distill_ops.KDLoss(labels=labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_student_masking_teacher_mass_gives_inf_not_nan(seed, backend):
+    """KL(p||q) is +inf when the student masks a token the teacher gives mass; the gradient
+    q - p stays finite."""
+    dev = device_for(backend)
+    s, t = logits(2, 300, device=dev), logits(2, 300, device=dev)
+    s[0, 7] = float("-inf")
+    loss, g, _, _ = run(backend, s, t, reduction="none")
+    assert loss[0].item() == math.inf and torch.isfinite(loss[1])
+    assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_peaked_distributions_absolute_error(seed, backend, divergence):
+    """At T=0.5 and a wide spread the two distributions barely overlap: JSD and TVD saturate
+    and their gradients vanish into cancellation, so the check is on absolute error, scaled by
+    the size of the log-ratios that cancel (KL here reaches tens of nats)."""
+    dev = device_for(backend)
+    s, t = logits(4, 777, device=dev, spread=4.0), logits(4, 777, device=dev, spread=4.0)
+    loss, g, ref, g64 = run(backend, s, t, divergence=divergence, temperature=0.5)
+    assert_close(loss, ref, 1e-5, "loss", LOSS_FLOOR)
+    assert (g.double() - g64).abs().max().item() <= 1e-6 * max(1.0, ref.abs().item())
