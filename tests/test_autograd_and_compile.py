@@ -10,9 +10,28 @@ from helpers import logits
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd"]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+class _FusedRows(torch.autograd.Function):
+    """The fused op's per-row losses with its fused gradient, scaled out of place.
+
+    kd_loss scales the saved gradient in place (one gradient of memory, not two), so a graph
+    can be backpropagated once; gradcheck backpropagates many times. This wrapper checks what
+    gradcheck is for, the kernel's gradient against finite differences of its loss, while
+    test_backward_scales_the_saved_gradient checks the in-place scaling."""
+
+    @staticmethod
+    def forward(ctx, x, *args):
+        rows, grad = torch.ops.distill_ops.dense_kd(x, *args)
+        ctx.save_for_backward(grad)
+        return rows
+
+    @staticmethod
+    def backward(ctx, go):
+        (grad,) = ctx.saved_tensors
+        return (grad * go[:, None],) + (None,) * 15
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_gradcheck_float64(seed, backend, divergence):
+def test_gradcheck_float64_reference(seed, divergence):
     # TVD's |q - p| has kinks where q_j == p_j; random logits keep finite differences clear.
     s = logits(3, 17, dtype=torch.float64).requires_grad_()
     t = logits(3, 17, dtype=torch.float64)
@@ -22,21 +41,44 @@ def test_gradcheck_float64(seed, backend, divergence):
         return distill_ops.kd_loss(
             x, t, divergence=divergence, temperature=1.7, beta=0.4, labels=labels,
             hard_weight=0.3, student_softcap=4.0, student_logit_scale=1.2, scale_by_t2=True,
-            reduction="none", backend=backend,
+            reduction="none", backend="torch",
         )
 
     assert torch.autograd.gradcheck(f, (s,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("divergence", range(4), ids=DIVERGENCES)
+def test_gradcheck_float64_cpu_kernel(seed, divergence):
+    s = logits(3, 17, dtype=torch.float64).requires_grad_()
+    t = logits(3, 17, dtype=torch.float64)
+    valid = torch.tensor([True, False, True])
+    labels = torch.tensor([3, 0, 16])
+    # divergence, T, beta, student scale/softcap, teacher scale/softcap, hard weight,
+    # soft coefficient (T^2), vocab, compute_grad, backend
+    args = (t, valid, labels, divergence, 1.7, 0.4, 1.2, 4.0, 0.9, 0.0, 0.3, 1.7**2, 17, True,
+            "cpu")
+    assert torch.autograd.gradcheck(lambda x: _FusedRows.apply(x, *args), (s,), eps=1e-6,
+                                    atol=1e-7, rtol=1e-5)
+
+
 def test_backward_scales_the_saved_gradient(seed):
     s = logits(4, 100).requires_grad_()
     t = logits(4, 100)
-    loss = distill_ops.kd_loss(s, t, reduction="none")
     go = torch.tensor([0.0, 1.0, -2.0, 3.5])
-    (g,) = torch.autograd.grad(loss, s, go, retain_graph=True)
-    (g1,) = torch.autograd.grad(loss, s, torch.ones(4))
+    (g,) = torch.autograd.grad(distill_ops.kd_loss(s, t, reduction="none"), s, go)
+    (g1,) = torch.autograd.grad(distill_ops.kd_loss(s, t, reduction="none"), s, torch.ones(4))
     torch.testing.assert_close(g, g1 * go[:, None], rtol=1e-6, atol=0)
     assert (g[0] == 0).all()
+
+
+def test_second_backward_through_the_same_graph_fails_loudly(seed):
+    """The saved gradient is scaled in place (one gradient of memory, not two): a second
+    backward must raise, never return a double-scaled gradient."""
+    s = logits(3, 50).requires_grad_()
+    loss = distill_ops.kd_loss(s, logits(3, 50))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 def test_no_host_sync_in_the_op_layer():
@@ -93,14 +135,37 @@ def test_torch_compile_inductor(seed):
 
 
 def test_opcheck():
-    """torch.library's own consistency checks of the registered ops (schema, fake impl,
-    autograd registration)."""
+    """torch.library's own consistency checks of the registered ops: schema, fake impl,
+    autograd registration. Its AOT-dispatch check is left to the compile tests above: it
+    returns the op's gradient output to the caller while backward scales that same buffer in
+    place, which kd_loss never does (it drops that output)."""
     s = logits(3, 40).requires_grad_()
     t = logits(3, 40)
     valid = torch.tensor([True, False, True])
     labels = torch.tensor([1, 2, 3])
     args = (s, t, valid, labels, 2, 1.5, 0.5, 1.0, 0.0, 1.0, 0.0, 0.2, 1.0, 40, True, "cpu")
-    torch.library.opcheck(torch.ops.distill_ops.dense_kd.default, args)
-    g = logits(3, 40)
-    torch.library.opcheck(torch.ops.distill_ops.scale_rows.default,
-                          (g, torch.rand(3), "cpu"))
+    torch.library.opcheck(torch.ops.distill_ops.dense_kd.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+    torch.library.opcheck(torch.ops.distill_ops.scale_rows_.default,
+                          (logits(3, 40), torch.rand(3), "cpu"))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_dynamic_shapes(seed, compile_backend):
+    """dynamic=True: symbolic row counts and symbolic float options trace without a break."""
+    torch._dynamo.reset()
+    f = torch.compile(
+        lambda a, b, temp: distill_ops.kd_loss(a, b, temperature=temp, backend="cpu"),
+        fullgraph=True, dynamic=True, backend=compile_backend,
+    )
+    for n in (5, 9):
+        s = logits(n, 150).requires_grad_()
+        t = logits(n, 150)
+        out = f(s, t, 1.5)
+        out.backward()
+        s_ref = s.detach().clone().requires_grad_()
+        ref = distill_ops.kd_loss(s_ref, t, temperature=1.5, backend="cpu")
+        ref.backward()
+        torch.testing.assert_close(out.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-6, atol=1e-9)

@@ -20,7 +20,7 @@ template <typename Acc>
 Acc row_max(const Acc* z, int64_t n) {
   Acc m = -std::numeric_limits<Acc>::infinity();
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, z[j]);
+  for (int64_t j = 0; j < n; ++j) m = z[j] > m ? z[j] : m;  // std::max does not vectorise here
   return m;
 }
 

@@ -28,7 +28,7 @@ void dense_kd(RowView student, RowView teacher, const uint8_t* valid, const int6
               int num_threads);
 
 // out[r, j] = grad[r, j] * scale[r * scale_stride] for j < n_cols, in the accumulation type,
-// stored in `dtype` (both matrices contiguous rows of n_cols).
+// stored in `dtype` (both matrices contiguous rows of n_cols; out may be grad: in place).
 void scale_rows(const void* grad, void* out, int dtype, const void* scale, int scale_dtype,
                 int64_t scale_stride, int64_t n_rows, int64_t n_cols, int num_threads);
 

@@ -48,12 +48,10 @@ def dense_kd_forward(
     return loss, grad
 
 
-def scale_rows(grad: Tensor, scale: Tensor) -> Tensor:
-    """grad * scale[:, None] in the accumulation type, stored in grad's dtype."""
-    out = torch.empty_like(grad)
+def scale_rows_(grad: Tensor, scale: Tensor) -> None:
+    """grad *= scale[:, None] in place, in the accumulation type."""
     n, n_cols = grad.shape
     native().scale_rows_cpu(
-        ptr(grad), ptr(out), dtype_code(grad), ptr(scale), dtype_code(scale), scale.stride(0),
+        ptr(grad), ptr(grad), dtype_code(grad), ptr(scale), dtype_code(scale), scale.stride(0),
         n, n_cols, torch.get_num_threads(),
     )
-    return out

@@ -59,7 +59,9 @@ def check_positive(name: str, value: object, *, allow_none: bool = False) -> flo
         return 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
+    # abs(v) < inf rather than math.isfinite: the former also works on the symbolic floats
+    # torch.compile(dynamic=True) passes in.
+    if not (abs(value) < math.inf and value > 0):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return float(value)
 
@@ -67,7 +69,7 @@ def check_positive(name: str, value: object, *, allow_none: bool = False) -> flo
 def check_non_negative(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
+    if not (abs(value) < math.inf and value >= 0):
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
     return float(value)
 

@@ -38,17 +38,13 @@ def _triton():
     return triton_dense_kd
 
 
-@torch.library.custom_op("distill_ops::scale_rows", mutates_args=())
-def scale_rows(grad: Tensor, scale: Tensor, backend: str) -> Tensor:
-    """grad * scale[:, None], accumulated in fp32 (fp64 for fp64) and stored in grad's dtype."""
+@torch.library.custom_op("distill_ops::scale_rows_", mutates_args=("grad",))
+def scale_rows_(grad: Tensor, scale: Tensor, backend: str) -> None:
+    """grad *= scale[:, None] in place, accumulated in fp32 (fp64 for fp64)."""
     if backend == "cpu":
-        return _cpu.scale_rows(grad, scale)
-    return _triton().scale_rows(grad, scale)
-
-
-@scale_rows.register_fake
-def _(grad: Tensor, scale: Tensor, backend: str) -> Tensor:
-    return torch.empty_like(grad)
+        _cpu.scale_rows_(grad, scale)
+    else:
+        _triton().scale_rows_(grad, scale)
 
 
 @torch.library.custom_op("distill_ops::dense_kd", mutates_args=())
@@ -92,13 +88,19 @@ def _(student, teacher, valid, labels, divergence, temperature, beta, student_sc
 def _setup_context(ctx, inputs, output):
     ctx.backend = inputs[-1]
     ctx.save_for_backward(output[1])
+    # Nothing differentiates through the gradient output: without this, autograd would
+    # materialise a zero [N, V] "gradient of the gradient" on every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
+    # The saved gradient becomes the returned one, scaled in place: peak memory holds one
+    # gradient, not two. A second backward through the same graph (retain_graph=True) then
+    # fails loudly in autograd's saved-tensor version check instead of double-scaling.
     (grad,) = ctx.saved_tensors
-    g = scale_rows(grad, grad_loss.to(grad.dtype if grad.dtype == torch.float64 else torch.float32),
-                   ctx.backend)
-    return (g,) + (None,) * 15
+    scale = grad_loss.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    scale_rows_(grad, scale, ctx.backend)
+    return (grad,) + (None,) * 15
 
 
 dense_kd.register_autograd(_backward, setup_context=_setup_context)

@@ -286,15 +286,13 @@ def dense_kd_forward(student, teacher, valid, labels, sc, vocab: int, compute_gr
     return loss, grad
 
 
-def scale_rows(grad, scale):
-    """out = grad * scale[:, None] computed in fp32, stored in grad's dtype."""
-    out = torch.empty_like(grad)
+def scale_rows_(grad, scale):
+    """grad *= scale[:, None] in place, computed in fp32."""
     n, n_cols = grad.shape
     if grad.numel() == 0:
-        return out
+        return
     block = min(4096, triton.next_power_of_2(n_cols))
     with _device_ctx(grad):
         scale_rows_kernel[(n, triton.cdiv(n_cols, block))](
-            grad, scale, out, scale.stride(0), n_cols, BLOCK=block, num_warps=4
+            grad, scale, grad, scale.stride(0), n_cols, BLOCK=block, num_warps=4
         )
-    return out
