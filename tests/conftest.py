@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 import secrets
 
 import pytest
+
 from distill_ops._backend import triton_interpreted
 
 ON_GPU = torch.cuda.is_available()

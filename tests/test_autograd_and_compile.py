@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import distill_ops
 import pytest
 import torch
 from helpers import logits
+
+import distill_ops
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd"]
 

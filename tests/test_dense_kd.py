@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
-import distill_ops
 import pytest
 import torch
 from conftest import device_for, kernel_backends
-from distill_ops import reference
 from helpers import GRAD_RTOL, LOSS_FLOOR, LOSS_RTOL, assert_close, logits, rel_err
+
+import distill_ops
+from distill_ops import reference
 
 BACKENDS = kernel_backends()
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd"]

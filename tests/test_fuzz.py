@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import distill_ops
 import torch
-from distill_ops import reference
 from helpers import LOSS_FLOOR, assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import distill_ops
+from distill_ops import reference
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,0 +1,85 @@
+"""`distill-ops`: the command line. `distill-ops bench` times the losses against their peers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+QUICK_SHAPES = [(256, 32000)]
+FULL_SHAPES = [(2048, 32000), (512, 128256)]
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _shape(text: str) -> tuple[int, int]:
+    n, v = text.lower().split("x")
+    return int(n), int(v)
+
+
+def bench(args: argparse.Namespace) -> int:
+    from . import benchmark
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = args.shape or (QUICK_SHAPES if args.quick else FULL_SHAPES)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    reps = args.reps or (3 if args.quick else 7)
+    total = len(shapes) * len(args.divergence)
+
+    def progress(label: str) -> None:
+        print(f"  running {label}", file=sys.stderr, flush=True)
+
+    print(f"distill-ops bench: {total} case group(s) on {device}", file=sys.stderr)
+    results, env = benchmark.run_dense(
+        shapes, args.divergence, dtype=dtype, device=device, temperature=args.temperature,
+        reps=reps, include_compile=not args.quick and not args.no_compile, progress=progress,
+    )
+    env["git_commit"] = _git_commit()
+    table = benchmark.format_table(results, env)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        command = "distill-ops " + " ".join(shlex.quote(a) for a in args.argv)
+        (out / "dense_kd.json").write_text(
+            json.dumps(benchmark.to_json(results, env, command), indent=2))
+        (out / "dense_kd.md").write_text(f"`{command}`\n\n{table}\n")
+        print(f"wrote {out}/dense_kd.json and dense_kd.md", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="distill-ops", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="time kd_loss against eager PyTorch, torch.compile, TRL")
+    b.add_argument("--quick", action="store_true", help="one small shape, no torch.compile")
+    b.add_argument("--shape", type=_shape, action="append", help="NxV, e.g. 2048x32000")
+    b.add_argument("--divergence", nargs="+", default=["forward_kl", "jsd"],
+                   choices=["forward_kl", "jsd"])
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    b.add_argument("--temperature", type=float, default=2.0)
+    b.add_argument("--reps", type=int, default=None)
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    b.add_argument("--out", default=None, help="folder for JSON and markdown results")
+    b.set_defaults(func=bench)
+    argv = sys.argv[1:] if argv is None else argv
+    args = ap.parse_args(argv)
+    args.argv = argv
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
