@@ -5,6 +5,9 @@
 #include <cstdint>
 
 #include "cpu/kernels.h"
+#ifdef DISTILL_OPS_WITH_CUDA
+#include "cuda/kernels.cuh"
+#endif
 
 namespace py = pybind11;
 using distill_ops::KDParams;
@@ -37,6 +40,26 @@ void scale_rows_cpu(uintptr_t grad_ptr, uintptr_t out_ptr, int dtype, uintptr_t 
                                n_cols, num_threads);
 }
 
+#ifdef DISTILL_OPS_WITH_CUDA
+void dense_kd_cuda(uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t t_ptr, int t_dtype,
+                   int64_t t_stride, uintptr_t valid_ptr, uintptr_t labels_ptr,
+                   uintptr_t loss_ptr, uintptr_t grad_ptr, int64_t grad_stride,
+                   int64_t grad_cols, int64_t n_rows, int64_t vocab, const KDParams& params,
+                   uintptr_t stream) {
+  distill_ops::cuda::dense_kd(as_ptr<const void>(s_ptr), s_dtype, s_stride,
+                              as_ptr<const void>(t_ptr), t_dtype, t_stride,
+                              as_ptr<const uint8_t>(valid_ptr), as_ptr<const int64_t>(labels_ptr),
+                              as_ptr<float>(loss_ptr), as_ptr<void>(grad_ptr), grad_stride,
+                              grad_cols, n_rows, vocab, params, as_ptr<void>(stream));
+}
+
+void scale_rows_cuda(uintptr_t grad_ptr, int dtype, uintptr_t scale_ptr, int64_t scale_stride,
+                     int64_t n_rows, int64_t n_cols, uintptr_t stream) {
+  distill_ops::cuda::scale_rows_(as_ptr<void>(grad_ptr), dtype, as_ptr<const float>(scale_ptr),
+                                 scale_stride, n_rows, n_cols, as_ptr<void>(stream));
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -59,6 +82,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("scale_rows_cpu", &scale_rows_cpu, py::call_guard<py::gil_scoped_release>(),
         "out[r, :] = grad[r, :] * scale[r] (CPU).");
 #ifdef DISTILL_OPS_WITH_CUDA
+  m.def("dense_kd_cuda", &dense_kd_cuda, py::call_guard<py::gil_scoped_release>(),
+        "Fused dense KD loss and student gradient, per row (CUDA, caller's stream).");
+  m.def("scale_rows_cuda", &scale_rows_cuda, py::call_guard<py::gil_scoped_release>(),
+        "grad[r, :] *= scale[r] in place (CUDA, caller's stream).");
   m.attr("has_cuda") = true;
 #else
   m.attr("has_cuda") = false;

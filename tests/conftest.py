@@ -22,16 +22,25 @@ from distill_ops._backend import triton_interpreted
 ON_GPU = torch.cuda.is_available()
 
 
-def kernel_backends() -> list[str]:
-    """The fused backends this machine can run: cpu always, triton on a GPU or interpreted."""
-    out = ["cpu"]
+def kernel_backends() -> list:
+    """Every fused backend: cpu always; triton on a GPU or through the interpreter; cuda
+    (csrc/cuda) only on a GPU, skipped elsewhere with the reason."""
+    from distill_ops._ext import has_native, native
+
+    out: list = ["cpu"]
     if ON_GPU or triton_interpreted():
         out.append("triton")
+    built = has_native() and native().has_cuda
+    reason = ("needs a CUDA GPU (the kernels are compiled here, run on a GPU)" if not ON_GPU
+              else "distill_ops was built without its CUDA kernels")
+    out.append(pytest.param("cuda", marks=pytest.mark.skipif(not (ON_GPU and built),
+                                                             reason=reason)))
     return out
 
 
 def device_for(backend: str) -> torch.device:
-    return torch.device("cuda") if backend == "triton" and ON_GPU else torch.device("cpu")
+    on_gpu = backend in ("triton", "cuda") and ON_GPU
+    return torch.device("cuda") if on_gpu else torch.device("cpu")
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def st():
         ({"num_items_in_batch": 0}, ValueError, "num_items_in_batch must be > 0"),
         ({"num_items_in_batch": torch.ones(2)}, ValueError, "num_items_in_batch"),
         ({"backend": "jax"}, ValueError, "backend must be one of"),
-        ({"backend": "cuda"}, ValueError, "backend='cuda'"),
+        ({"backend": "cuda"}, ValueError, "backend='cuda' needs CUDA tensors"),
         ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
         ({"process_group": object()}, NotImplementedError, "process_group"),
     ],
@@ -122,3 +122,10 @@ def test_float64_on_triton_is_a_type_error():
     s = logits(2, 10, dtype=torch.float64, device=dev)
     with pytest.raises(TypeError, match="backend='triton' takes fp32/bf16/fp16"):
         distill_ops.kd_loss(s, s, backend="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_float64_on_cuda_is_a_type_error():
+    s = logits(2, 10, dtype=torch.float64, device="cuda")
+    with pytest.raises(TypeError, match="backend='cuda' takes fp32/bf16/fp16"):
+        distill_ops.kd_loss(s, s, backend="cuda")

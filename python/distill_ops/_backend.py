@@ -45,8 +45,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         except ImportError as exc:
             raise ValueError(f"backend='triton' needs the triton package: {exc}") from exc
     if backend == "cuda":
-        raise ValueError(
-            "backend='cuda' (the csrc/cuda kernels) is not available in this build yet; "
-            "use backend='triton' on CUDA tensors"
-        )
+        from ._ext import has_native, native
+
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if not (has_native() and native().has_cuda):
+            raise ValueError(
+                "backend='cuda' needs distill_ops built with its CUDA kernels (nvcc found at "
+                "build time and DISTILL_OPS_CUDA not OFF); this build has none: use "
+                "backend='triton'"
+            )
     return backend

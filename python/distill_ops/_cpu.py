@@ -9,7 +9,8 @@ from ._ext import dtype_code, native, ptr
 from ._validation import LossScalars
 
 
-def _params(sc: LossScalars):
+def kd_params(sc: LossScalars):
+    """The native KDParams of validated loss scalars (shared by the CPU and CUDA launchers)."""
     p = native().KDParams()
     p.divergence = sc.divergence
     p.temperature = sc.temperature
@@ -43,7 +44,7 @@ def dense_kd_forward(
         ptr(valid), ptr(labels),
         ptr(loss), dtype_code(loss),
         ptr(grad) if compute_grad else 0, dtype_code(grad), grad_cols, grad_cols,
-        n, vocab, _params(sc), torch.get_num_threads(),
+        n, vocab, kd_params(sc), torch.get_num_threads(),
     )
     return loss, grad
 

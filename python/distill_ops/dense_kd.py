@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _cpu, reference
+from . import _cpu, _cuda, reference
 from ._backend import resolve_backend
 from ._reduction import reduce_rows, valid_rows
 from ._validation import (
@@ -43,6 +43,8 @@ def scale_rows_(grad: Tensor, scale: Tensor, backend: str) -> None:
     """grad *= scale[:, None] in place, accumulated in fp32 (fp64 for fp64)."""
     if backend == "cpu":
         _cpu.scale_rows_(grad, scale)
+    elif backend == "cuda":
+        _cuda.scale_rows_(grad, scale)
     else:
         _triton().scale_rows_(grad, scale)
 
@@ -69,9 +71,8 @@ def dense_kd(
     """Per-row dense KD loss [N] and, when compute_grad, d(loss_r)/d(student) [N, V_s]."""
     sc = LossScalars(divergence, temperature, beta, student_scale, student_softcap,
                      teacher_scale, teacher_softcap, hard_weight, soft_coef)
-    if backend == "cpu":
-        return _cpu.dense_kd_forward(student, teacher, valid, labels, sc, vocab, compute_grad)
-    return _triton().dense_kd_forward(student, teacher, valid, labels, sc, vocab, compute_grad)
+    impl = {"cpu": _cpu, "cuda": _cuda}.get(backend) or _triton()
+    return impl.dense_kd_forward(student, teacher, valid, labels, sc, vocab, compute_grad)
 
 
 @dense_kd.register_fake
@@ -155,7 +156,8 @@ def kd_loss(
         student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap: the
             per-side logit transform f. A -inf logit stays -inf (masked vocabulary entry).
         backend: ``"auto"`` (cpu for CPU tensors, triton for CUDA), ``"cpu"``, ``"triton"``,
-            ``"torch"`` (the reference); ``DISTILL_OPS_BACKEND`` overrides ``"auto"``.
+            ``"cuda"`` (the csrc/cuda kernels), ``"torch"`` (the reference);
+            ``DISTILL_OPS_BACKEND`` overrides ``"auto"``.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): a scalar, or ``[...]`` for ``reduction="none"``.
@@ -195,8 +197,9 @@ def kd_loss(
     if labels is not None and sc.hard_weight > 0:
         check_labels_in_range(labels, ignore_index, vocab)
     be = resolve_backend(backend, device)
-    if be == "triton" and torch.float64 in (student_logits.dtype, teacher_logits.dtype):
-        raise TypeError("backend='triton' takes fp32/bf16/fp16 logits, got float64 "
+    if be in ("triton", "cuda") and torch.float64 in (student_logits.dtype,
+                                                      teacher_logits.dtype):
+        raise TypeError(f"backend={be!r} takes fp32/bf16/fp16 logits, got float64 "
                         "(float64 runs on backend='cpu' or 'torch')")
 
     if be == "torch":
