@@ -175,18 +175,25 @@ def time_fwd_bwd(fn: LossFn, s: Tensor, t: Tensor, reps: int, warmup: int = 1):
     return statistics.median(times), max(times) - min(times), peak
 
 
-def dense_cases(divergence: str, temperature: float, include_compile: bool
-                ) -> list[tuple[str, LossFn, str]]:
-    """(name, fn, note) for ours and every peer of one divergence."""
+def dense_cases(divergence: str, temperature: float, include_compile: bool,
+                device: torch.device | None = None) -> list[tuple[str, LossFn, str]]:
+    """(name, fn, note) for ours (each backend the device runs) and every peer."""
     if divergence == "forward_kl":
         eager: LossFn = lambda s, t: eager_forward_kl(s, t, temperature)
     else:
         eager = lambda s, t: eager_jsd(s, t, temperature)
     cases: list[tuple[str, LossFn, str]] = [
         ("distill_ops", lambda s, t: kd_loss(s, t, divergence=divergence,
-                                             temperature=temperature), ""),
+                                             temperature=temperature), "backend=auto"),
         ("eager", eager, ""),
     ]
+    if device is not None and device.type == "cuda":
+        from ._ext import has_native, native
+
+        if has_native() and native().has_cuda:
+            cases.insert(1, ("distill_ops[cuda]", lambda s, t: kd_loss(
+                s, t, divergence=divergence, temperature=temperature, backend="cuda"),
+                "csrc/cuda portable kernel"))
     if include_compile:
         cases.append(("torch.compile", torch.compile(eager), "compiled once, warm"))
     if divergence == "jsd":
@@ -222,7 +229,7 @@ def run_dense(
         t = (torch.randn(n, v, generator=gen) * 2).to(device=device, dtype=dtype)
         floor = 3 * n * v * s.element_size()
         for div in divergences:
-            for name, fn, note in dense_cases(div, temperature, include_compile):
+            for name, fn, note in dense_cases(div, temperature, include_compile, device):
                 if progress:
                     progress(f"{div} N={n} V={v} {name}")
                 if fn is None:
