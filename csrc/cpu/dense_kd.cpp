@@ -12,43 +12,10 @@
 
 #include "kernels.h"
 #include "row_io.h"
+#include "row_math.h"
 
 namespace distill_ops::cpu {
 namespace {
-
-template <typename Acc>
-Acc row_max(const Acc* z, int64_t n) {
-  Acc m = -std::numeric_limits<Acc>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = z[j] > m ? z[j] : m;  // std::max does not vectorise here
-  return m;
-}
-
-// e[j] = exp(z[j] - m); returns the sum.
-template <typename Acc>
-Acc exp_shifted(const Acc* z, Acc m, int64_t n, Acc* e) {
-  Acc s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) {
-    e[j] = exp_acc(z[j] - m);
-    s += e[j];
-  }
-  return s;
-}
-
-template <typename Acc>
-struct RowStats {
-  Acc m;      // max of z
-  Acc log_s;  // log sum exp(z - m)
-  Acc inv_s;  // 1 / sum exp(z - m)
-};
-
-template <typename Acc>
-RowStats<Acc> softmax_stats(const Acc* z, int64_t n, Acc* e) {
-  const Acc m = row_max(z, n);
-  const Acc s = exp_shifted(z, m, n, e);
-  return {m, log_acc(s), Acc(1) / s};
-}
 
 // Computes the divergence of one row and leaves in d[j] its gradient w.r.t. z_s[j].
 // es/et hold exp(z - max) of student/teacher; et is overwritten by d.
@@ -142,9 +109,7 @@ void dense_kd_impl(RowView student, RowView teacher, const uint8_t* valid, const
   const Acc hard_w = Acc(prm.hard_weight), soft_c = Acc(prm.soft_coef);
   const Acc beta = Acc(prm.beta);
   const bool hard = prm.hard_weight != 0.0;
-  const bool unit_t = prm.temperature == 1.0;
   const auto div = static_cast<Divergence>(prm.divergence);
-  const Acc nan = std::numeric_limits<Acc>::quiet_NaN();
 
 #pragma omp parallel num_threads(num_threads)
   {
@@ -171,35 +136,15 @@ void dense_kd_impl(RowView student, RowView teacher, const uint8_t* valid, const
         row_loss = soft_c * divergence_row(div, beta, zs, zt, es, et, s, t, vocab, want_grad);
 
         // Cross-entropy on the labels at T = 1: z * T is f(x) again.
-        int64_t y = -1;
-        Acc lse1_shift = s.log_s;  // log sum exp(f(x) - max f(x))
-        if (hard) {
-          y = labels[r];
-          if (!unit_t) {
-            Acc s1 = 0;
-            const Acc m1 = s.m * temperature;
-#pragma omp simd reduction(+ : s1)
-            for (int64_t j = 0; j < vocab; ++j) s1 += exp_acc(zs[j] * temperature - m1);
-            lse1_shift = log_acc(s1);
-          }
-          const Acc ce = (y >= 0 && y < vocab) ? (s.m - zs[y]) * temperature + lse1_shift : nan;
-          row_loss += hard_w * ce;
-        }
+        const int64_t label = hard ? labels[r] : -1;
+        const HardLabel<Acc> ce(zs, hard ? vocab : 0, s, temperature, label);
+        if (hard) row_loss += hard_w * ce.ce;
 
         if (grow) {
           // et now holds dD/dz_s; turn it into dL/dx_s in place, then store.
           const Acc coef = soft_c * inv_t;
           if (hard) {
-            const Acc m1 = s.m * temperature;
-#pragma omp simd
-            for (int64_t j = 0; j < vocab; ++j) {
-              const Acc sm1 = unit_t ? es[j] * s.inv_s
-                                     : exp_acc(zs[j] * temperature - m1 - lse1_shift);
-              et[j] = coef * et[j] + hard_w * (sm1 - Acc(j == y ? 1 : 0));
-            }
-            if (y < 0 || y >= vocab) {
-              for (int64_t j = 0; j < vocab; ++j) et[j] = nan;
-            }
+            ce.add_grad(et, zs, es, vocab, s, temperature, coef, hard_w);
           } else {
 #pragma omp simd
             for (int64_t j = 0; j < vocab; ++j) et[j] *= coef;

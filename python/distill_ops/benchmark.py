@@ -245,12 +245,26 @@ def run_dense(
     return results, env
 
 
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
+    import importlib.metadata
     import platform
 
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
+        else f"{_cpu_name()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "copy_bandwidth_gbps": copy_bandwidth(device) / 1e9,
@@ -263,6 +277,11 @@ def environment(device: torch.device) -> dict:
         env["triton"] = None
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
+    for peer in ("trl", "liger-kernel"):
+        try:
+            env[peer] = importlib.metadata.version(peer)
+        except importlib.metadata.PackageNotFoundError:
+            env[peer] = None
     return env
 
 
@@ -270,8 +289,8 @@ def format_table(results: list[Result], env: dict) -> str:
     """A markdown table, with a speed-up column against eager PyTorch of the same case."""
     eager = {(r.divergence, r.n, r.v): r.median_ms for r in results if r.impl == "eager"}
     lines = [
-        f"device: {env['device']}; torch {env['torch']}; copy bandwidth "
-        f"{env['copy_bandwidth_gbps']:.1f} GB/s",
+        f"device: {env['device']}; torch {env['torch']}; trl {env.get('trl')}; copy "
+        f"bandwidth {env['copy_bandwidth_gbps']:.1f} GB/s",
         "",
         "| divergence | N | V | dtype | impl | fwd+bwd ms (spread) | vs eager | peak extra MiB "
         "(1 grad) | GB/s of floor | of copy BW | note |",

@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["divergence_rows", "kd_loss", "transform_logits"]
+__all__ = [
+    "divergence_from_logprobs",
+    "divergence_rows",
+    "kd_loss",
+    "sparse_kd_loss",
+    "topk_logprobs",
+    "transform_logits",
+]
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -50,9 +57,15 @@ def divergence_rows(zs: Tensor, zt: Tensor, divergence: str, beta: float = 0.5) 
     is defined as forward KL at beta = 0 and reverse KL at beta = 1 (TRL and Liger's
     convention: the formula itself tends to 0 at both ends).
     """
-    lq = torch.log_softmax(zs, dim=-1)
-    lp = torch.log_softmax(zt, dim=-1)
-    q, p = lq.exp(), lp.exp()
+    return divergence_from_logprobs(torch.log_softmax(zt, dim=-1), torch.log_softmax(zs, dim=-1),
+                                    divergence, beta)
+
+
+def divergence_from_logprobs(lp: Tensor, lq: Tensor, divergence: str, beta: float) -> Tensor:
+    """The divergence over the last dim from teacher (lp) and student (lq) log-probabilities.
+    The student side may be sub-normalised (sparse tails renorm/none): no formula assumes
+    otherwise."""
+    p, q = lp.exp(), lq.exp()
     if divergence == "jsd" and beta == 0.0:
         divergence = "forward_kl"
     if divergence == "jsd" and beta == 1.0:
@@ -68,12 +81,33 @@ def divergence_rows(zs: Tensor, zt: Tensor, divergence: str, beta: float = 0.5) 
         zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
         lm = torch.logaddexp(torch.where(both_zero, zero, lp + math.log(beta)),
                              torch.where(both_zero, zero, lq + math.log1p(-beta)))
-        kl_p = _xlogratio(p, lp, lm).sum(-1)
-        kl_q = _xlogratio(q, lq, lm).sum(-1)
-        return beta * kl_p + (1.0 - beta) * kl_q
+        return beta * _xlogratio(p, lp, lm).sum(-1) + (1.0 - beta) * _xlogratio(q, lq, lm).sum(-1)
     if divergence == "tvd":
         return 0.5 * (q - p).abs().sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def _valid_rows(n: int, device: torch.device, labels: Tensor | None, ignore_index: int,
+                mask: Tensor | None) -> Tensor:
+    valid = torch.ones(n, dtype=torch.bool, device=device)
+    if labels is not None:
+        valid = valid & (labels.reshape(-1) != ignore_index)
+    if mask is not None:
+        valid = valid & mask.reshape(-1)
+    return valid
+
+
+def _reduce(rows: Tensor, valid: Tensor, reduction: str,
+            num_items_in_batch: int | Tensor | None, lead: torch.Size) -> Tensor:
+    rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    if reduction == "none":
+        return rows.reshape(lead)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if num_items_in_batch is not None:
+        return total / num_items_in_batch
+    return total / valid.sum().clamp(min=1)
 
 
 def kd_loss(
@@ -105,11 +139,7 @@ def kd_loss(
     xt = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, :k].detach()
     n = xs.shape[0]
 
-    valid = torch.ones(n, dtype=torch.bool, device=xs.device)
-    if labels is not None:
-        valid = valid & (labels.reshape(-1) != ignore_index)
-    if mask is not None:
-        valid = valid & mask.reshape(-1)
+    valid = _valid_rows(n, xs.device, labels, ignore_index, mask)
     # Ignored rows may hold anything (all -inf padding included): replace them before any
     # maths, so neither their loss nor their gradient can leak a NaN.
     xs = torch.where(valid[:, None], xs, torch.zeros((), dtype=xs.dtype, device=xs.device))
@@ -123,13 +153,120 @@ def kd_loss(
         z1 = transform_logits(xs, student_logit_scale, student_softcap, 1.0, dtype)
         safe_labels = torch.where(valid, labels.reshape(-1), 0)
         rows = rows + hard_weight * F.cross_entropy(z1, safe_labels, reduction="none")
-    rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    return _reduce(rows, valid, reduction, num_items_in_batch, lead)
 
-    if reduction == "none":
-        return rows.reshape(lead)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if num_items_in_batch is not None:
-        return total / num_items_in_batch
-    return total / valid.sum().clamp(min=1)
+
+# ----------------------------------------------------------------------------------------
+# Sparse targets: top-k / sampled teacher distributions and the loss against them.
+
+TAILS = ("bucket", "renorm", "support", "none")
+
+
+def topk_logprobs(
+    teacher_logits: Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(indices int32 [..., k], logprobs fp32 [..., k]): the k most probable ids at T, sorted
+    by descending probability (ties: lower id first), log-probabilities over the full V."""
+    dtype = _compute_dtype(teacher_logits)
+    z = transform_logits(teacher_logits, logit_scale, softcap, temperature, dtype)
+    lp = torch.log_softmax(z, dim=-1)
+    # Stable order: sort by (-logprob, id). argsort is stable, and sorting an id-ordered
+    # row by descending value keeps lower ids first among ties.
+    order = torch.argsort(-lp, dim=-1, stable=True)[..., :k]
+    vals = torch.gather(lp, -1, order)
+    return order.to(torch.int32), vals.to(torch.float64 if dtype == torch.float64
+                                          else torch.float32)
+
+
+def sparse_coarse_teacher(
+    indices: Tensor, teacher_logprobs: Tensor, tail: str, ratio: float
+) -> tuple[Tensor, Tensor]:
+    """Teacher log-probabilities over the coarse classes: (log p_hat [N, k] on the support,
+    -inf on padding slots; log p_hat_rest [N], -inf unless tail == "bucket").
+
+    `ratio` = source_temperature / temperature re-tempers the targets: p^ratio renormalised
+    over the support (+ the tail class for "bucket"). With ratio == 1, "bucket" keeps the
+    given support probabilities and gives the rest 1 - their sum; "none" keeps the targets
+    exactly as given."""
+    lt = teacher_logprobs.to(torch.float64 if teacher_logprobs.dtype == torch.float64
+                             else torch.float32)
+    ninf = torch.full_like(lt, -math.inf)
+    lt = torch.where(indices >= 0, lt, ninf)
+    rest = torch.full(lt.shape[:-1], -math.inf, dtype=lt.dtype, device=lt.device)
+    if tail == "bucket":
+        covered = torch.logsumexp(lt, dim=-1)
+        # log(1 - sum p) without cancellation in the log domain; 0 mass when sum p >= 1.
+        r0 = -torch.expm1(covered.clamp(max=0.0))
+        rest = torch.where(r0 > 0, torch.log(r0.clamp(min=torch.finfo(lt.dtype).tiny)), rest)
+    if ratio == 1.0 and tail in ("bucket", "none"):
+        return lt, rest
+    lw = lt * ratio
+    lw_rest = rest * ratio
+    norm = torch.logsumexp(torch.cat([lw, lw_rest[..., None]], dim=-1), dim=-1)
+    return lw - norm[..., None], lw_rest - norm
+
+
+def sparse_kd_loss(
+    student_logits: Tensor,
+    indices: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    source_temperature: float = 1.0,
+    beta: float = 0.5,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    mask: Tensor | None = None,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    scale_by_t2: bool = False,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+) -> Tensor:
+    """Reference of `distill_ops.sparse_kd_loss` (same arguments, no validation)."""
+    lead = student_logits.shape[:-1]
+    v = student_logits.shape[-1]
+    k = indices.shape[-1]
+    dtype = _compute_dtype(student_logits, teacher_logprobs)
+    xs = student_logits.reshape(-1, v)
+    idx = indices.reshape(-1, k).long()
+    lt_in = teacher_logprobs.reshape(-1, k).detach()
+    n = xs.shape[0]
+
+    valid = _valid_rows(n, xs.device, labels, ignore_index, mask)
+    xs = torch.where(valid[:, None], xs, torch.zeros((), dtype=xs.dtype, device=xs.device))
+
+    lp_sup, lp_rest = sparse_coarse_teacher(idx, lt_in.to(dtype), tail,
+                                            source_temperature / temperature)
+    z = xs.to(dtype) / temperature
+    safe_idx = idx.clamp(min=0)
+    zi = torch.gather(z, -1, safe_idx)
+    ninf = torch.full_like(zi, -math.inf)
+    if tail == "support":
+        zi = torch.where(idx >= 0, zi, ninf)
+        lq_sup = zi - torch.logsumexp(zi, dim=-1, keepdim=True)
+        lq_rest = torch.full_like(lp_rest, -math.inf)
+    else:
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        lq_sup = torch.where(idx >= 0, zi - lse, ninf)
+        lq_rest = torch.full_like(lp_rest, -math.inf)
+        if tail == "bucket":
+            on_support = torch.zeros_like(z, dtype=torch.bool).scatter(
+                -1, safe_idx, idx >= 0)
+            off = torch.where(on_support, torch.full_like(z, -math.inf), z)
+            lq_rest = torch.logsumexp(off, dim=-1) - lse[..., 0]
+    lp_all = torch.cat([lp_sup, lp_rest[..., None]], dim=-1)
+    lq_all = torch.cat([lq_sup, lq_rest[..., None]], dim=-1)
+    coef = soft_weight * (temperature**2 if scale_by_t2 else 1.0)
+    rows = coef * divergence_from_logprobs(lp_all, lq_all, divergence, beta)
+    if hard_weight != 0.0:
+        safe_labels = torch.where(valid, labels.reshape(-1), 0)
+        rows = rows + hard_weight * F.cross_entropy(xs.to(dtype), safe_labels, reduction="none")
+    return _reduce(rows, valid, reduction, num_items_in_batch, lead)

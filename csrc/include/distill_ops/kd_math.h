@@ -21,6 +21,7 @@ namespace distill_ops {
 // Codes shared with python/distill_ops/_ext.py.
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
 enum class Divergence : int { ForwardKL = 0, ReverseKL = 1, JSD = 2, TVD = 3 };
+enum class Tail : int { Bucket = 0, Renorm = 1, Support = 2, None = 3 };
 
 // Scalars of a dense or sparse KD loss, as the Python layer resolved them.
 struct KDParams {
@@ -33,6 +34,17 @@ struct KDParams {
   double cap_t;         // teacher softcap, 0 = none
   double hard_weight;   // weight of the cross-entropy term at T = 1
   double soft_coef;     // soft_weight, times T^2 when scale_by_t2
+};
+
+// Scalars of a sparse KD loss (student logits against k teacher targets per row).
+struct SparseParams {
+  int divergence;             // Divergence
+  int tail;                   // Tail
+  double temperature;         // T > 0 of the loss
+  double source_temperature;  // T at which the targets were recorded
+  double beta;                // JSD mixing weight, strictly inside (0, 1)
+  double hard_weight;         // weight of the cross-entropy term at T = 1
+  double soft_coef;           // soft_weight, times T^2 when scale_by_t2
 };
 
 // ---------------------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+// Per-row softmax statistics over contiguous scratch, shared by the CPU kernels.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "distill_ops/kd_math.h"
+
+namespace distill_ops::cpu {
+
+template <typename Acc>
+Acc row_max(const Acc* z, int64_t n) {
+  Acc m = -std::numeric_limits<Acc>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = z[j] > m ? z[j] : m;  // std::max does not vectorise here
+  return m;
+}
+
+// e[j] = exp(z[j] - m); returns the sum.
+template <typename Acc>
+Acc exp_shifted(const Acc* z, Acc m, int64_t n, Acc* e) {
+  Acc s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) {
+    e[j] = exp_acc(z[j] - m);
+    s += e[j];
+  }
+  return s;
+}
+
+template <typename Acc>
+struct RowStats {
+  Acc m;      // max of z
+  Acc log_s;  // log sum exp(z - m)
+  Acc inv_s;  // 1 / sum exp(z - m)
+};
+
+template <typename Acc>
+RowStats<Acc> softmax_stats(const Acc* z, int64_t n, Acc* e) {
+  const Acc m = row_max(z, n);
+  const Acc s = exp_shifted(z, m, n, e);
+  return {m, log_acc(s), Acc(1) / s};
+}
+
+// The hard-label term at T = 1 on f(x) = z * T, for a row whose softmax statistics at T are
+// `s` (es[j] = exp(z[j] - s.m)).
+template <typename Acc>
+struct HardLabel {
+  int64_t y;      // the label; outside [0, n) makes the row NaN (loud, never a wrong number)
+  Acc lse_shift;  // log sum exp(f(x) - max f(x))
+  Acc ce;         // cross-entropy, NaN for an out-of-range label
+
+  HardLabel(const Acc* z, int64_t n, RowStats<Acc> s, Acc temperature, int64_t label)
+      : y(label), lse_shift(s.log_s) {
+    if (temperature != Acc(1)) {
+      Acc s1 = 0;
+      const Acc m1 = s.m * temperature;
+#pragma omp simd reduction(+ : s1)
+      for (int64_t j = 0; j < n; ++j) s1 += exp_acc(z[j] * temperature - m1);
+      lse_shift = log_acc(s1);
+    }
+    ce = (y >= 0 && y < n) ? (s.m - z[y]) * temperature + lse_shift
+                           : std::numeric_limits<Acc>::quiet_NaN();
+  }
+
+  // g[j] = coef * g[j] + weight * (softmax(f(x))_j - [j == y]).
+  void add_grad(Acc* g, const Acc* z, const Acc* es, int64_t n, RowStats<Acc> s,
+                Acc temperature, Acc coef, Acc weight) const {
+    const Acc m1 = s.m * temperature;
+    const bool unit_t = temperature == Acc(1);
+    const int64_t yy = y;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const Acc sm1 = unit_t ? es[j] * s.inv_s : exp_acc(z[j] * temperature - m1 - lse_shift);
+      g[j] = coef * g[j] + weight * (sm1 - Acc(j == yy ? 1 : 0));
+    }
+    if (yy < 0 || yy >= n) {
+      for (int64_t j = 0; j < n; ++j) g[j] = std::numeric_limits<Acc>::quiet_NaN();
+    }
+  }
+};
+
+}  // namespace distill_ops::cpu
