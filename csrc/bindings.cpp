@@ -11,6 +11,7 @@
 
 namespace py = pybind11;
 using distill_ops::KDParams;
+using distill_ops::SparseParams;
 
 namespace {
 
@@ -30,6 +31,19 @@ void dense_kd_cpu(uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t t_pt
                              as_ptr<void>(loss_ptr), loss_dtype, as_ptr<void>(grad_ptr),
                              grad_dtype, grad_stride, grad_cols, n_rows, vocab, params,
                              num_threads);
+}
+
+void sparse_kd_cpu(uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t idx_ptr,
+                   uintptr_t tlp_ptr, int tlp_dtype, int64_t k, uintptr_t valid_ptr,
+                   uintptr_t labels_ptr, uintptr_t loss_ptr, int loss_dtype, uintptr_t grad_ptr,
+                   int grad_dtype, int64_t grad_stride, int64_t n_rows, int64_t vocab,
+                   const SparseParams& params, int num_threads) {
+  distill_ops::cpu::sparse_kd({as_ptr<const void>(s_ptr), s_dtype, s_stride},
+                              as_ptr<const int64_t>(idx_ptr), as_ptr<const void>(tlp_ptr),
+                              tlp_dtype, k, as_ptr<const uint8_t>(valid_ptr),
+                              as_ptr<const int64_t>(labels_ptr), as_ptr<void>(loss_ptr),
+                              loss_dtype, as_ptr<void>(grad_ptr), grad_dtype, grad_stride,
+                              n_rows, vocab, params, num_threads);
 }
 
 void scale_rows_cpu(uintptr_t grad_ptr, uintptr_t out_ptr, int dtype, uintptr_t scale_ptr,
@@ -77,6 +91,18 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("hard_weight", &KDParams::hard_weight)
       .def_readwrite("soft_coef", &KDParams::soft_coef);
 
+  py::class_<SparseParams>(m, "SparseParams")
+      .def(py::init<>())
+      .def_readwrite("divergence", &SparseParams::divergence)
+      .def_readwrite("tail", &SparseParams::tail)
+      .def_readwrite("temperature", &SparseParams::temperature)
+      .def_readwrite("source_temperature", &SparseParams::source_temperature)
+      .def_readwrite("beta", &SparseParams::beta)
+      .def_readwrite("hard_weight", &SparseParams::hard_weight)
+      .def_readwrite("soft_coef", &SparseParams::soft_coef);
+
+  m.def("sparse_kd_cpu", &sparse_kd_cpu, py::call_guard<py::gil_scoped_release>(),
+        "Fused sparse (top-k / sampled targets) KD loss and student gradient, per row (CPU).");
   m.def("dense_kd_cpu", &dense_kd_cpu, py::call_guard<py::gil_scoped_release>(),
         "Fused dense KD loss and student gradient, per row (CPU).");
   m.def("scale_rows_cpu", &scale_rows_cpu, py::call_guard<py::gil_scoped_release>(),

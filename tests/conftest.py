@@ -38,6 +38,11 @@ def kernel_backends() -> list:
     return out
 
 
+def sparse_backends() -> list:
+    """The backends with a sparse KD kernel (the Triton and CUDA ones are not written yet)."""
+    return ["cpu"]
+
+
 def device_for(backend: str) -> torch.device:
     on_gpu = backend in ("triton", "cuda") and ON_GPU
     return torch.device("cuda") if on_gpu else torch.device("cpu")

@@ -27,6 +27,14 @@ void dense_kd(RowView student, RowView teacher, const uint8_t* valid, const int6
               int64_t grad_cols, int64_t n_rows, int64_t vocab, const KDParams& params,
               int num_threads);
 
+// Sparse KD loss per row against k teacher targets (indices [n_rows, k] int64, -1 = padding;
+// teacher_logprobs [n_rows, k] of tlp_dtype F32/F64), gradient w.r.t. the student fused in
+// (grad: nullable [n_rows, vocab]). Support ids must be unique within a row.
+void sparse_kd(RowView student, const int64_t* indices, const void* teacher_logprobs,
+               int tlp_dtype, int64_t k, const uint8_t* valid, const int64_t* labels,
+               void* loss, int loss_dtype, void* grad, int grad_dtype, int64_t grad_stride,
+               int64_t n_rows, int64_t vocab, const SparseParams& params, int num_threads);
+
 // out[r, j] = grad[r, j] * scale[r * scale_stride] for j < n_cols, in the accumulation type,
 // stored in `dtype` (both matrices contiguous rows of n_cols; out may be grad: in place).
 void scale_rows(const void* grad, void* out, int dtype, const void* scale, int scale_dtype,

@@ -7,7 +7,8 @@ full vocabulary), with backends ``cpu`` (C++), ``triton`` (CUDA, or the CPU inte
 
 from . import reference
 from .dense_kd import kd_loss
-from .modules import KDLoss
+from .modules import KDLoss, SparseKDLoss
+from .sparse_kd import sparse_kd_loss
 
 __version__ = "0.1.0"
-__all__ = ["KDLoss", "__version__", "kd_loss", "reference"]
+__all__ = ["KDLoss", "SparseKDLoss", "__version__", "kd_loss", "reference", "sparse_kd_loss"]

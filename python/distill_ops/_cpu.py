@@ -56,3 +56,41 @@ def scale_rows_(grad: Tensor, scale: Tensor) -> None:
         ptr(grad), ptr(grad), dtype_code(grad), ptr(scale), dtype_code(scale), scale.stride(0),
         n, n_cols, torch.get_num_threads(),
     )
+
+
+def sparse_kd_forward(
+    student: Tensor,
+    indices: Tensor,
+    teacher_logprobs: Tensor,
+    valid: Tensor | None,
+    labels: Tensor | None,
+    divergence: int,
+    tail: int,
+    temperature: float,
+    source_temperature: float,
+    beta: float,
+    hard_weight: float,
+    soft_coef: float,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """(loss [N] fp32 (fp64 for fp64), grad [N, V] in the student's dtype or empty)."""
+    n, vocab = student.shape
+    k = indices.shape[1]
+    loss = torch.empty(n, dtype=torch.float64 if student.dtype == torch.float64
+                       else torch.float32)
+    grad = torch.empty((n, vocab) if compute_grad else (0,), dtype=student.dtype)
+    p = native().SparseParams()
+    p.divergence = divergence
+    p.tail = tail
+    p.temperature = temperature
+    p.source_temperature = source_temperature
+    p.beta = beta
+    p.hard_weight = hard_weight
+    p.soft_coef = soft_coef
+    native().sparse_kd_cpu(
+        ptr(student), dtype_code(student), student.stride(0), ptr(indices),
+        ptr(teacher_logprobs), dtype_code(teacher_logprobs), k, ptr(valid), ptr(labels),
+        ptr(loss), dtype_code(loss), ptr(grad) if compute_grad else 0, dtype_code(grad), vocab,
+        n, vocab, p, torch.get_num_threads(),
+    )
+    return loss, grad

@@ -209,3 +209,54 @@ def loss_scalars(
         hard_weight=check_non_negative("hard_weight", hard_weight),
         soft_coef=soft * (t * t if scale_by_t2 else 1.0),
     )
+
+
+TAILS = ("bucket", "renorm", "support", "none")
+TAIL_CODES = {name: i for i, name in enumerate(TAILS)}
+SPARSE_DIVERGENCES = DIVERGENCES
+
+
+def check_sparse_targets(lead: torch.Size, vocab: int, indices: object,
+                         teacher_logprobs: object) -> int:
+    """indices (integer, -1 = padding) and teacher_logprobs (float) of shape [..., k] with the
+    logits' leading dims and 1 <= k <= V; returns k."""
+    indices = check_tensor("indices", indices)
+    teacher_logprobs = check_tensor("teacher_logprobs", teacher_logprobs)
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor (-1 for padding), got {indices.dtype}")
+    if teacher_logprobs.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"teacher_logprobs must be a float tensor, got {teacher_logprobs.dtype}"
+        )
+    if indices.shape != teacher_logprobs.shape:
+        raise ValueError(
+            f"indices and teacher_logprobs must have the same shape [..., k], got "
+            f"{tuple(indices.shape)} and {tuple(teacher_logprobs.shape)}"
+        )
+    if indices.dim() < 1 or indices.shape[:-1] != lead:
+        raise ValueError(
+            f"indices must be [..., k] with the logits' leading shape {tuple(lead)}, got "
+            f"{tuple(indices.shape)}"
+        )
+    k = indices.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k (the last dim of indices) must lie in [1, V={vocab}], got {k}")
+    return k
+
+
+def check_indices_in_range(indices: Tensor, vocab: int) -> None:
+    """Ids must be -1 (padding) or in [0, V), and unique within a row. Checked only where it
+    costs no device sync (CPU tensors, eager mode); elsewhere an id >= V makes that row's
+    loss NaN."""
+    if indices.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    flat = indices.reshape(-1, indices.shape[-1])
+    bad = (flat < -1) | (flat >= vocab)
+    if bool(bad.any()):
+        first = int(flat[bad][0])
+        raise ValueError(f"indices must be -1 (padding) or lie in [0, {vocab}), got {first}")
+    ids = torch.sort(flat, dim=-1).values
+    dup = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] >= 0)
+    if bool(dup.any()):
+        row = int(dup.any(dim=-1).nonzero()[0, 0])
+        raise ValueError(f"indices must be unique within a row: row {row} repeats an id")

@@ -2,8 +2,8 @@
 
 The forward kernel computes each row's loss and its gradient w.r.t. the student logits in
 one launch; autograd's backward only scales that saved gradient by the incoming
-grad_output (on the device, no host sync). The op is registered with a fake impl, so
-`torch.compile(fullgraph=True)` traces straight through it.
+grad_output (on the device, no host sync; see _fused.py). The op is registered with a fake
+impl, so `torch.compile(fullgraph=True)` traces straight through it.
 """
 
 # No `from __future__ import annotations`: torch.library reads the op's annotations, and
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import _cpu, _cuda, reference
 from ._backend import resolve_backend
+from ._fused import register_fused_autograd
 from ._reduction import reduce_rows, valid_rows
 from ._validation import (
     REDUCTIONS,
@@ -32,21 +33,11 @@ from ._validation import (
 __all__ = ["kd_loss"]
 
 
-def _triton():
+def triton_impl():
+    """The Triton launchers (imported on first use: triton is optional on CPU-only hosts)."""
     from .triton import dense_kd as triton_dense_kd
 
     return triton_dense_kd
-
-
-@torch.library.custom_op("distill_ops::scale_rows_", mutates_args=("grad",))
-def scale_rows_(grad: Tensor, scale: Tensor, backend: str) -> None:
-    """grad *= scale[:, None] in place, accumulated in fp32 (fp64 for fp64)."""
-    if backend == "cpu":
-        _cpu.scale_rows_(grad, scale)
-    elif backend == "cuda":
-        _cuda.scale_rows_(grad, scale)
-    else:
-        _triton().scale_rows_(grad, scale)
 
 
 @torch.library.custom_op("distill_ops::dense_kd", mutates_args=())
@@ -71,7 +62,7 @@ def dense_kd(
     """Per-row dense KD loss [N] and, when compute_grad, d(loss_r)/d(student) [N, V_s]."""
     sc = LossScalars(divergence, temperature, beta, student_scale, student_softcap,
                      teacher_scale, teacher_softcap, hard_weight, soft_coef)
-    impl = {"cpu": _cpu, "cuda": _cuda}.get(backend) or _triton()
+    impl = {"cpu": _cpu, "cuda": _cuda}.get(backend) or triton_impl()
     return impl.dense_kd_forward(student, teacher, valid, labels, sc, vocab, compute_grad)
 
 
@@ -86,25 +77,7 @@ def _(student, teacher, valid, labels, divergence, temperature, beta, student_sc
     return loss, grad
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.backend = inputs[-1]
-    ctx.save_for_backward(output[1])
-    # Nothing differentiates through the gradient output: without this, autograd would
-    # materialise a zero [N, V] "gradient of the gradient" on every backward.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_loss, _grad_of_grad):
-    # The saved gradient becomes the returned one, scaled in place: peak memory holds one
-    # gradient, not two. A second backward through the same graph (retain_graph=True) then
-    # fails loudly in autograd's saved-tensor version check instead of double-scaling.
-    (grad,) = ctx.saved_tensors
-    scale = grad_loss.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
-    scale_rows_(grad, scale, ctx.backend)
-    return (grad,) + (None,) * 15
-
-
-dense_kd.register_autograd(_backward, setup_context=_setup_context)
+register_fused_autograd(dense_kd, n_inputs=16)
 
 
 def kd_loss(

@@ -8,8 +8,17 @@ import torch
 from torch import Tensor
 
 from .dense_kd import kd_loss
+from .sparse_kd import sparse_kd_loss
 
-__all__ = ["KDLoss"]
+__all__ = ["KDLoss", "SparseKDLoss"]
+
+_PER_BATCH = ("labels", "mask", "num_items_in_batch")
+
+
+def _check_options(cls: str, options: dict) -> None:
+    for name in _PER_BATCH:
+        if name in options:
+            raise TypeError(f"{name} is per batch: pass it to forward(), not to {cls}()")
 
 
 class KDLoss(torch.nn.Module):
@@ -22,9 +31,7 @@ class KDLoss(torch.nn.Module):
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
-        for name in ("labels", "mask", "num_items_in_batch"):
-            if name in options:
-                raise TypeError(f"{name} is per batch: pass it to forward(), not to KDLoss()")
+        _check_options("KDLoss", options)
         self.options = options
 
     def forward(
@@ -37,6 +44,35 @@ class KDLoss(torch.nn.Module):
     ) -> Tensor:
         return kd_loss(student_logits, teacher_logits, labels=labels, mask=mask,
                        num_items_in_batch=num_items_in_batch, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class SparseKDLoss(torch.nn.Module):
+    """Module form of :func:`distill_ops.sparse_kd_loss`; constructor keywords are its options.
+
+    Example:
+        >>> crit = SparseKDLoss(tail="bucket", temperature=2.0, source_temperature=1.0)
+        >>> loss = crit(student_logits, top.indices, top.logprobs, labels=labels)
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        _check_options("SparseKDLoss", options)
+        self.options = options
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        indices: Tensor,
+        teacher_logprobs: Tensor,
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> Tensor:
+        return sparse_kd_loss(student_logits, indices, teacher_logprobs, labels=labels,
+                              mask=mask, num_items_in_batch=num_items_in_batch, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

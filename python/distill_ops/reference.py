@@ -184,7 +184,7 @@ def topk_logprobs(
 
 
 def sparse_coarse_teacher(
-    indices: Tensor, teacher_logprobs: Tensor, tail: str, ratio: float
+    indices: Tensor, teacher_logprobs: Tensor, tail: str, ratio: float, vocab: int
 ) -> tuple[Tensor, Tensor]:
     """Teacher log-probabilities over the coarse classes: (log p_hat [N, k] on the support,
     -inf on padding slots; log p_hat_rest [N], -inf unless tail == "bucket").
@@ -192,9 +192,9 @@ def sparse_coarse_teacher(
     `ratio` = source_temperature / temperature re-tempers the targets: p^ratio renormalised
     over the support (+ the tail class for "bucket"). With ratio == 1, "bucket" keeps the
     given support probabilities and gives the rest 1 - their sum; "none" keeps the targets
-    exactly as given."""
-    lt = teacher_logprobs.to(torch.float64 if teacher_logprobs.dtype == torch.float64
-                             else torch.float32)
+    exactly as given. A "bucket" row whose support is the whole vocabulary has no rest class
+    (its would-be mass is rounding residue): it is renormalised over the support."""
+    lt = teacher_logprobs
     ninf = torch.full_like(lt, -math.inf)
     lt = torch.where(indices >= 0, lt, ninf)
     rest = torch.full(lt.shape[:-1], -math.inf, dtype=lt.dtype, device=lt.device)
@@ -203,12 +203,20 @@ def sparse_coarse_teacher(
         # log(1 - sum p) without cancellation in the log domain; 0 mass when sum p >= 1.
         r0 = -torch.expm1(covered.clamp(max=0.0))
         rest = torch.where(r0 > 0, torch.log(r0.clamp(min=torch.finfo(lt.dtype).tiny)), rest)
+        whole_vocab = (indices >= 0).sum(-1) == vocab
+        rest = torch.where(whole_vocab, torch.full_like(rest, -math.inf), rest)
+        renormed, _ = sparse_coarse_teacher(indices, teacher_logprobs, "renorm", ratio, vocab)
     if ratio == 1.0 and tail in ("bucket", "none"):
-        return lt, rest
-    lw = lt * ratio
-    lw_rest = rest * ratio
-    norm = torch.logsumexp(torch.cat([lw, lw_rest[..., None]], dim=-1), dim=-1)
-    return lw - norm[..., None], lw_rest - norm
+        lp, lp_rest = lt, rest
+    else:
+        lw = torch.cat([lt * ratio, (rest * ratio)[..., None]], dim=-1)
+        norm = torch.logsumexp(lw, dim=-1, keepdim=True)
+        # A row without any target keeps probability 0 everywhere (no -inf - -inf).
+        lw = lw - torch.where(norm == -math.inf, torch.zeros_like(norm), norm)
+        lp, lp_rest = lw[..., :-1], lw[..., -1]
+    if tail == "bucket":
+        lp = torch.where(whole_vocab[..., None], renormed, lp)
+    return lp, lp_rest
 
 
 def sparse_kd_loss(
@@ -244,7 +252,7 @@ def sparse_kd_loss(
     xs = torch.where(valid[:, None], xs, torch.zeros((), dtype=xs.dtype, device=xs.device))
 
     lp_sup, lp_rest = sparse_coarse_teacher(idx, lt_in.to(dtype), tail,
-                                            source_temperature / temperature)
+                                            source_temperature / temperature, v)
     z = xs.to(dtype) / temperature
     safe_idx = idx.clamp(min=0)
     zi = torch.gather(z, -1, safe_idx)
@@ -258,10 +266,14 @@ def sparse_kd_loss(
         lq_sup = torch.where(idx >= 0, zi - lse, ninf)
         lq_rest = torch.full_like(lp_rest, -math.inf)
         if tail == "bucket":
-            on_support = torch.zeros_like(z, dtype=torch.bool).scatter(
-                -1, safe_idx, idx >= 0)
-            off = torch.where(on_support, torch.full_like(z, -math.inf), z)
-            lq_rest = torch.logsumexp(off, dim=-1) - lse[..., 0]
+            on_support = torch.zeros_like(z, dtype=torch.int32).scatter_reduce(
+                -1, safe_idx, (idx >= 0).to(torch.int32), reduce="amax") > 0
+            any_off = ~on_support.all(dim=-1)
+            # Rows whose support is the whole vocabulary have no rest: keep logsumexp (and
+            # its gradient) away from an all -inf row.
+            off = torch.where(on_support & any_off[:, None], torch.full_like(z, -math.inf), z)
+            lq_rest = torch.where(any_off, torch.logsumexp(off, dim=-1) - lse[..., 0],
+                                  torch.full_like(lp_rest, -math.inf))
     lp_all = torch.cat([lp_sup, lp_rest[..., None]], dim=-1)
     lq_all = torch.cat([lq_sup, lq_rest[..., None]], dim=-1)
     coef = soft_weight * (temperature**2 if scale_by_t2 else 1.0)

@@ -1,0 +1,48 @@
+"""What every fused loss op shares: its backward only scales the gradient the forward saved.
+
+A fused op returns (per-row loss [N], d loss_r / d input [N, V]). Its backward multiplies
+that saved gradient by the incoming per-row grad_output, in place, on the device: peak
+memory holds one gradient, not two, and there is no host sync. A second backward through
+the same graph (retain_graph=True) then fails loudly in autograd's saved-tensor version
+check instead of double-scaling.
+"""
+
+# No `from __future__ import annotations`: torch.library reads the op's annotations.
+import torch
+from torch import Tensor
+
+from . import _cpu, _cuda
+
+
+@torch.library.custom_op("distill_ops::scale_rows_", mutates_args=("grad",))
+def scale_rows_(grad: Tensor, scale: Tensor, backend: str) -> None:
+    """grad *= scale[:, None] in place, accumulated in fp32 (fp64 for fp64)."""
+    if backend == "cpu":
+        _cpu.scale_rows_(grad, scale)
+    elif backend == "cuda":
+        _cuda.scale_rows_(grad, scale)
+    else:
+        from .triton import dense_kd as triton_dense_kd
+
+        triton_dense_kd.scale_rows_(grad, scale)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.backend = inputs[-1]
+    ctx.save_for_backward(output[1])
+    # Nothing differentiates through the gradient output: without this, autograd would
+    # materialise a zero [N, V] "gradient of the gradient" on every backward.
+    ctx.set_materialize_grads(False)
+
+
+def register_fused_autograd(op, n_inputs: int) -> None:
+    """Register the scale-the-saved-gradient backward on `op`, whose first input is the one
+    differentiated and whose last input is the backend name."""
+
+    def backward(ctx, grad_loss, _grad_of_grad):
+        (grad,) = ctx.saved_tensors
+        scale = grad_loss.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+        scale_rows_(grad, scale, ctx.backend)
+        return (grad,) + (None,) * (n_inputs - 1)
+
+    op.register_autograd(backward, setup_context=_setup_context)

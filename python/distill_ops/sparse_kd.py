@@ -1,0 +1,171 @@
+"""Sparse KD losses: `sparse_kd_loss` against top-k or sampled teacher targets.
+
+The teacher is k (id, log-probability) pairs per row; the student a full row of logits.
+The divergence is taken over coarse classes, the support ids plus, for tail="bucket", one
+class holding the mass outside the support; its gradient w.r.t. every student logit is
+q_j * (g_c(j) - sum_c q_hat_c g_c) (DESIGN.md section 3). One kernel computes the loss and that
+gradient per row; no dense teacher tensor is ever built.
+"""
+
+# No `from __future__ import annotations`: torch.library reads the op's annotations.
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _cpu, reference
+from ._backend import resolve_backend
+from ._fused import register_fused_autograd
+from ._reduction import reduce_rows, valid_rows
+from ._validation import (
+    REDUCTIONS,
+    TAIL_CODES,
+    TAILS,
+    check_choice,
+    check_float_tensor,
+    check_indices_in_range,
+    check_labels_in_range,
+    check_num_items,
+    check_positive,
+    check_row_tensors,
+    check_same_device,
+    check_sparse_targets,
+    loss_scalars,
+)
+
+__all__ = ["sparse_kd_loss"]
+
+
+@torch.library.custom_op("distill_ops::sparse_kd", mutates_args=())
+def sparse_kd(
+    student: Tensor,
+    indices: Tensor,
+    teacher_logprobs: Tensor,
+    valid: Optional[Tensor],  # noqa: UP045
+    labels: Optional[Tensor],  # noqa: UP045
+    divergence: int,
+    tail: int,
+    temperature: float,
+    source_temperature: float,
+    beta: float,
+    hard_weight: float,
+    soft_coef: float,
+    compute_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Per-row sparse KD loss [N] and, when compute_grad, d(loss_r)/d(student) [N, V]."""
+    if backend != "cpu":
+        raise NotImplementedError(f"sparse_kd has no {backend} kernel yet")
+    return _cpu.sparse_kd_forward(student, indices, teacher_logprobs, valid, labels, divergence,
+                                  tail, temperature, source_temperature, beta, hard_weight,
+                                  soft_coef, compute_grad)
+
+
+@sparse_kd.register_fake
+def _(student, indices, teacher_logprobs, valid, labels, divergence, tail, temperature,
+      source_temperature, beta, hard_weight, soft_coef, compute_grad, backend):
+    wide = student.dtype == torch.float64
+    loss = student.new_empty(student.shape[0], dtype=torch.float64 if wide else torch.float32)
+    grad = student.new_empty(tuple(student.shape) if compute_grad else (0,))
+    return loss, grad
+
+
+register_fused_autograd(sparse_kd, n_inputs=14)
+
+
+def sparse_kd_loss(
+    student_logits: Tensor,
+    indices: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    source_temperature: float = 1.0,
+    beta: float = 0.5,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    mask: Tensor | None = None,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    scale_by_t2: bool = False,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    process_group: object | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Distillation loss of full student logits against sparse teacher targets.
+
+    The teacher gives, per row, k ids (``-1`` pads) and their log-probabilities, recorded at
+    ``source_temperature`` (top-k from :func:`topk_logprobs`, or sampled targets). With
+    q = softmax(x_s / T) over the full vocabulary, the loss is a divergence over the coarse
+    classes: the support ids, plus one class for the mass outside it when
+    ``tail="bucket"``. ``tail`` says how each side is normalised:
+
+    - ``"bucket"``: both sides get the extra "rest" class (teacher: 1 - its support mass;
+      student: the mass of every id outside the support, summed without cancellation).
+    - ``"renorm"``: teacher renormalised over its support; student normalised over the full V.
+    - ``"support"``: both renormalised over the support.
+    - ``"none"``: targets used as given (sampled targets, which already sum to one).
+
+    Targets are re-tempered to ``temperature`` as p^(source_temperature / temperature),
+    renormalised over the support (+ rest for bucket). ``divergence``, ``beta``, ``labels``,
+    ``mask``, ``hard_weight``, ``soft_weight``, ``scale_by_t2``, ``reduction`` and
+    ``num_items_in_batch`` mean what they mean in :func:`kd_loss`.
+
+    Example:
+        >>> s = torch.randn(4, 7, 32000, requires_grad=True)
+        >>> top = distill_ops.topk_logprobs(teacher_logits, 64)
+        >>> loss = sparse_kd_loss(s, top.indices, top.logprobs, tail="bucket")
+        >>> loss.backward()
+    """
+    if process_group is not None:
+        raise NotImplementedError(
+            "process_group (vocab-parallel logits) is not implemented yet in sparse_kd_loss"
+        )
+    check_float_tensor("student_logits", student_logits)
+    lead = student_logits.shape[:-1]
+    vocab = student_logits.shape[-1]
+    k = check_sparse_targets(lead, vocab, indices, teacher_logprobs)
+    check_row_tensors(lead, labels, mask, ignore_index)
+    device = check_same_device(student_logits=student_logits, indices=indices,
+                               teacher_logprobs=teacher_logprobs, labels=labels, mask=mask)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("tail", tail, TAILS)
+    check_num_items(num_items_in_batch)
+    source_t = check_positive("source_temperature", source_temperature)
+    sc = loss_scalars(
+        divergence=divergence, temperature=temperature, beta=beta, hard_weight=hard_weight,
+        soft_weight=soft_weight, scale_by_t2=scale_by_t2, student_logit_scale=1.0,
+        teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+    )
+    if sc.hard_weight > 0 and labels is None:
+        raise ValueError(f"hard_weight={hard_weight} > 0 needs labels for the cross-entropy term")
+    if labels is not None and sc.hard_weight > 0:
+        check_labels_in_range(labels, ignore_index, vocab)
+    check_indices_in_range(indices, vocab)
+    be = resolve_backend(backend, device)
+    if be == "torch":
+        return reference.sparse_kd_loss(
+            student_logits, indices, teacher_logprobs, divergence=divergence, tail=tail,
+            temperature=temperature, source_temperature=source_temperature, beta=beta,
+            labels=labels, ignore_index=ignore_index, mask=mask, hard_weight=hard_weight,
+            soft_weight=soft_weight, scale_by_t2=scale_by_t2, reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+        )
+
+    student = student_logits.reshape(-1, vocab)
+    if student.stride(-1) != 1:
+        student = student.contiguous()
+    wide = student.dtype == torch.float64
+    idx = indices.reshape(-1, k).to(torch.int64).contiguous()
+    tlp = teacher_logprobs.detach().reshape(-1, k).to(
+        torch.float64 if wide else torch.float32).contiguous()
+    valid = valid_rows(labels, mask, ignore_index)
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous() if sc.hard_weight > 0 else None
+    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    rows, _ = sparse_kd(
+        student, idx, tlp, valid, flat_labels, sc.divergence, TAIL_CODES[tail],
+        sc.temperature, source_t, sc.beta, sc.hard_weight, sc.soft_coef, compute_grad, be,
+    )
+    return reduce_rows(rows, valid, reduction, num_items_in_batch, lead)
