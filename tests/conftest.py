@@ -39,8 +39,8 @@ def kernel_backends() -> list:
 
 
 def sparse_backends() -> list:
-    """The backends with a sparse KD kernel (the Triton and CUDA ones are not written yet)."""
-    return ["cpu"]
+    """The backends with a sparse KD kernel (csrc/cuda has none yet)."""
+    return [b for b in kernel_backends() if b in ("cpu", "triton")]
 
 
 def device_for(backend: str) -> torch.device:

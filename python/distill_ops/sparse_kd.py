@@ -54,9 +54,13 @@ def sparse_kd(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Per-row sparse KD loss [N] and, when compute_grad, d(loss_r)/d(student) [N, V]."""
-    if backend != "cpu":
-        raise NotImplementedError(f"sparse_kd has no {backend} kernel yet")
-    return _cpu.sparse_kd_forward(student, indices, teacher_logprobs, valid, labels, divergence,
+    if backend == "cuda":
+        raise NotImplementedError("sparse_kd has no csrc/cuda kernel yet: use backend='triton'")
+    if backend == "cpu":
+        impl = _cpu
+    else:
+        from .triton import sparse_kd as impl
+    return impl.sparse_kd_forward(student, indices, teacher_logprobs, valid, labels, divergence,
                                   tail, temperature, source_temperature, beta, hard_weight,
                                   soft_coef, compute_grad)
 

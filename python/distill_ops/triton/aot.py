@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import dense_kd
+from . import dense_kd, sparse_kd
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -62,8 +62,29 @@ def _dense_kd_specs() -> Iterator[KernelSpec]:
         yield KernelSpec(f"scale_rows[{dt}]", dense_kd.scale_rows_kernel, sig, {"BLOCK": 4096})
 
 
+def _sparse_kd_specs() -> Iterator[KernelSpec]:
+    block, kp, warps = sparse_kd.launch_config(128256, 64)
+    floats = ("temperature", "ratio", "beta", "hard_weight", "soft_coef")
+    # Every divergence x tail in bf16 with every option on; fp32 and fp16 with options off.
+    for div, tail, dt in itertools.product(range(4), range(4), DTYPES):
+        flags = dt == "bf16"
+        if not flags and (div, tail) != (0, 0):
+            continue
+        sig = {
+            "s_ptr": f"*{dt}", "idx_ptr": "*i64", "tlp_ptr": "*fp32", "valid_ptr": "*u8",
+            "labels_ptr": "*i64", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}",
+            "s_stride": "i64", "vocab": "i32", "k": "i32",
+            **dict.fromkeys(floats, "fp32"),
+        }
+        const = {"DIVERGENCE": div, "TAIL": tail, "HAS_VALID": flags, "HAS_HARD": flags,
+                 "COMPUTE_GRAD": True, "BLOCK": block, "KP": kp}
+        yield KernelSpec(f"sparse_kd[div={div},tail={tail},{dt},opts={int(flags)}]",
+                         sparse_kd.sparse_kd_kernel, sig, const, warps,
+                         {"enable_fp_fusion": False})
+
+
 def all_specs() -> list[KernelSpec]:
-    return list(_dense_kd_specs())
+    return [*_dense_kd_specs(), *_sparse_kd_specs()]
 
 
 def compile_spec(spec: KernelSpec, cc: int):

@@ -1,0 +1,240 @@
+"""Triton kernel of the sparse KD loss: one program per row, fused forward and gradient.
+
+Pass 1 reads the student row for its maximum M, pass 2 for sum_j exp(z_j - M), accumulated in
+fp64. The k targets are gathered and their exp(z_i - M) recomputed by the same instructions
+(the kernel is compiled without FMA contraction), so the mass outside the support,
+sum_all - sum_support in fp64, carries no cancellation even when the support holds all but
+1e-9 of it. The divergence over the coarse classes is a [K] vector computation; the last pass
+writes q_j * (g_rest - S) (or -S q_j, or 0) for every id, then, after a barrier, each support
+id's own gradient over it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dense_kd import NEG_INF, _device_ctx, _log_mixture
+
+FORWARD_KL: tl.constexpr = tl.constexpr(0)
+REVERSE_KL: tl.constexpr = tl.constexpr(1)
+JSD: tl.constexpr = tl.constexpr(2)
+TVD: tl.constexpr = tl.constexpr(3)
+BUCKET: tl.constexpr = tl.constexpr(0)
+RENORM: tl.constexpr = tl.constexpr(1)
+SUPPORT: tl.constexpr = tl.constexpr(2)
+NONE: tl.constexpr = tl.constexpr(3)
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 without cancellation near 0 (Taylor to x^5 where |x| < 0.1)."""
+    small = x * (1.0 + x * 0.5 * (1.0 + x / 3.0 * (1.0 + x * 0.25 * (1.0 + x * 0.2))))
+    return tl.where(tl.abs(x) < 0.1, small, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _lse(x):
+    m = tl.max(x, 0)
+    return tl.where(m == NEG_INF, m, m + tl.log(tl.sum(tl.where(x == NEG_INF, 0.0,
+                                                                   tl.exp(x - m)), 0)))
+
+
+@triton.jit
+def _class_terms(lp, lq, beta, log_b, log_1mb, DIVERGENCE: tl.constexpr):
+    """Per-class (loss term, g, q_hat * g) of the divergence; forward KL's q_hat * g is -p."""
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    if DIVERGENCE == FORWARD_KL:
+        term = tl.where(p > 0, p * (lp - lq), 0.0)
+        g = tl.where(p > 0, -tl.exp(lp - lq), 0.0)
+        qg = -p
+    elif DIVERGENCE == REVERSE_KL:
+        term = tl.where(q > 0, q * (lq - lp), 0.0)
+        g = tl.where(q > 0, lq - lp + 1.0, 0.0)
+        qg = q * g
+    elif DIVERGENCE == JSD:
+        lm = _log_mixture(lp, lq, log_b, log_1mb)
+        kq = tl.where(q > 0, q * (lq - lm), 0.0)
+        term = beta * tl.where(p > 0, p * (lp - lm), 0.0) + (1.0 - beta) * kq
+        g = tl.where(q > 0, (1.0 - beta) * (lq - lm), 0.0)
+        qg = (1.0 - beta) * kq
+    else:
+        term = 0.5 * tl.abs(q - p)
+        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+        qg = q * g
+    return term, g, qg
+
+
+@triton.jit
+def sparse_kd_kernel(
+    s_ptr, idx_ptr, tlp_ptr, valid_ptr, labels_ptr, loss_ptr, grad_ptr,
+    s_stride, vocab, k,
+    temperature, ratio, beta, hard_weight, soft_coef,
+    DIVERGENCE: tl.constexpr,
+    TAIL: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    HAS_HARD: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    KP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    inv_t = 1.0 / temperature
+    row_ok = tl.full([], 1, tl.int32) != 0
+    if HAS_VALID:
+        row_ok = tl.load(valid_ptr + row).to(tl.int32) != 0
+    n = tl.where(row_ok, vocab, 0)
+    s_row = s_ptr + row * s_stride
+    offs = tl.arange(0, BLOCK)
+    label = 0
+    if HAS_HARD:
+        label = tl.load(labels_ptr + row)
+
+    # Pass 1: the row maximum. Pass 2: sum exp(z - M) in fp64 (+ T=1 sum, z at the label).
+    m_lane = tl.full([BLOCK], NEG_INF, tl.float32)
+    for start in range(0, n, BLOCK):
+        cols = start + offs
+        x = tl.load(s_row + cols, mask=cols < n, other=NEG_INF).to(tl.float32)
+        m_lane = tl.maximum(m_lane, x * inv_t)
+    M = tl.max(m_lane, 0)
+    s_lane = tl.zeros([BLOCK], tl.float64)
+    s1_lane = tl.zeros([BLOCK], tl.float32)
+    zy_lane = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n, BLOCK):
+        cols = start + offs
+        z = tl.load(s_row + cols, mask=cols < n, other=NEG_INF).to(tl.float32) * inv_t
+        s_lane += tl.exp(z - M).to(tl.float64)
+        if HAS_HARD:
+            s1_lane += tl.exp((z - M) * temperature)
+            zy_lane += tl.where(cols == label, z, 0.0)
+    s_all = tl.sum(s_lane, 0)
+    log_s = tl.log(s_all.to(tl.float32))
+
+    # The targets: ids (-1 = padding; ids >= V make the row NaN), teacher log-probabilities.
+    slots = tl.arange(0, KP)
+    ids = tl.load(idx_ptr + row * k + slots, mask=slots < k, other=-1)
+    ids = tl.where(row_ok, ids, -1)  # an ignored row reads no target
+    ids_ok = tl.sum(tl.where(ids >= vocab, 1, 0), 0) == 0
+    on = (ids >= 0) & (ids < vocab)
+    n_sup = tl.sum(tl.where(on, 1, 0), 0)
+    lt = tl.load(tlp_ptr + row * k + slots, mask=on, other=NEG_INF).to(tl.float32)
+    z_sup = tl.load(s_row + ids, mask=on, other=NEG_INF).to(tl.float32) * inv_t
+    e_sup = tl.where(on, tl.exp(z_sup - M), 0.0)
+
+    # Teacher classes, re-tempered by ratio = T_source / T. A bucket row whose support is the
+    # whole vocabulary has no rest class (its would-be mass is rounding residue).
+    has_rest = n_sup < vocab
+    if TAIL != BUCKET:
+        has_rest = n_sup < 0
+    covered = _lse(lt)
+    r0 = tl.where(covered < 0, -_expm1(tl.minimum(covered, 0.0)), 0.0)
+    lp_rest = tl.where(has_rest & (r0 > 0), tl.log(tl.maximum(r0, 1e-38)), NEG_INF)
+    renormalise = (ratio != 1.0) | ((n_sup == vocab) & (n_sup >= 0))
+    if TAIL == RENORM or TAIL == SUPPORT:
+        renormalise = n_sup >= 0
+    lw = lt * ratio
+    lw_rest = lp_rest * ratio
+    hi = tl.maximum(tl.max(lw, 0), lw_rest)
+    tot = tl.sum(tl.where(lw == NEG_INF, 0.0, tl.exp(lw - hi)), 0) + tl.where(
+        lw_rest == NEG_INF, 0.0, tl.exp(lw_rest - hi))
+    norm = tl.where(hi == NEG_INF, 0.0, hi + tl.log(tot))
+    lp = tl.where(renormalise, lw - norm, lt)
+    lp_rest = tl.where(renormalise, lw_rest - norm, lp_rest)
+
+    # Student classes. The rest's mass is sum_all - sum_support in fp64: exact, because the
+    # support terms are bit-identical to the ones pass 2 added.
+    if TAIL == SUPPORT:
+        lq = z_sup - _lse(z_sup)
+    else:
+        lq = tl.where(on, (z_sup - M) - log_s, NEG_INF)
+    s_rest = (s_all - tl.sum(e_sup.to(tl.float64), 0)).to(tl.float32)
+    lq_rest = tl.where(has_rest & (s_rest > 0), tl.log(s_rest) - log_s, NEG_INF)
+
+    log_b = tl.log(beta)
+    log_1mb = tl.log(1.0 - beta)
+    term, _, qg = _class_terms(lp, lq, beta, log_b, log_1mb, DIVERGENCE)
+    term_r, g_r, qg_r = _class_terms(lp_rest, lq_rest, beta, log_b, log_1mb, DIVERGENCE)
+    div = tl.sum(tl.where(on, term, 0.0), 0) + term_r
+    sum_qg = tl.sum(tl.where(on, qg, 0.0), 0) + qg_r
+
+    loss = soft_coef * tl.where(ids_ok, div, float("nan"))
+    log_s1 = 0.0
+    ok = ids_ok
+    if HAS_HARD:
+        log_s1 = tl.log(tl.sum(s1_lane, 0))
+        found = (label >= 0) & (label < vocab)
+        ok = ok & found
+        ce = (M - tl.sum(zy_lane, 0)) * temperature + log_s1
+        loss += hard_weight * tl.where(found, ce, float("nan"))
+    tl.store(loss_ptr + row, tl.where(row_ok, loss, 0.0))
+
+    if COMPUTE_GRAD:
+        g_row = grad_ptr + row * vocab
+        coef = soft_coef * inv_t
+        # Off the support: dL/dz_j = e_j * off (q_j = e_j / s_all).
+        inv_s = 1.0 / s_all.to(tl.float32)
+        off = 0.0
+        if TAIL != SUPPORT:
+            off = -sum_qg * inv_s
+        if TAIL == BUCKET:
+            if DIVERGENCE == FORWARD_KL:
+                off += tl.where(s_rest > 0, -tl.exp(lp_rest) / s_rest, 0.0)
+            else:
+                off += tl.where(s_rest > 0, g_r * inv_s, 0.0)
+        for start in range(0, vocab, BLOCK):
+            cols = start + offs
+            inb = cols < n
+            z = tl.load(s_row + cols, mask=inb, other=NEG_INF).to(tl.float32) * inv_t
+            gz = coef * tl.exp(z - M) * off
+            if HAS_HARD:
+                sm1 = tl.exp((z - M) * temperature - log_s1)
+                gz += hard_weight * (sm1 - tl.where(cols == label, 1.0, 0.0))
+            gz = tl.where(ok, gz, float("nan"))
+            gz = tl.where(inb, gz, 0.0)
+            tl.store(g_row + cols, gz.to(grad_ptr.dtype.element_ty), mask=cols < vocab)
+        # The support ids' own gradient, over what the loop wrote (same program: a barrier
+        # orders the two stores).
+        tl.debug_barrier()
+        # q_hat * g is what _class_terms returned (forward KL's -p stays finite where q_hat
+        # underflows); the support's q_j is its q_hat.
+        gs = coef * (qg - tl.exp(lq) * sum_qg)
+        if HAS_HARD:
+            sm1 = tl.exp((z_sup - M) * temperature - log_s1)
+            gs += hard_weight * (sm1 - tl.where(ids == label, 1.0, 0.0))
+        gs = tl.where(ok, gs, float("nan"))
+        tl.store(g_row + ids, gs.to(grad_ptr.dtype.element_ty), mask=on)
+
+
+def launch_config(vocab: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK, KP, num_warps) for a row of `vocab` columns and k targets."""
+    block = min(2048, max(128, triton.next_power_of_2(vocab)))
+    return block, max(16, triton.next_power_of_2(k)), max(4, min(8, block // 256))
+
+
+def sparse_kd_forward(student, indices, teacher_logprobs, valid, labels, divergence, tail,
+                      temperature, source_temperature, beta, hard_weight, soft_coef,
+                      compute_grad):
+    """Launch sparse_kd_kernel: (loss [N] fp32, grad [N, V] in the student's dtype or empty)."""
+    n, vocab = student.shape
+    k = indices.shape[1]
+    loss = torch.empty(n, dtype=torch.float32, device=student.device)
+    grad = torch.empty((n, vocab) if compute_grad else (0,), dtype=student.dtype,
+                       device=student.device)
+    if n == 0:
+        return loss, grad
+    block, kp, num_warps = launch_config(vocab, k)
+    with _device_ctx(student):
+        sparse_kd_kernel[(n,)](
+            student, indices, teacher_logprobs,
+            valid.view(torch.uint8) if valid is not None else loss,
+            labels if labels is not None else loss,
+            loss, grad if compute_grad else loss,
+            student.stride(0), vocab, k,
+            temperature, source_temperature / temperature, beta, hard_weight, soft_coef,
+            DIVERGENCE=divergence, TAIL=tail, HAS_VALID=valid is not None,
+            HAS_HARD=hard_weight != 0.0, COMPUTE_GRAD=compute_grad, BLOCK=block, KP=kp,
+            num_warps=num_warps, enable_fp_fusion=False,
+        )
+    return loss, grad
