@@ -46,6 +46,15 @@ void sparse_kd_cpu(uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t idx
                               n_rows, vocab, params, num_threads);
 }
 
+void topk_logprobs_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_stride, int64_t n_rows,
+                       int64_t vocab, int64_t k, double scale, double softcap,
+                       double temperature, uintptr_t idx_ptr, uintptr_t lp_ptr, int lp_dtype,
+                       int num_threads) {
+  distill_ops::cpu::topk_logprobs({as_ptr<const void>(x_ptr), x_dtype, x_stride}, n_rows, vocab,
+                                  k, scale, softcap, temperature, as_ptr<int32_t>(idx_ptr),
+                                  as_ptr<void>(lp_ptr), lp_dtype, num_threads);
+}
+
 void scale_rows_cpu(uintptr_t grad_ptr, uintptr_t out_ptr, int dtype, uintptr_t scale_ptr,
                     int scale_dtype, int64_t scale_stride, int64_t n_rows, int64_t n_cols,
                     int num_threads) {
@@ -103,6 +112,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("sparse_kd_cpu", &sparse_kd_cpu, py::call_guard<py::gil_scoped_release>(),
         "Fused sparse (top-k / sampled targets) KD loss and student gradient, per row (CPU).");
+  m.def("topk_logprobs_cpu", &topk_logprobs_cpu, py::call_guard<py::gil_scoped_release>(),
+        "Fused log-softmax normaliser and top-k per row (CPU).");
   m.def("dense_kd_cpu", &dense_kd_cpu, py::call_guard<py::gil_scoped_release>(),
         "Fused dense KD loss and student gradient, per row (CPU).");
   m.def("scale_rows_cpu", &scale_rows_cpu, py::call_guard<py::gil_scoped_release>(),

@@ -32,10 +32,10 @@ def test_aot_specs_cover_every_kernel():
     import inspect
 
     from distill_ops import triton as pkg
-    from distill_ops.triton import aot, dense_kd, sparse_kd
+    from distill_ops.triton import aot, dense_kd, sparse_kd, topk
 
     covered = {spec.fn for spec in aot.all_specs()}
-    for mod in (dense_kd, sparse_kd):
+    for mod in (dense_kd, sparse_kd, topk):
         for name, obj in inspect.getmembers(mod):
             if type(obj).__name__ in ("JITFunction", "InterpretedFunction") and name.endswith(
                 "_kernel"

@@ -35,6 +35,12 @@ void sparse_kd(RowView student, const int64_t* indices, const void* teacher_logp
                void* loss, int loss_dtype, void* grad, int grad_dtype, int64_t grad_stride,
                int64_t n_rows, int64_t vocab, const SparseParams& params, int num_threads);
 
+// Top-k of log-softmax(f(x) / T) per row: out_idx int32 [n_rows, k] sorted by descending
+// value (ties: lower id first), out_lp [n_rows, k] (F32 or F64) normalised over all `vocab`.
+void topk_logprobs(RowView x, int64_t n_rows, int64_t vocab, int64_t k, double scale,
+                   double softcap, double temperature, int32_t* out_idx, void* out_lp,
+                   int lp_dtype, int num_threads);
+
 // out[r, j] = grad[r, j] * scale[r * scale_stride] for j < n_cols, in the accumulation type,
 // stored in `dtype` (both matrices contiguous rows of n_cols; out may be grad: in place).
 void scale_rows(const void* grad, void* out, int dtype, const void* scale, int scale_dtype,

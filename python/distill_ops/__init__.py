@@ -8,7 +8,20 @@ full vocabulary), with backends ``cpu`` (C++), ``triton`` (CUDA, or the CPU inte
 from . import reference
 from .dense_kd import kd_loss
 from .modules import KDLoss, SparseKDLoss
+from .sampling import SparseTargets, sample_targets
 from .sparse_kd import sparse_kd_loss
+from .topk import TopK, topk_logprobs
 
 __version__ = "0.1.0"
-__all__ = ["KDLoss", "SparseKDLoss", "__version__", "kd_loss", "reference", "sparse_kd_loss"]
+__all__ = [
+    "KDLoss",
+    "SparseKDLoss",
+    "SparseTargets",
+    "TopK",
+    "__version__",
+    "kd_loss",
+    "reference",
+    "sample_targets",
+    "sparse_kd_loss",
+    "topk_logprobs",
+]

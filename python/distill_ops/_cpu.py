@@ -94,3 +94,15 @@ def sparse_kd_forward(
         n, vocab, p, torch.get_num_threads(),
     )
     return loss, grad
+
+
+def topk_forward(x: Tensor, k: int, temperature: float, logit_scale: float,
+                 softcap: float) -> tuple[Tensor, Tensor]:
+    """(indices int32 [N, k], logprobs [N, k] fp32, fp64 for fp64 rows)."""
+    n, vocab = x.shape
+    idx = torch.empty((n, k), dtype=torch.int32)
+    lp = torch.empty((n, k), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    native().topk_logprobs_cpu(ptr(x), dtype_code(x), x.stride(0), n, vocab, k, logit_scale,
+                               softcap, temperature, ptr(idx), ptr(lp), dtype_code(lp),
+                               torch.get_num_threads())
+    return idx, lp

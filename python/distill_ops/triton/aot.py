@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import dense_kd, sparse_kd
+from . import dense_kd, sparse_kd, topk
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -83,8 +83,18 @@ def _sparse_kd_specs() -> Iterator[KernelSpec]:
                          {"enable_fp_fusion": False})
 
 
+def _topk_specs() -> Iterator[KernelSpec]:
+    for dt, k, cap in (("bf16", 64, True), ("fp32", 100, False), ("fp16", 1, False)):
+        kp, warps = topk.launch_config(k)
+        sig = {"x_ptr": f"*{dt}", "idx_ptr": "*i32", "lp_ptr": "*fp32", "x_stride": "i64",
+               "vocab": "i32", "k": "i32", "scale": "fp32", "cap": "fp32",
+               "temperature": "fp32"}
+        yield KernelSpec(f"topk[{dt},k={k},cap={int(cap)}]", topk.topk_kernel, sig,
+                         {"HAS_CAP": cap, "KP": kp}, warps)
+
+
 def all_specs() -> list[KernelSpec]:
-    return [*_dense_kd_specs(), *_sparse_kd_specs()]
+    return [*_dense_kd_specs(), *_sparse_kd_specs(), *_topk_specs()]
 
 
 def compile_spec(spec: KernelSpec, cc: int):

@@ -1,0 +1,92 @@
+"""Teacher-side targets: `topk_logprobs` (fused log-softmax + top-k in one pass over V) and
+`sample_targets` (unbiased sampled targets)."""
+
+# No `from __future__ import annotations`: torch.library reads the op's annotations.
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _cpu, reference
+from ._backend import resolve_backend
+from ._validation import check_float_tensor, check_positive
+
+__all__ = ["TopK", "topk_logprobs"]
+
+
+class TopK(NamedTuple):
+    """Top-k teacher targets: ids (int32) and their log-probabilities over the full
+    vocabulary (fp32), both ``[..., k]``, sorted by descending probability."""
+
+    indices: Tensor
+    logprobs: Tensor
+
+
+@torch.library.custom_op("distill_ops::topk_logprobs", mutates_args=())
+def topk_op(x: Tensor, k: int, temperature: float, logit_scale: float, softcap: float,
+            backend: str) -> tuple[Tensor, Tensor]:
+    """Rows x [N, V] -> (indices int32 [N, k], logprobs [N, k])."""
+    if backend == "cpu":
+        return _cpu.topk_forward(x, k, temperature, logit_scale, softcap)
+    if backend == "cuda":
+        raise NotImplementedError("topk_logprobs has no csrc/cuda kernel yet: use "
+                                  "backend='triton'")
+    from .triton import topk as triton_topk
+
+    return triton_topk.topk_forward(x, k, temperature, logit_scale, softcap)
+
+
+@topk_op.register_fake
+def _(x, k, temperature, logit_scale, softcap, backend):
+    lp_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.new_empty((x.shape[0], k), dtype=torch.int32),
+            x.new_empty((x.shape[0], k), dtype=lp_dtype))
+
+
+def topk_logprobs(
+    teacher_logits: Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    backend: str = "auto",
+) -> TopK:
+    r"""The k most probable next tokens of the teacher and their log-probabilities at T.
+
+    With z = f(x) / T (f as in :func:`kd_loss`), returns ``indices`` (int32) and
+    ``logprobs = z_i - logsumexp(z)`` (fp32) of the k largest z, both ``[..., k]``, sorted by
+    descending probability, ties broken by the lower id. The normaliser and the selection come
+    from one fused pass over the vocabulary; the ``[N, V]`` log-probabilities never exist.
+
+    Top-k targets are biased: the mass outside the top-k is dropped or lumped (see the
+    ``tail`` of :func:`sparse_kd_loss`); :func:`sample_targets` gives unbiased ones.
+
+    Example:
+        >>> top = topk_logprobs(teacher_logits, 64, temperature=2.0)   # [B, T, 64] each
+        >>> loss = sparse_kd_loss(student_logits, top.indices, top.logprobs,
+        ...                       temperature=2.0, source_temperature=2.0)
+    """
+    check_float_tensor("teacher_logits", teacher_logits)
+    vocab = teacher_logits.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must lie in [1, V={vocab}], got {k}")
+    t = check_positive("temperature", temperature)
+    scale = check_positive("logit_scale", logit_scale)
+    cap = check_positive("softcap", softcap, allow_none=True)
+    be = resolve_backend(backend, teacher_logits.device)
+    lead = teacher_logits.shape[:-1]
+    if be == "torch":
+        idx, lp = reference.topk_logprobs(teacher_logits, k, temperature=t, logit_scale=scale,
+                                          softcap=softcap)
+        return TopK(idx, lp)
+    if be in ("triton", "cuda") and teacher_logits.dtype == torch.float64:
+        raise TypeError(f"backend={be!r} takes fp32/bf16/fp16 logits, got float64 "
+                        "(float64 runs on backend='cpu' or 'torch')")
+    x = teacher_logits.detach().reshape(-1, vocab)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    idx, lp = topk_op(x, k, t, scale, cap, be)
+    return TopK(idx.reshape(*lead, k), lp.reshape(*lead, k))

@@ -1,0 +1,165 @@
+"""topk_logprobs against the float64 reference on every backend, and sample_targets'
+unbiasedness (targets and the gradients built from them)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import device_for, sparse_backends
+from helpers import logits
+
+import distill_ops
+from distill_ops import reference
+
+BACKENDS = sparse_backends()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def check_topk(backend, x, k, **kw):
+    top = distill_ops.topk_logprobs(x, k, backend=backend, **kw)
+    ref_idx, ref_lp = reference.topk_logprobs(x.double(), k, **kw)
+    assert top.indices.dtype == torch.int32 and top.logprobs.dtype == torch.float32
+    assert top.indices.shape == (*x.shape[:-1], k)
+    assert torch.equal(top.indices.cpu(), ref_idx.cpu())
+    torch.testing.assert_close(top.logprobs.double().cpu(), ref_lp.cpu(), rtol=1e-5, atol=2e-6)
+    return top
+
+
+# (lead, V, k): one id; V not a power of two; k = V; leading dims; k = 100 and V spanning
+# many 128-key blocks of the Triton kernel (its merges are the expensive path).
+SHAPES = [((3,), 1, 1), ((4,), 1000, 1), ((2,), 257, 257), ((2, 3), 500, 64), ((3,), 1500, 100)]
+# The interpreter runs tl.sort slowly: Triton gets every shape in fp32 and the reduced
+# precisions on one shape (the kernel differs by dtype only in its load); the CPU gets all.
+CASES = [
+    (backend, dtype, shape)
+    for backend in BACKENDS
+    for dtype in DTYPES
+    for shape in SHAPES
+    if backend != "triton" or dtype == torch.float32 or shape == ((2, 3), 500, 64)
+]
+
+
+@pytest.mark.parametrize(("backend", "dtype", "shape"), CASES, ids=str)
+def test_topk_matches_reference(seed, backend, dtype, shape):
+    lead, v, k = shape
+    x = logits(*lead, v, dtype=dtype, device=device_for(backend), spread=3.0)
+    check_topk(backend, x, k, temperature=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_options(seed, backend):
+    x = logits(3, 600, device=device_for(backend), spread=10.0)
+    check_topk(backend, x, 32, temperature=0.7, logit_scale=1.3, softcap=20.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_ties_keep_the_lower_id_first(seed, backend):
+    x = logits(2, 300, device=device_for(backend))
+    x[:, [17, 3, 250, 40]] = 50.0  # four equal maxima
+    x[1, 100:] = x[1, 99]  # a long run of equal values
+    top = check_topk(backend, x, 8)
+    assert top.indices[0, :4].tolist() == [3, 17, 40, 250]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_with_masked_vocabulary(seed, backend):
+    """-inf entries rank last (by id); k above the number of finite entries returns them with
+    log-probability -inf, never NaN."""
+    x = logits(2, 64, device=device_for(backend))
+    x[:, 10:] = float("-inf")
+    top = check_topk(backend, x, 20)
+    assert torch.isinf(top.logprobs[:, 10:]).all()
+    assert not torch.isnan(top.logprobs).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_logprobs_feed_sparse_loss_to_the_dense_result(seed, backend):
+    dev = device_for(backend)
+    s, t = logits(3, 200, device=dev), logits(3, 200, device=dev)
+    top = distill_ops.topk_logprobs(t, 200, temperature=2.0, backend=backend)
+    sparse = distill_ops.sparse_kd_loss(s, top.indices, top.logprobs, temperature=2.0,
+                                        source_temperature=2.0, backend=backend)
+    dense = distill_ops.kd_loss(s, t, temperature=2.0, backend="cpu")
+    assert math.isclose(sparse.item(), dense.item(), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("k", "kw", "exc", "match"),
+    [
+        (0, {}, ValueError, r"k must lie in \[1, V=50\], got 0"),
+        (51, {}, ValueError, r"k must lie in \[1, V=50\], got 51"),
+        (2.0, {}, TypeError, "k must be an int"),
+        (5, {"temperature": 0.0}, ValueError, "temperature must be finite and > 0"),
+        (5, {"softcap": -1.0}, ValueError, "softcap"),
+        (5, {"backend": "gpu"}, ValueError, "backend must be one of"),
+    ],
+)
+def test_topk_bad_inputs(k, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        distill_ops.topk_logprobs(logits(3, 50), k, **kw)
+
+
+def test_sample_targets_shape_padding_and_reproducibility(seed):
+    x = logits(2, 3, 40)
+    a = distill_ops.sample_targets(x, 16, generator=torch.Generator().manual_seed(7))
+    b = distill_ops.sample_targets(x, 16, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.probs, b.probs)
+    assert a.indices.shape == (2, 3, 16) and a.indices.dtype == torch.int32
+    torch.testing.assert_close(a.probs.sum(-1), torch.ones(2, 3))
+    assert ((a.indices == -1) == (a.probs == 0)).all()
+    for row in a.indices.reshape(-1, 16):
+        kept = row[row >= 0]
+        assert len(torch.unique(kept)) == len(kept)
+        assert (kept[1:] > kept[:-1]).all()  # ascending, unique
+    # More draws than ids: the width is capped at V.
+    assert distill_ops.sample_targets(logits(2, 5), 64).indices.shape == (2, 5)
+
+
+def test_sampled_targets_are_unbiased(seed):
+    """The mean of many independent draws converges to p: within 5 standard errors. (The
+    rounds are rows of one call: every row is sampled independently.)"""
+    x = logits(3, 60, spread=1.5)
+    p = torch.softmax(x.double() / 1.5, -1)
+    rounds, s = 3000, 24
+    gen = torch.Generator().manual_seed(seed)
+    tgt = distill_ops.sample_targets(x.repeat(rounds, 1), s, temperature=1.5, generator=gen)
+    acc = torch.zeros(rounds * 3, 60, dtype=torch.float64)
+    acc.scatter_add_(1, tgt.indices.clamp(min=0).long(), tgt.probs.double())
+    mean = acc.reshape(rounds, 3, 60).mean(0)
+    stderr = (p * (1 - p) / (s * rounds)).sqrt()
+    assert ((mean - p).abs() <= 5 * stderr + 1e-12).all()
+
+
+def test_mean_sparse_gradient_converges_to_the_dense_gradient(seed):
+    """Forward KL against sampled targets (tail="none") is unbiased for the dense gradient
+    q - p; top-k targets are not."""
+    s, t = logits(2, 40), logits(2, 40)
+    dense_s = s.clone().requires_grad_()
+    distill_ops.kd_loss(dense_s, t, reduction="sum").backward()
+    rounds = 4000
+    gen = torch.Generator().manual_seed(seed)
+    tgt = distill_ops.sample_targets(t.repeat(rounds, 1), 32, generator=gen)
+    a = s.repeat(rounds, 1).requires_grad_()
+    distill_ops.sparse_kd_loss(a, tgt.indices, tgt.logprobs, tail="none",
+                               reduction="sum").backward()
+    mean = a.grad.double().reshape(rounds, 2, 40).mean(0)
+    err = (mean - dense_s.grad.double()).abs().max().item()
+    assert err < 0.01, err
+    top = distill_ops.topk_logprobs(t, 8)
+    b = s.clone().requires_grad_()
+    distill_ops.sparse_kd_loss(b, top.indices, top.logprobs, tail="renorm",
+                               reduction="sum").backward()
+    assert (b.grad.double() - dense_s.grad.double()).abs().max().item() > 2 * err
+
+
+def test_sample_targets_bad_inputs():
+    with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
+        distill_ops.sample_targets(logits(2, 5), 0)
+    with pytest.raises(TypeError, match="num_samples must be an int"):
+        distill_ops.sample_targets(logits(2, 5), 3.0)
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator"):
+        distill_ops.sample_targets(logits(2, 5), 3, generator=7)
+    with pytest.raises(ValueError, match="temperature"):
+        distill_ops.sample_targets(logits(2, 5), 3, temperature=-1.0)
