@@ -27,12 +27,12 @@ timeout 150 python3 -m pytest tests -q -x -p no:cacheprovider \
 tests_rc=$?
 tail -5 "$OUT/tests.log"
 
-log "dense benchmark, N=8192 V=128256 bf16"
+log "benchmarks (dense, sparse k=64, topk), N=8192 V=128256 and 32000, bf16"
 timeout 240 distill-ops bench --device cuda --dtype bf16 --shape 8192x128256 \
   --shape 8192x32000 --reps 10 --out "$OUT" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 
 echo "==== summary ===="
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -2
-cat "$OUT/dense_kd.md" 2>/dev/null || tail -20 "$OUT/bench.log"
+cat "$OUT/bench.md" 2>/dev/null || tail -20 "$OUT/bench.log"
 echo "tests rc=$tests_rc bench rc=$bench_rc"

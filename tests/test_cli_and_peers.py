@@ -17,17 +17,38 @@ def test_bench_cli_writes_table_and_json(tmp_path, capsys):
     assert cli.main(["bench", "--shape", "16x300", "--reps", "1", "--no-compile",
                      "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| forward_kl | 16 | 300 | float32 | distill_ops |" in out
-    assert "| jsd | 16 | 300 | float32 | eager |" in out
-    data = json.loads((tmp_path / "dense_kd.json").read_text())
+    assert "| dense | forward_kl | 16 | 300 | - | float32 | distill_ops |" in out
+    assert "| sparse | forward_kl | 16 | 300 | 64 | float32 | eager |" in out
+    assert "| topk | k=64 | 16 | 300 | 64 | float32 | distill_ops |" in out
+    data = json.loads((tmp_path / "bench.json").read_text())
     assert data["command"].startswith("distill-ops bench")
     assert data["environment"]["copy_bandwidth_gbps"] > 0
-    impls = {(r["divergence"], r["impl"]) for r in data["results"]}
-    assert {("forward_kl", "distill_ops"), ("forward_kl", "eager"), ("jsd", "distill_ops"),
-            ("jsd", "eager"), ("jsd", "trl")} <= impls
+    rows = {(r["op"], r["variant"], r["impl"]) for r in data["results"]}
+    assert {("dense", "forward_kl", "distill_ops"), ("dense", "forward_kl", "eager"),
+            ("dense", "jsd", "distill_ops"), ("dense", "jsd", "eager"), ("dense", "jsd", "trl"),
+            ("sparse", "forward_kl", "distill_ops"), ("sparse", "forward_kl", "eager"),
+            ("topk", "k=64", "distill_ops"), ("topk", "k=64", "eager")} <= rows
     for r in data["results"]:
         if r["impl"] != "trl" or r["notes"] != "TRL not installed":
             assert r["median_ms"] > 0 and r["floor_mib"] > 0
+
+
+def test_byte_model():
+    assert benchmark.bytes_floor("dense", 2, 10, 0, 2) == (120, 40)
+    assert benchmark.bytes_floor("sparse", 2, 10, 3, 4) == (2 * 2 * 10 * 4 + 8 * 2 * 3, 80)
+    assert benchmark.bytes_floor("topk", 2, 10, 3, 2) == (40 + 48, 48)
+    with pytest.raises(ValueError, match="unknown op"):
+        benchmark.bytes_floor("x", 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("tail_peer", ["sparse"])
+def test_eager_sparse_peer_computes_our_bucket_loss(seed, tail_peer):
+    s, t = logits(5, 400), logits(5, 400)
+    top = distill_ops.topk_logprobs(t, 16, temperature=2.0)
+    ours = distill_ops.sparse_kd_loss(s, top.indices, top.logprobs, tail="bucket",
+                                      temperature=2.0, source_temperature=2.0)
+    peer = benchmark.eager_sparse_bucket(s, top.indices, top.logprobs, 2.0)
+    assert_close(ours, peer.double(), 1e-4, tail_peer, LOSS_FLOOR)
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])

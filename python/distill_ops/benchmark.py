@@ -1,14 +1,13 @@
-"""Benchmark harness for the dense KD losses: ours against the peers a user runs today.
+"""Benchmark harness: ours against the peers a user runs today, on the same inputs.
 
-Each case is timed as forward + backward on one set of inputs, after a warm-up, as the median
-of several repetitions (CUDA events on a GPU, a monotonic clock after synchronisation on the
-CPU). It also reports the peak memory the call adds on top of its inputs, the bytes that must
-move (the floor: read the student and teacher logits once, write the gradient once) over
-the time, and that rate as a fraction of the copy bandwidth measured here at start.
+Each case (dense KD, sparse KD, top-k) is timed after a warm-up as the median of several
+repetitions (CUDA events on a GPU, a monotonic clock after synchronisation on the CPU), the
+losses as forward + backward. It also reports the peak memory the call adds on top of its
+inputs, the bytes that must move (`bytes_floor`, the one byte model) over the time, and that
+rate as a fraction of the copy bandwidth measured here at start.
 
-Peers: eager PyTorch (log_softmax + kl_div, or the generalised JSD written out, then
-backward), `torch.compile` of that same code, and TRL's `generalized_jsd_loss` where TRL is
-installed.
+Peers: eager PyTorch (written out plainly), `torch.compile` of that same code, and TRL's
+`generalized_jsd_loss` where TRL is installed.
 """
 
 from __future__ import annotations
@@ -18,13 +17,15 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .dense_kd import kd_loss
+from .sparse_kd import sparse_kd_loss
+from .topk import topk_logprobs
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -130,29 +131,57 @@ class _PeakRSS:
 
 @dataclass
 class Result:
+    op: str  # dense | sparse | topk
+    variant: str  # the divergence, tail or k that the row measures
     impl: str
-    divergence: str
     n: int
     v: int
+    k: int
     dtype: str
     median_ms: float
     spread_ms: float  # max - min over the repetitions
-    peak_extra_mib: float  # above the inputs; includes the returned gradient itself
-    grad_mib: float  # one gradient, for scale
-    floor_mib: float  # bytes that must move: read student, read teacher, write gradient
+    peak_extra_mib: float  # above the inputs; includes the outputs (gradient, top-k)
+    out_mib: float  # the output that must exist (gradient or top-k), for scale
+    floor_mib: float  # bytes that must move (see bytes_floor)
     gbps: float
     frac_copy_bw: float
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
-def time_fwd_bwd(fn: LossFn, s: Tensor, t: Tensor, reps: int, warmup: int = 1):
-    """(median s, spread s, peak extra bytes) of loss = fn(s, t); grad = d loss / d s."""
-    device = s.device
-    leaf = s.detach().requires_grad_()
+def bytes_floor(op: str, n: int, v: int, k: int, elt: int) -> tuple[int, int]:
+    """(bytes that must move, bytes of the output) of one call: the one byte model.
+
+    dense: read student and teacher logits, write the gradient: 3 N V elt.
+    sparse: read the student logits, write the gradient, read k targets (int32 id + fp32
+    log-probability): 2 N V elt + 8 N k.
+    topk: read the logits, write k (int32 id, fp32 log-probability) pairs: N V elt + 8 N k.
+    """
+    if op == "dense":
+        return 3 * n * v * elt, n * v * elt
+    if op == "sparse":
+        return 2 * n * v * elt + 8 * n * k, n * v * elt
+    if op == "topk":
+        return n * v * elt + 8 * n * k, 8 * n * k
+    raise ValueError(f"unknown op {op!r}")
+
+
+def measure(fn: Callable[..., object], inputs: tuple, reps: int, backward: bool,
+            warmup: int = 1) -> tuple[float, float, int]:
+    """(median s, spread s, peak extra bytes) of fn(*inputs), with d out / d inputs[0] when
+    `backward` (the first input is then made a leaf that requires grad)."""
+    device = inputs[0].device
+    if backward:
+        inputs = (inputs[0].detach().requires_grad_(), *inputs[1:])
+
+    def call():
+        out = fn(*inputs)
+        if backward:
+            (out,) = torch.autograd.grad(out, inputs[0])
+        return out
+
     for _ in range(warmup):
-        (g,) = torch.autograd.grad(fn(leaf, t), leaf)
-        del g
+        del_out = call()
+        del del_out
     times, peak = [], 0
     for _ in range(reps):
         if device.type == "cuda":
@@ -160,7 +189,7 @@ def time_fwd_bwd(fn: LossFn, s: Tensor, t: Tensor, reps: int, warmup: int = 1):
             base = torch.cuda.memory_allocated(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            (g,) = torch.autograd.grad(fn(leaf, t), leaf)
+            out = call()
             end.record()
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end) / 1e3)
@@ -168,21 +197,25 @@ def time_fwd_bwd(fn: LossFn, s: Tensor, t: Tensor, reps: int, warmup: int = 1):
         else:
             with _PeakRSS() as mem:
                 t0 = time.perf_counter()
-                (g,) = torch.autograd.grad(fn(leaf, t), leaf)
+                out = call()
                 times.append(time.perf_counter() - t0)
             peak = max(peak, mem.extra)
-        del g
+        del out
     return statistics.median(times), max(times) - min(times), peak
 
 
+Case = tuple[str, Callable[..., object] | None, str]  # (impl, fn or None if missing, note)
+
+
 def dense_cases(divergence: str, temperature: float, include_compile: bool,
-                device: torch.device | None = None) -> list[tuple[str, LossFn, str]]:
-    """(name, fn, note) for ours (each backend the device runs) and every peer."""
+                device: torch.device | None = None) -> list[Case]:
+    """(impl, fn(student, teacher), note) for ours (each backend the device runs) and every
+    peer of one divergence."""
     if divergence == "forward_kl":
         eager: LossFn = lambda s, t: eager_forward_kl(s, t, temperature)
     else:
         eager = lambda s, t: eager_jsd(s, t, temperature)
-    cases: list[tuple[str, LossFn, str]] = [
+    cases: list[Case] = [
         ("distill_ops", lambda s, t: kd_loss(s, t, divergence=divergence,
                                              temperature=temperature), "backend=auto"),
         ("eager", eager, ""),
@@ -206,9 +239,62 @@ def dense_cases(divergence: str, temperature: float, include_compile: bool,
     return cases
 
 
-def run_dense(
+def eager_sparse_bucket(s: Tensor, idx: Tensor, tlp: Tensor, temperature: float) -> Tensor:
+    """The path a TRL user runs for top-k targets with a tail bucket: full log-softmax,
+    gather, tail = log(1 - sum p) on both sides (as TRL's server distillation does), KL."""
+    ls = F.log_softmax(s.float() / temperature, dim=-1)
+    lq = ls.gather(-1, idx.long())
+
+    def add_tail(lp: Tensor) -> Tensor:
+        covered = torch.logsumexp(lp, dim=-1, keepdim=True).clamp(max=-1e-7)
+        return torch.cat([lp, torch.log(-torch.expm1(covered))], dim=-1)
+
+    lq, lp = add_tail(lq), add_tail(tlp.float())
+    return (lp.exp() * (lp - lq)).sum(-1).mean()
+
+
+def sparse_cases(temperature: float, include_compile: bool) -> list[Case]:
+    eager = lambda s, i, t: eager_sparse_bucket(s, i, t, temperature)
+    cases: list[Case] = [
+        ("distill_ops", lambda s, i, t: sparse_kd_loss(s, i, t, tail="bucket",
+                                                       temperature=temperature),
+         "tail=bucket"),
+        ("eager", eager, "log_softmax + gather + tail + KL"),
+    ]
+    if include_compile:
+        cases.append(("torch.compile", torch.compile(eager), "compiled once, warm"))
+    return cases
+
+
+def topk_cases(k: int, temperature: float, include_compile: bool) -> list[Case]:
+    eager = lambda x: torch.topk(torch.log_softmax(x.float() / temperature, dim=-1), k)
+    cases: list[Case] = [
+        ("distill_ops", lambda x: topk_logprobs(x, k, temperature=temperature), ""),
+        ("eager", eager, "topk(log_softmax(x / T))"),
+    ]
+    if include_compile:
+        cases.append(("torch.compile", torch.compile(eager), "compiled once, warm"))
+    return cases
+
+
+def _inputs(op: str, n: int, v: int, k: int, dtype: torch.dtype, device: torch.device,
+            temperature: float) -> tuple:
+    gen = torch.Generator(device="cpu").manual_seed(n * 7 + v)
+    s = (torch.randn(n, v, generator=gen) * 2).to(device=device, dtype=dtype)
+    t = (torch.randn(n, v, generator=gen) * 2).to(device=device, dtype=dtype)
+    if op == "dense":
+        return (s, t)
+    if op == "topk":
+        return (t,)
+    top = topk_logprobs(t, k, temperature=temperature)
+    return (s, top.indices, top.logprobs)
+
+
+def run(
+    ops: list[str],
     shapes: list[tuple[int, int]],
     divergences: list[str],
+    k: int = 64,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     temperature: float = 2.0,
@@ -216,32 +302,38 @@ def run_dense(
     include_compile: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[list[Result], dict]:
+    """Every op x shape x variant, ours and each peer interleaved on the same inputs."""
     device = torch.device(device)
     if device.type == "cpu":
         _release_freed_memory()
     env = environment(device)
     bw = env["copy_bandwidth_gbps"] * 1e9
-    results = []
     dtype_name = str(dtype).split(".")[-1]
-    for n, v in shapes:
-        gen = torch.Generator(device="cpu").manual_seed(n * 7 + v)
-        s = (torch.randn(n, v, generator=gen) * 2).to(device=device, dtype=dtype)
-        t = (torch.randn(n, v, generator=gen) * 2).to(device=device, dtype=dtype)
-        floor = 3 * n * v * s.element_size()
-        for div in divergences:
-            for name, fn, note in dense_cases(div, temperature, include_compile, device):
-                if progress:
-                    progress(f"{div} N={n} V={v} {name}")
-                if fn is None:
+    results = []
+    for op in ops:
+        for n, v in shapes:
+            kk = min(k, v)
+            inputs = _inputs(op, n, v, kk, dtype, device, temperature)
+            floor, out_bytes = bytes_floor(op, n, v, kk, inputs[0].element_size())
+            if op == "dense":
+                groups = [(div, dense_cases(div, temperature, include_compile, device))
+                          for div in divergences]
+            elif op == "sparse":
+                groups = [("forward_kl", sparse_cases(temperature, include_compile))]
+            else:
+                groups = [(f"k={kk}", topk_cases(kk, temperature, include_compile))]
+            for variant, cases in groups:
+                for impl, fn, note in cases:
+                    if progress:
+                        progress(f"{op} {variant} N={n} V={v} {impl}")
                     nan = float("nan")
-                    results.append(Result(name, div, n, v, dtype_name, nan, nan, nan,
-                                          floor / 3 / 2**20, floor / 2**20, nan, nan, note))
-                    continue
-                med, spread, peak = time_fwd_bwd(fn, s, t, reps)
-                results.append(Result(
-                    name, div, n, v, dtype_name, med * 1e3, spread * 1e3, peak / 2**20,
-                    floor / 3 / 2**20, floor / 2**20, floor / med / 1e9, floor / med / bw, note,
-                ))
+                    med, spread, peak = (nan, nan, nan) if fn is None else measure(
+                        fn, inputs, reps, backward=op != "topk")
+                    results.append(Result(
+                        op, variant, impl, n, v, kk, dtype_name, med * 1e3, spread * 1e3,
+                        peak / 2**20, out_bytes / 2**20, floor / 2**20, floor / med / 1e9,
+                        floor / med / bw, note,
+                    ))
     return results, env
 
 
@@ -287,23 +379,24 @@ def environment(device: torch.device) -> dict:
 
 def format_table(results: list[Result], env: dict) -> str:
     """A markdown table, with a speed-up column against eager PyTorch of the same case."""
-    eager = {(r.divergence, r.n, r.v): r.median_ms for r in results if r.impl == "eager"}
+    key = lambda r: (r.op, r.variant, r.n, r.v)
+    eager = {key(r): r.median_ms for r in results if r.impl == "eager"}
     lines = [
         f"device: {env['device']}; torch {env['torch']}; trl {env.get('trl')}; copy "
         f"bandwidth {env['copy_bandwidth_gbps']:.1f} GB/s",
         "",
-        "| divergence | N | V | dtype | impl | fwd+bwd ms (spread) | vs eager | peak extra MiB "
-        "(1 grad) | GB/s of floor | of copy BW | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| op | variant | N | V | k | dtype | impl | ms (spread) | vs eager | peak extra MiB "
+        "(output) | GB/s of floor | of copy BW | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        base = eager.get((r.divergence, r.n, r.v))
+        base = eager.get(key(r))
         speed = f"{base / r.median_ms:.1f}x" if base and r.median_ms == r.median_ms else "-"
+        k = r.k if r.op != "dense" else "-"
         lines.append(
-            f"| {r.divergence} | {r.n} | {r.v} | {r.dtype} | {r.impl} | "
+            f"| {r.op} | {r.variant} | {r.n} | {r.v} | {k} | {r.dtype} | {r.impl} | "
             f"{r.median_ms:.1f} ({r.spread_ms:.1f}) | {speed} | {r.peak_extra_mib:.0f} "
-            f"({r.grad_mib:.0f}) | "
-            f"{r.gbps:.2f} | {r.frac_copy_bw:.0%} | {r.notes} |"
+            f"({r.out_mib:.0f}) | {r.gbps:.2f} | {r.frac_copy_bw:.0%} | {r.notes} |"
         )
     return "\n".join(lines)
 

@@ -36,15 +36,16 @@ def bench(args: argparse.Namespace) -> int:
     shapes = args.shape or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     reps = args.reps or (3 if args.quick else 7)
-    total = len(shapes) * len(args.divergence)
+    total = len(shapes) * len(args.op)
 
     def progress(label: str) -> None:
         print(f"  running {label}", file=sys.stderr, flush=True)
 
     print(f"distill-ops bench: {total} case group(s) on {device}", file=sys.stderr)
-    results, env = benchmark.run_dense(
-        shapes, args.divergence, dtype=dtype, device=device, temperature=args.temperature,
-        reps=reps, include_compile=not args.quick and not args.no_compile, progress=progress,
+    results, env = benchmark.run(
+        args.op, shapes, args.divergence, k=args.k, dtype=dtype, device=device,
+        temperature=args.temperature, reps=reps,
+        include_compile=not args.quick and not args.no_compile, progress=progress,
     )
     env["git_commit"] = _git_commit()
     table = benchmark.format_table(results, env)
@@ -53,17 +54,20 @@ def bench(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         command = "distill-ops " + " ".join(shlex.quote(a) for a in args.argv)
-        (out / "dense_kd.json").write_text(
+        (out / "bench.json").write_text(
             json.dumps(benchmark.to_json(results, env, command), indent=2))
-        (out / "dense_kd.md").write_text(f"`{command}`\n\n{table}\n")
-        print(f"wrote {out}/dense_kd.json and dense_kd.md", file=sys.stderr)
+        (out / "bench.md").write_text(f"`{command}`\n\n{table}\n")
+        print(f"wrote {out}/bench.json and bench.md", file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="distill-ops", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="time kd_loss against eager PyTorch, torch.compile, TRL")
+    b = sub.add_parser("bench", help="time the ops against eager PyTorch, torch.compile, TRL")
+    b.add_argument("--op", nargs="+", default=["dense", "sparse", "topk"],
+                   choices=["dense", "sparse", "topk"])
+    b.add_argument("--k", type=int, default=64, help="targets per row (sparse, topk)")
     b.add_argument("--quick", action="store_true", help="one small shape, no torch.compile")
     b.add_argument("--shape", type=_shape, action="append", help="NxV, e.g. 2048x32000")
     b.add_argument("--divergence", nargs="+", default=["forward_kl", "jsd"],

@@ -10,10 +10,13 @@
 #include <cstring>
 #include <limits>
 
+// Always inlined: these run inside `omp simd` loops, which vectorise only if no call is
+// left in them (and link-time optimisation is free to out-line a plain `inline` function
+// that several translation units use).
 #if defined(__CUDACC__)
 #define DOPS_HD __host__ __device__ __forceinline__
 #else
-#define DOPS_HD inline
+#define DOPS_HD inline __attribute__((always_inline))
 #endif
 
 namespace distill_ops {
