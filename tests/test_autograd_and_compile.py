@@ -87,9 +87,9 @@ def test_no_host_sync_in_the_op_layer():
     the GPU stream (and break a torch.compile graph)."""
     import inspect
 
-    from distill_ops import _reduction, dense_kd
+    from distill_ops import _fused, _reduction, dense_kd, sampling, sparse_kd, topk
 
-    for mod in (dense_kd, _reduction):
+    for mod in (dense_kd, sparse_kd, topk, sampling, _fused, _reduction):
         src = inspect.getsource(mod)
         for bad in (".item()", ".tolist()", "torch.equal("):
             assert bad not in src, f"{bad} in {mod.__name__}"

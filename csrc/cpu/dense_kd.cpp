@@ -110,6 +110,7 @@ void dense_kd_impl(RowView student, RowView teacher, const uint8_t* valid, const
   const Acc beta = Acc(prm.beta);
   const bool hard = prm.hard_weight != 0.0;
   const auto div = static_cast<Divergence>(prm.divergence);
+  advise_huge_pages(grad, n_rows * grad_stride * dtype_size(grad_dtype));
 
 #pragma omp parallel num_threads(num_threads)
   {

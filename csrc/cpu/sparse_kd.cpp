@@ -126,6 +126,7 @@ void sparse_kd_impl(RowView student, const int64_t* indices, const void* tlp, in
   const bool hard = prm.hard_weight != 0.0;
   const Acc nan = std::numeric_limits<Acc>::quiet_NaN();
   const int64_t tlp_size = tlp_dtype == int(DType::F64) ? 8 : 4;
+  advise_huge_pages(grad, n_rows * grad_stride * dtype_size(grad_dtype));
 
 #pragma omp parallel num_threads(num_threads)
   {

@@ -1,8 +1,10 @@
 """distill_ops: fused kernels for knowledge distillation of language models.
 
-Public API (DESIGN.md section 2): :func:`kd_loss` and :class:`KDLoss` (dense losses over the
-full vocabulary), with backends ``cpu`` (C++), ``triton`` (CUDA, or the CPU interpreter) and
-``torch`` (the reference in :mod:`distill_ops.reference`).
+Public API (DESIGN.md section 2): :func:`kd_loss` / :class:`KDLoss` (dense losses over the
+full vocabulary), :func:`topk_logprobs` and :func:`sample_targets` (teacher-side sparse
+targets), :func:`sparse_kd_loss` / :class:`SparseKDLoss` (losses against them), with backends
+``cpu`` (C++), ``triton`` (CUDA, or the CPU interpreter), ``cuda`` (csrc/cuda, dense only)
+and ``torch`` (the reference in :mod:`distill_ops.reference`).
 """
 
 from . import reference
