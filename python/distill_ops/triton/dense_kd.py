@@ -58,6 +58,20 @@ def transform_grad(z, scale, cap, temperature, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
+def cast_rne(x, dtype: tl.constexpr):
+    """x (fp32) in `dtype`, rounded to nearest even. GPUs convert to bf16 that way natively;
+    spelling it out keeps the interpreter (which truncates) and the GPU bit-identical."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        up = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        out = up.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        out = tl.where(x != x, x.to(tl.bfloat16), out)
+    else:
+        out = x.to(dtype)
+    return out
+
+
+@triton.jit
 def _online(m, z):
     """One step of a per-lane online logsumexp: returns (new max, rescale factor, exp(z - max))."""
     m_new = tl.maximum(m, z)
@@ -231,7 +245,7 @@ def dense_kd_kernel(
                 gz = tl.where(found, gz, float("nan"))
             gx = gz * transform_grad(zs, scale_s, cap_s, temperature, HAS_CAP_S)
             gx = tl.where(inb, gx, 0.0)
-            tl.store(g_row + cols, gx.to(grad_ptr.dtype.element_ty), mask=cols < grad_cols)
+            tl.store(g_row + cols, cast_rne(gx, grad_ptr.dtype.element_ty), mask=cols < grad_cols)
 
 
 @triton.jit
@@ -242,7 +256,7 @@ def scale_rows_kernel(g_ptr, scale_ptr, out_ptr, scale_stride, n_cols, BLOCK: tl
     inb = cols < n_cols
     c = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
     g = tl.load(g_ptr + row * n_cols + cols, mask=inb, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * n_cols + cols, (g * c).to(out_ptr.dtype.element_ty), mask=inb)
+    tl.store(out_ptr + row * n_cols + cols, cast_rne(g * c, out_ptr.dtype.element_ty), mask=inb)
 
 
 def launch_config(vocab: int) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dense_kd import NEG_INF, _device_ctx, _log_mixture
+from .dense_kd import NEG_INF, _device_ctx, _log_mixture, cast_rne
 
 FORWARD_KL: tl.constexpr = tl.constexpr(0)
 REVERSE_KL: tl.constexpr = tl.constexpr(1)
@@ -193,7 +193,7 @@ def sparse_kd_kernel(
                 gz += hard_weight * (sm1 - tl.where(cols == label, 1.0, 0.0))
             gz = tl.where(ok, gz, float("nan"))
             gz = tl.where(inb, gz, 0.0)
-            tl.store(g_row + cols, gz.to(grad_ptr.dtype.element_ty), mask=cols < vocab)
+            tl.store(g_row + cols, cast_rne(gz, grad_ptr.dtype.element_ty), mask=cols < vocab)
         # The support ids' own gradient, over what the loop wrote (same program: a barrier
         # orders the two stores).
         tl.debug_barrier()
@@ -204,7 +204,7 @@ def sparse_kd_kernel(
             sm1 = tl.exp((z_sup - M) * temperature - log_s1)
             gs += hard_weight * (sm1 - tl.where(ids == label, 1.0, 0.0))
         gs = tl.where(ok, gs, float("nan"))
-        tl.store(g_row + ids, gs.to(grad_ptr.dtype.element_ty), mask=on)
+        tl.store(g_row + ids, cast_rne(gs, grad_ptr.dtype.element_ty), mask=on)
 
 
 def launch_config(vocab: int, k: int) -> tuple[int, int, int]:
