@@ -58,10 +58,9 @@ __device__ __forceinline__ Online push(Online st, float z, float w) {
   return {m, st.a * f + e, st.c * f + (e > 0.0f ? e * w : 0.0f)};
 }
 
-// Reduces v over the block with op; `identity` pads the lanes past the last warp. Every
-// thread gets the result; smem (one T per warp) is free again on return.
+// Reduces v over the warp with op (T made of 32-bit words, shuffled word by word).
 template <typename T, typename Op>
-__device__ T block_reduce(T v, Op op, T identity, T* smem) {
+__device__ T warp_reduce(T v, Op op) {
   for (int off = 16; off > 0; off >>= 1) {
     T o;
     const unsigned* src = reinterpret_cast<const unsigned*>(&v);
@@ -70,19 +69,19 @@ __device__ T block_reduce(T v, Op op, T identity, T* smem) {
       dst[k] = __shfl_xor_sync(0xffffffffu, src[k], off);
     v = op(v, o);
   }
+  return v;
+}
+
+// Reduces v over the block with op; `identity` pads the lanes past the last warp. Every
+// thread gets the result; smem (one T per warp) is free again on return.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, Op op, T identity, T* smem) {
+  v = warp_reduce(v, op);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) smem[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < int(blockDim.x >> 5) ? smem[lane] : identity;
-    for (int off = 16; off > 0; off >>= 1) {
-      T o;
-      const unsigned* src = reinterpret_cast<const unsigned*>(&v);
-      unsigned* dst = reinterpret_cast<unsigned*>(&o);
-      for (unsigned k = 0; k < sizeof(T) / sizeof(unsigned); ++k)
-        dst[k] = __shfl_xor_sync(0xffffffffu, src[k], off);
-      v = op(v, o);
-    }
+    v = warp_reduce(lane < int(blockDim.x >> 5) ? smem[lane] : identity, op);
     if (lane == 0) smem[0] = v;
   }
   __syncthreads();

@@ -72,6 +72,13 @@ def cast_rne(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _load_z(row_ptr, cols, n, scale, cap, inv_t, HAS_CAP: tl.constexpr):
+    """z = f(x) / T of the columns < n of one row (-inf elsewhere)."""
+    x = tl.load(row_ptr + cols, mask=cols < n, other=NEG_INF)
+    return transform_logits(x, scale, cap, inv_t, HAS_CAP)
+
+
+@triton.jit
 def _online(m, z):
     """One step of a per-lane online logsumexp: returns (new max, rescale factor, exp(z - max))."""
     m_new = tl.maximum(m, z)
@@ -134,11 +141,8 @@ def dense_kd_kernel(
     z_y = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
         cols = start + offs
-        inb = cols < n
-        zs = transform_logits(tl.load(s_row + cols, mask=inb, other=NEG_INF), scale_s, cap_s,
-                              inv_t, HAS_CAP_S)
-        zt = transform_logits(tl.load(t_row + cols, mask=inb, other=NEG_INF), scale_t, cap_t,
-                              inv_t, HAS_CAP_T)
+        zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
+        zt = _load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T)
         ms_new, alpha_s, e_s = _online(m_s, zs)
         mt_new, alpha_t, e_t = _online(m_t, zt)
         if DIVERGENCE == FORWARD_KL:
@@ -176,11 +180,8 @@ def dense_kd_kernel(
         acc_b = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n, BLOCK):
             cols = start + offs
-            inb = cols < n
-            zs = transform_logits(tl.load(s_row + cols, mask=inb, other=NEG_INF), scale_s,
-                                  cap_s, inv_t, HAS_CAP_S)
-            zt = transform_logits(tl.load(t_row + cols, mask=inb, other=NEG_INF), scale_t,
-                                  cap_t, inv_t, HAS_CAP_T)
+            zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
+            zt = _load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T)
             lq = (zs - M_s) - log_ss
             lp = (zt - M_t) - log_st
             q = tl.exp(lq)
@@ -220,10 +221,8 @@ def dense_kd_kernel(
         for start in range(0, grad_cols, BLOCK):
             cols = start + offs
             inb = cols < n
-            zs = transform_logits(tl.load(s_row + cols, mask=inb, other=NEG_INF), scale_s,
-                                  cap_s, inv_t, HAS_CAP_S)
-            zt = transform_logits(tl.load(t_row + cols, mask=inb, other=NEG_INF), scale_t,
-                                  cap_t, inv_t, HAS_CAP_T)
+            zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
+            zt = _load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T)
             lq = (zs - M_s) - log_ss
             lp = (zt - M_t) - log_st
             q = tl.exp(lq)

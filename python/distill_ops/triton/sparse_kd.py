@@ -15,12 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .dense_kd import NEG_INF, _device_ctx, _log_mixture, cast_rne
+from .dense_kd import (
+    FORWARD_KL,
+    JSD,
+    NEG_INF,
+    REVERSE_KL,
+    _device_ctx,
+    _log_mixture,
+    cast_rne,
+)
 
-FORWARD_KL: tl.constexpr = tl.constexpr(0)
-REVERSE_KL: tl.constexpr = tl.constexpr(1)
-JSD: tl.constexpr = tl.constexpr(2)
-TVD: tl.constexpr = tl.constexpr(3)
 BUCKET: tl.constexpr = tl.constexpr(0)
 RENORM: tl.constexpr = tl.constexpr(1)
 SUPPORT: tl.constexpr = tl.constexpr(2)
