@@ -213,7 +213,6 @@ def loss_scalars(
 
 TAILS = ("bucket", "renorm", "support", "none")
 TAIL_CODES = {name: i for i, name in enumerate(TAILS)}
-SPARSE_DIVERGENCES = DIVERGENCES
 
 
 def check_sparse_targets(lead: torch.Size, vocab: int, indices: object,
