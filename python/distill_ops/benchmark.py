@@ -393,6 +393,10 @@ def format_table(results: list[Result], env: dict) -> str:
         base = eager.get(key(r))
         speed = f"{base / r.median_ms:.1f}x" if base and r.median_ms == r.median_ms else "-"
         k = r.k if r.op != "dense" else "-"
+        if r.median_ms != r.median_ms:  # a peer that is not installed: say so, no NaNs
+            lines.append(f"| {r.op} | {r.variant} | {r.n} | {r.v} | {k} | {r.dtype} | "
+                         f"{r.impl} | - | - | - | - | - | {r.notes} |")
+            continue
         lines.append(
             f"| {r.op} | {r.variant} | {r.n} | {r.v} | {k} | {r.dtype} | {r.impl} | "
             f"{r.median_ms:.1f} ({r.spread_ms:.1f}) | {speed} | {r.peak_extra_mib:.0f} "
