@@ -39,3 +39,28 @@ def assert_close(
     assert a.shape == ref.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(ref.shape)}"
     err = rel_err(a, ref, floor)
     assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:.3g}"
+
+
+def fused_rows(op):
+    """An autograd.Function over a fused op (returns (rows, grad of its first input)) that
+    scales the gradient out of place.
+
+    The public losses scale their saved gradient in place (one gradient of memory), so a graph
+    can be backpropagated once; gradcheck backpropagates many times. This checks what gradcheck
+    is for, the kernel's gradient against finite differences of its loss, while
+    test_backward_scales_the_saved_gradient checks the in-place scaling."""
+
+    class FusedRows(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, *args):
+            rows, grad = op(x, *args)
+            ctx.save_for_backward(grad)
+            ctx.n_args = len(args)
+            return rows
+
+        @staticmethod
+        def backward(ctx, go):
+            (grad,) = ctx.saved_tensors
+            return (grad * go[:, None],) + (None,) * ctx.n_args
+
+    return FusedRows

@@ -4,31 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import logits
+from helpers import fused_rows, logits
 
 import distill_ops
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd"]
-
-
-class _FusedRows(torch.autograd.Function):
-    """The fused op's per-row losses with its fused gradient, scaled out of place.
-
-    kd_loss scales the saved gradient in place (one gradient of memory, not two), so a graph
-    can be backpropagated once; gradcheck backpropagates many times. This wrapper checks what
-    gradcheck is for, the kernel's gradient against finite differences of its loss, while
-    test_backward_scales_the_saved_gradient checks the in-place scaling."""
-
-    @staticmethod
-    def forward(ctx, x, *args):
-        rows, grad = torch.ops.distill_ops.dense_kd(x, *args)
-        ctx.save_for_backward(grad)
-        return rows
-
-    @staticmethod
-    def backward(ctx, go):
-        (grad,) = ctx.saved_tensors
-        return (grad * go[:, None],) + (None,) * 15
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -58,7 +38,8 @@ def test_gradcheck_float64_cpu_kernel(seed, divergence):
     # soft coefficient (T^2), vocab, compute_grad, backend
     args = (t, valid, labels, divergence, 1.7, 0.4, 1.2, 4.0, 0.9, 0.0, 0.3, 1.7**2, 17, True,
             "cpu")
-    assert torch.autograd.gradcheck(lambda x: _FusedRows.apply(x, *args), (s,), eps=1e-6,
+    fused = fused_rows(torch.ops.distill_ops.dense_kd)
+    assert torch.autograd.gradcheck(lambda x: fused.apply(x, *args), (s,), eps=1e-6,
                                     atol=1e-7, rtol=1e-5)
 
 

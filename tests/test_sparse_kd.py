@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import device_for, sparse_backends
-from helpers import GRAD_RTOL, LOSS_FLOOR, LOSS_RTOL, assert_close, logits
+from helpers import GRAD_RTOL, LOSS_FLOOR, LOSS_RTOL, assert_close, fused_rows, logits
 
 import distill_ops
 from distill_ops import reference
@@ -214,22 +214,6 @@ def test_sparse_module_wrapper(seed):
     assert torch.equal(a, b) and "renorm" in repr(crit)
 
 
-class _FusedRows(torch.autograd.Function):
-    """Per-row losses of the fused op with its gradient scaled out of place (gradcheck
-    backpropagates many times; the public op scales in place and allows one backward)."""
-
-    @staticmethod
-    def forward(ctx, x, *args):
-        rows, grad = torch.ops.distill_ops.sparse_kd(x, *args)
-        ctx.save_for_backward(grad)
-        return rows
-
-    @staticmethod
-    def backward(ctx, go):
-        (grad,) = ctx.saved_tensors
-        return (grad * go[:, None],) + (None,) * 13
-
-
 @pytest.mark.parametrize("tail", range(4), ids=TAILS)
 @pytest.mark.parametrize("divergence", range(4), ids=DIVERGENCES)
 def test_gradcheck_float64_cpu_kernel(seed, tail, divergence):
@@ -238,7 +222,8 @@ def test_gradcheck_float64_cpu_kernel(seed, tail, divergence):
     valid = torch.tensor([True, False, True])
     labels = torch.tensor([3, 0, 12])
     args = (idx, tlp, valid, labels, divergence, tail, 1.7, 1.2, 0.4, 0.3, 1.1, True, "cpu")
-    assert torch.autograd.gradcheck(lambda x: _FusedRows.apply(x, *args), (s,), eps=1e-6,
+    fused = fused_rows(torch.ops.distill_ops.sparse_kd)
+    assert torch.autograd.gradcheck(lambda x: fused.apply(x, *args), (s,), eps=1e-6,
                                     atol=1e-7, rtol=1e-5)
 
 
