@@ -9,6 +9,7 @@ and ``torch`` (the reference in :mod:`distill_ops.reference`).
 
 from . import reference
 from .dense_kd import kd_loss
+from .fused_linear import fused_linear_kd_loss, fused_linear_topk
 from .modules import KDLoss, SparseKDLoss
 from .sampling import SparseTargets, sample_targets
 from .sparse_kd import sparse_kd_loss
@@ -21,6 +22,8 @@ __all__ = [
     "SparseTargets",
     "TopK",
     "__version__",
+    "fused_linear_kd_loss",
+    "fused_linear_topk",
     "kd_loss",
     "reference",
     "sample_targets",
