@@ -10,13 +10,14 @@ and ``torch`` (the reference in :mod:`distill_ops.reference`).
 from . import reference
 from .dense_kd import kd_loss
 from .fused_linear import fused_linear_kd_loss, fused_linear_topk
-from .modules import KDLoss, SparseKDLoss
+from .modules import FusedLinearKDLoss, KDLoss, SparseKDLoss
 from .sampling import SparseTargets, sample_targets
 from .sparse_kd import sparse_kd_loss
 from .topk import TopK, topk_logprobs
 
 __version__ = "0.1.0"
 __all__ = [
+    "FusedLinearKDLoss",
     "KDLoss",
     "SparseKDLoss",
     "SparseTargets",

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dense_kd import kd_loss
+from .fused_linear import fused_linear_kd_loss
 from .sparse_kd import sparse_kd_loss
 from .topk import topk_logprobs
 
@@ -162,21 +163,25 @@ def bytes_floor(op: str, n: int, v: int, k: int, elt: int) -> tuple[int, int]:
         return 2 * n * v * elt + 8 * n * k, n * v * elt
     if op == "topk":
         return n * v * elt + 8 * n * k, 8 * n * k
+    if op == "fused_linear":
+        # k stands for the hidden width H here: read both hidden states and heads, write the
+        # student's hidden and head gradients. (Compute-bound: see the matmul-only row.)
+        return 2 * (n * k + v * k) * elt + (n * k + v * k) * elt, (n * k + v * k) * elt
     raise ValueError(f"unknown op {op!r}")
 
 
 def measure(fn: Callable[..., object], inputs: tuple, reps: int, backward: bool,
-            warmup: int = 1) -> tuple[float, float, int]:
-    """(median s, spread s, peak extra bytes) of fn(*inputs), with d out / d inputs[0] when
-    `backward` (the first input is then made a leaf that requires grad)."""
+            warmup: int = 1, n_grads: int = 1) -> tuple[float, float, int]:
+    """(median s, spread s, peak extra bytes) of fn(*inputs), with d out / d inputs[:n_grads]
+    when `backward` (those inputs are then made leaves that require grad)."""
     device = inputs[0].device
     if backward:
-        inputs = (inputs[0].detach().requires_grad_(), *inputs[1:])
+        inputs = (*(x.detach().requires_grad_() for x in inputs[:n_grads]), *inputs[n_grads:])
 
     def call():
         out = fn(*inputs)
         if backward:
-            (out,) = torch.autograd.grad(out, inputs[0])
+            out = torch.autograd.grad(out, inputs[:n_grads])
         return out
 
     for _ in range(warmup):
@@ -277,9 +282,55 @@ def topk_cases(k: int, temperature: float, include_compile: bool) -> list[Case]:
     return cases
 
 
+def trl_chunked_divergence() -> Callable[..., tuple] | None:
+    """TRL's DistillationTrainer chunked LM-head divergence, where TRL is installed."""
+    try:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    except ImportError:
+        return None
+    return _chunked_divergence_loss
+
+
+def fused_linear_cases(temperature: float) -> list[Case]:
+    """Forward KL from hidden states and heads: ours, the materialised eager path, TRL."""
+    def ours(hs, ws, ht, wt):
+        return fused_linear_kd_loss(hs, ws, ht, wt, temperature=temperature)
+
+    def eager(hs, ws, ht, wt):
+        return eager_forward_kl(hs @ ws.t(), ht @ wt.t(), temperature)
+
+    def matmuls_only(hs, ws, ht, wt):
+        # The floor of any fused LM-head loss: the three projections' worth of matmuls.
+        return (hs @ ws.t()).sum() + (ht @ wt.t()).sum() * 0
+
+    cases: list[Case] = [("distill_ops", ours, "chunked, default chunk"),
+                         ("eager", eager, "materialised logits"),
+                         ("matmuls only", matmuls_only, "h W^T fwd + its two grads")]
+    trl = trl_chunked_divergence()
+    if trl is None:
+        cases.append(("trl", None, "TRL not installed"))
+    else:
+        mask = None
+
+        def trl_fn(hs, ws, ht, wt):
+            nonlocal mask
+            if mask is None or mask.shape[0] != hs.shape[0]:
+                mask = torch.ones(hs.shape[0], dtype=torch.long, device=hs.device)
+            return trl(hs, ht, ws, wt, mask, beta=0.0, temperature=temperature)[0]
+
+        cases.append(("trl", trl_fn, "_chunked_divergence_loss, beta=0"))
+    return cases
+
+
 def _inputs(op: str, n: int, v: int, k: int, dtype: torch.dtype, device: torch.device,
             temperature: float) -> tuple:
     gen = torch.Generator(device="cpu").manual_seed(n * 7 + v)
+    if op == "fused_linear":  # k is the hidden width
+        def rand(*shape: int, scale: float = 1.0) -> Tensor:
+            return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+        return (rand(n, k), rand(v, k, scale=k**-0.5 * 2), rand(n, k),
+                rand(v, k, scale=k**-0.5 * 2))
     s = (torch.randn(n, v, generator=gen) * 2).to(device=device, dtype=dtype)
     t = (torch.randn(n, v, generator=gen) * 2).to(device=device, dtype=dtype)
     if op == "dense":
@@ -312,12 +363,14 @@ def run(
     results = []
     for op in ops:
         for n, v in shapes:
-            kk = min(k, v)
+            kk = k if op == "fused_linear" else min(k, v)
             inputs = _inputs(op, n, v, kk, dtype, device, temperature)
             floor, out_bytes = bytes_floor(op, n, v, kk, inputs[0].element_size())
             if op == "dense":
                 groups = [(div, dense_cases(div, temperature, include_compile, device))
                           for div in divergences]
+            elif op == "fused_linear":
+                groups = [(f"forward_kl H={kk}", fused_linear_cases(temperature))]
             elif op == "sparse":
                 groups = [("forward_kl", sparse_cases(temperature, include_compile))]
             else:
@@ -328,7 +381,8 @@ def run(
                         progress(f"{op} {variant} N={n} V={v} {impl}")
                     nan = float("nan")
                     med, spread, peak = (nan, nan, nan) if fn is None else measure(
-                        fn, inputs, reps, backward=op != "topk")
+                        fn, inputs, reps, backward=op != "topk",
+                        n_grads=2 if op == "fused_linear" else 1)
                     results.append(Result(
                         op, variant, impl, n, v, kk, dtype_name, med * 1e3, spread * 1e3,
                         peak / 2**20, out_bytes / 2**20, floor / 2**20, floor / med / 1e9,

@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time the ops against eager PyTorch, torch.compile, TRL")
     b.add_argument("--op", nargs="+", default=["dense", "sparse", "topk"],
-                   choices=["dense", "sparse", "topk"])
-    b.add_argument("--k", type=int, default=64, help="targets per row (sparse, topk)")
+                   choices=["dense", "sparse", "topk", "fused_linear"])
+    b.add_argument("--k", type=int, default=64,
+                   help="targets per row (sparse, topk); the hidden width H (fused_linear)")
     b.add_argument("--quick", action="store_true", help="one small shape, no torch.compile")
     b.add_argument("--shape", type=_shape, action="append", help="NxV, e.g. 2048x32000")
     b.add_argument("--divergence", nargs="+", default=["forward_kl", "jsd"],

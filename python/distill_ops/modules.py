@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 
 from .dense_kd import kd_loss
+from .fused_linear import fused_linear_kd_loss
 from .sparse_kd import sparse_kd_loss
 
-__all__ = ["KDLoss", "SparseKDLoss"]
+__all__ = ["FusedLinearKDLoss", "KDLoss", "SparseKDLoss"]
 
 _PER_BATCH = ("labels", "mask", "num_items_in_batch")
 
@@ -73,6 +74,45 @@ class SparseKDLoss(torch.nn.Module):
     ) -> Tensor:
         return sparse_kd_loss(student_logits, indices, teacher_logprobs, labels=labels,
                               mask=mask, num_items_in_batch=num_items_in_batch, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class FusedLinearKDLoss(torch.nn.Module):
+    """Module form of :func:`distill_ops.fused_linear_kd_loss`; constructor keywords are its
+    options (divergence, temperature, tail, chunk_size, ...).
+
+    Example:
+        >>> crit = FusedLinearKDLoss(divergence="jsd", temperature=2.0)
+        >>> loss = crit(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, labels=labels)
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        _check_options("FusedLinearKDLoss", options)
+        self.options = options
+
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Tensor | None = None,
+        teacher_weight: Tensor | None = None,
+        *,
+        teacher_indices: Tensor | None = None,
+        teacher_logprobs: Tensor | None = None,
+        student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> Tensor:
+        return fused_linear_kd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight,
+            teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs,
+            student_bias=student_bias, teacher_bias=teacher_bias, labels=labels, mask=mask,
+            num_items_in_batch=num_items_in_batch, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
