@@ -181,3 +181,14 @@ def test_fused_linear_topk_ties_across_tiles_keep_the_lower_id():
     w[[150, 20, 90]] = 1.0  # three equal logits in three different tiles
     top = distill_ops.fused_linear_topk(h, w, 3, vocab_chunk=50)
     assert top.indices[0].tolist() == [20, 90, 150]
+
+
+def test_torch_backend_is_the_materialised_reference(seed):
+    hs, ws, bs = head((6,), 8, 90, dtype=torch.float32)
+    ht, wt, _ = head((6,), 8, 90, dtype=torch.float32)
+    kw = dict(divergence="reverse_kl", temperature=1.5)
+    a = distill_ops.fused_linear_kd_loss(hs, ws, ht, wt, student_bias=bs, backend="torch", **kw)
+    b = distill_ops.fused_linear_kd_loss(hs, ws, ht, wt, student_bias=bs, backend="cpu", **kw)
+    ref = reference.kd_loss(hs @ ws.T + bs, ht @ wt.T, **kw)
+    assert torch.equal(a, ref)
+    assert_close(b, ref.double(), 1e-5, "loss", LOSS_FLOOR)

@@ -264,7 +264,23 @@ def fused_linear_kd_loss(
                                    teacher_logprobs=teacher_logprobs, labels=labels, mask=mask)
     be = resolve_backend(backend, device)
     if be == "torch":
-        be = "cpu" if device.type == "cpu" else "triton"
+        # The reference: materialised fp32 logits through reference.py (memory-hungry by
+        # design; it is what the fused path is tested against).
+        from . import reference
+
+        logits = _project(h_s, _fp32(w_s), b_s)
+        common = dict(divergence=divergence, temperature=temperature, beta=beta, labels=labels,
+                      ignore_index=ignore_index, mask=mask, hard_weight=hard_weight,
+                      soft_weight=soft_weight, scale_by_t2=scale_by_t2, reduction=reduction,
+                      num_items_in_batch=num_items_in_batch)
+        if dense:
+            t_logits = _project(h_t.detach(), _fp32(w_t.detach()), b_t)
+            return reference.kd_loss(
+                logits, t_logits, vocab_size=vocab_size, student_logit_scale=student_logit_scale,
+                teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
+                teacher_softcap=teacher_softcap, **common)
+        return reference.sparse_kd_loss(logits, teacher_indices, teacher_logprobs, tail=tail,
+                                        source_temperature=source_temperature, **common)
 
     n = h_s.reshape(-1, h_s.shape[-1]).shape[0]
     valid = valid_rows(labels, mask, ignore_index)
