@@ -130,11 +130,32 @@ def test_all_rows_ignored(seed):
 
 
 def test_default_chunk_keeps_buffers_under_256_mib():
-    from distill_ops.fused_linear import default_chunk_size
+    from distill_ops.fused_linear import _tile_rows, default_chunk_size
 
-    c = default_chunk_size(8192, 128256)
-    assert 3 * c * 128256 * 4 <= 256 << 20 and c >= 1
+    for dtype in (torch.float32, torch.bfloat16):
+        c = default_chunk_size(8192, 128256, 4096, dtype)
+        tile = 0 if dtype == torch.float32 else 4 * 4096 * _tile_rows(128256, 4096, dtype)
+        assert c >= 1 and 4 * c * (3 * 128256 + 2 * 4096) + tile <= 256 << 20
     assert default_chunk_size(10, 50) == 10
+
+
+def test_bf16_head_tiles_match_one_fp32_matmul(monkeypatch, seed):
+    """A bf16 head upcast in vocabulary tiles (forced small here) gives the same logits and
+    gradients as upcasting it whole."""
+    import distill_ops.fused_linear as fl
+
+    hs, ws, bs = (x.to(torch.bfloat16) for x in head((9,), 16, 300))
+    ht, wt, _ = (x.to(torch.bfloat16) for x in head((9,), 16, 300))
+    out = []
+    for budget in (fl._TILE_BUDGET, 16 * 4 * 7):  # whole head in one tile; tiles of 7 rows
+        monkeypatch.setattr(fl, "_TILE_BUDGET", budget)
+        a = [x.clone().requires_grad_() for x in (hs, ws, bs)]
+        loss = distill_ops.fused_linear_kd_loss(a[0], a[1], ht, wt, student_bias=a[2],
+                                                chunk_size=4)
+        loss.backward()
+        out.append((loss, *[x.grad for x in a]))
+    for x, y in zip(out[0], out[1], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,11 @@
 Tokens are processed a chunk at a time: the chunk's student logits (and, for a dense teacher,
 its teacher logits) are projected in fp32, the fused dense or sparse kernel turns them into
 per-row losses and d loss / d logits, and that gradient is pushed through the head at once
-(grad_hidden = g W, grad_W += g^T h, grad_b += sum g). Extra memory is a few [chunk, V] fp32
-buffers, not [N, V]. With reduction "mean" or "sum" the gradients are final after the
-forward and backward only scales them by grad_output; with "none" (a per-row grad_output)
-backward runs the chunks again.
+(grad_hidden = g W, grad_W += g^T h, grad_b += sum g). A bf16/fp16 head is upcast a
+vocabulary tile (~32 MiB) at a time, never whole. Extra memory is a few [chunk, V] fp32
+buffers and one tile, not [N, V] (nor [V, H] in fp32). With reduction "mean" or "sum" the
+gradients are final after the forward and backward only scales them by grad_output; with
+"none" (a per-row grad_output) backward runs the chunks again.
 """
 
 from __future__ import annotations
@@ -37,25 +38,59 @@ from .topk import TopK, topk_logprobs
 
 __all__ = ["default_chunk_size", "fused_linear_kd_loss", "fused_linear_topk"]
 
-_CHUNK_BUDGET = 256 << 20  # bytes of [chunk, V] buffers per call
+_CHUNK_BUDGET = 256 << 20  # bytes of extra buffers per call
+_TILE_BUDGET = 32 << 20  # bytes of one fp32 vocabulary tile of a bf16/fp16 head
 
 
-def default_chunk_size(n: int, v: int, buffers: int = 3) -> int:
-    """Rows per chunk so that `buffers` fp32 [chunk, V] tensors stay under ~256 MiB."""
-    return max(1, min(n, _CHUNK_BUDGET // (4 * v * buffers)))
+def _tile_rows(v: int, h: int, dtype: torch.dtype) -> int:
+    """Vocabulary rows per fp32 tile of a head: the whole head when it already is fp32
+    (no copy), else tiles of about 32 MiB."""
+    return v if dtype == torch.float32 else max(1, min(v, _TILE_BUDGET // (4 * h)))
+
+
+def default_chunk_size(n: int, v: int, h: int = 0, dtype: torch.dtype = torch.float32,
+                       buffers: int = 3) -> int:
+    """Rows per token chunk so that the chunk's `buffers` fp32 [chunk, V] tensors, its fp32
+    hidden states and one fp32 head tile stay under ~256 MiB in all."""
+    tile = 0 if dtype == torch.float32 else 4 * h * _tile_rows(v, h, dtype)
+    per_row = 4 * (v * buffers + 2 * h)
+    return max(1, min(n, (_CHUNK_BUDGET - tile) // per_row))
 
 
 def _fp32(x: Tensor | None) -> Tensor | None:
     return x if x is None or x.dtype == torch.float32 else x.float()
 
 
-def _project(h: Tensor, w32: Tensor, b: Tensor | None) -> Tensor:
-    """h @ w.T (+ b) in fp32 (w32: the head already in fp32): logits are never rounded to
-    bf16/fp16 before the loss."""
-    out = _fp32(h) @ w32.t()
+def _project(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """h @ w.T (+ b) in fp32; a bf16/fp16 head is upcast a vocabulary tile at a time, so the
+    logits are never rounded to bf16 and no fp32 copy of the whole head exists."""
+    h32 = _fp32(h)
+    tile = _tile_rows(w.shape[0], w.shape[1], w.dtype)
+    if tile >= w.shape[0]:
+        out = h32 @ _fp32(w).t()
+    else:
+        out = torch.empty((h.shape[0], w.shape[0]), dtype=torch.float32, device=h.device)
+        for v0 in range(0, w.shape[0], tile):
+            out[:, v0:v0 + tile] = h32 @ _fp32(w[v0:v0 + tile]).t()
     if b is not None:
         out += _fp32(b)
     return out
+
+
+def _head_grads(g: Tensor, h: Tensor, w: Tensor, gw: Tensor | None,
+                want_h: bool) -> Tensor | None:
+    """Accumulate gw += g^T h (fp32) and return g @ w (fp32) if want_h, tile by tile."""
+    h32 = _fp32(h)
+    tile = _tile_rows(w.shape[0], w.shape[1], w.dtype)
+    gh = None
+    for v0 in range(0, w.shape[0], tile):
+        gt = g[:, v0:v0 + tile]
+        if want_h:
+            part = gt @ _fp32(w[v0:v0 + tile])
+            gh = part if gh is None else gh.add_(part)
+        if gw is not None:
+            gw[v0:v0 + tile].addmm_(gt.t(), h32)
+    return gh
 
 
 @dataclass
@@ -85,13 +120,9 @@ def _chunks(
     gb = torch.zeros(w_s.shape[0], dtype=torch.float32, device=h_s.device) \
         if grads and want[2] else None
     sc = spec.sc
-    # A bf16/fp16 head is upcast once per pass (V x H fp32), not once per chunk.
-    w32 = _fp32(w_s)
-    if not spec.sparse:
-        teacher = (teacher[0], _fp32(teacher[1]), teacher[2])
     for a in range(0, n, spec.chunk):
         e = min(n, a + spec.chunk)
-        logits = _project(h_s[a:e], w32, b_s)
+        logits = _project(h_s[a:e], w_s, b_s)
         lab = labels[a:e] if labels is not None else None
         if spec.sparse:
             idx, tlp = teacher
@@ -111,10 +142,9 @@ def _chunks(
         del logits
         if grads:
             g = g * row_weight[a:e, None]
+            part = _head_grads(g, h_s[a:e], w_s, gw, gh is not None)
             if gh is not None:
-                gh[a:e] = g @ w32
-            if gw is not None:
-                gw.addmm_(g.t(), _fp32(h_s[a:e]))
+                gh[a:e] = part
             if gb is not None:
                 gb += g.sum(0)
     return rows, gh, gw, gb
@@ -268,13 +298,13 @@ def fused_linear_kd_loss(
         # design; it is what the fused path is tested against).
         from . import reference
 
-        logits = _project(h_s, _fp32(w_s), b_s)
+        logits = _project(h_s, w_s, b_s)
         common = dict(divergence=divergence, temperature=temperature, beta=beta, labels=labels,
                       ignore_index=ignore_index, mask=mask, hard_weight=hard_weight,
                       soft_weight=soft_weight, scale_by_t2=scale_by_t2, reduction=reduction,
                       num_items_in_batch=num_items_in_batch)
         if dense:
-            t_logits = _project(h_t.detach(), _fp32(w_t.detach()), b_t)
+            t_logits = _project(h_t.detach(), w_t.detach(), b_t)
             return reference.kd_loss(
                 logits, t_logits, vocab_size=vocab_size, student_logit_scale=student_logit_scale,
                 teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
@@ -298,8 +328,9 @@ def fused_linear_kd_loss(
         teacher = (rows_of(teacher_indices).to(torch.int64).contiguous(),
                    rows_of(teacher_logprobs.detach()).float().contiguous(), None)
     m = hs.shape[0]
+    widest = max(h_s.shape[-1], h_t.shape[-1] if dense else 0)
     spec = _Spec(sparse, sc, tail_code, source_t, vocab,
-                 chunk_size or default_chunk_size(max(m, 1), max(v_s, vocab)), be)
+                 chunk_size or default_chunk_size(max(m, 1), v_s, widest, w_s.dtype), be)
     if reduction == "mean":
         denom = (torch.as_tensor(num_items_in_batch, device=device, dtype=torch.float32)
                  if num_items_in_batch is not None
@@ -348,7 +379,8 @@ def fused_linear_topk(
     lead = h.shape[:-1]
     hs = h.detach().reshape(-1, h.shape[-1])
     n = hs.shape[0]
-    chunk = chunk_size or default_chunk_size(max(n, 1), min(vocab, vocab_chunk), buffers=2)
+    chunk = chunk_size or default_chunk_size(max(n, 1), min(vocab, vocab_chunk), h.shape[-1],
+                                             w.dtype, buffers=2)
     ids_out, lp_out = [], []
     with torch.no_grad():
         for a in range(0, n, chunk):
@@ -356,7 +388,7 @@ def fused_linear_topk(
             best_v = best_i = lse = None
             for c0 in range(0, vocab, vocab_chunk):
                 c1 = min(vocab, c0 + vocab_chunk)
-                logits = _project(hc, _fp32(w[c0:c1]), b[c0:c1] if b is not None else None)
+                logits = _project(hc, w[c0:c1], b[c0:c1] if b is not None else None)
                 kk = min(k, c1 - c0)
                 top = topk_logprobs(logits, kk, temperature=temperature,
                                     logit_scale=logit_scale, softcap=softcap, backend=backend)
