@@ -183,8 +183,10 @@ def loss_scalars(
     teacher_logit_scale: object,
     student_softcap: object,
     teacher_softcap: object,
+    has_labels: bool,
 ) -> LossScalars:
-    """Validate the scalar options shared by the dense and sparse losses."""
+    """Validate the scalar options shared by the dense and sparse losses (`has_labels`: the
+    hard term needs them)."""
     div = check_choice("divergence", divergence, DIVERGENCES)
     t = check_positive("temperature", temperature)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
@@ -198,6 +200,9 @@ def loss_scalars(
     if not isinstance(scale_by_t2, bool):
         raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__}")
     soft = check_non_negative("soft_weight", soft_weight)
+    hard = check_non_negative("hard_weight", hard_weight)
+    if hard > 0 and not has_labels:
+        raise ValueError(f"hard_weight={hard_weight} > 0 needs labels for the cross-entropy term")
     return LossScalars(
         divergence=DIVERGENCE_CODES[div],
         temperature=t,
@@ -206,7 +211,7 @@ def loss_scalars(
         student_softcap=check_positive("student_softcap", student_softcap, allow_none=True),
         teacher_scale=check_positive("teacher_logit_scale", teacher_logit_scale),
         teacher_softcap=check_positive("teacher_softcap", teacher_softcap, allow_none=True),
-        hard_weight=check_non_negative("hard_weight", hard_weight),
+        hard_weight=hard,
         soft_coef=soft * (t * t if scale_by_t2 else 1.0),
     )
 

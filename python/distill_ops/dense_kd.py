@@ -164,9 +164,8 @@ def kd_loss(
         soft_weight=soft_weight, scale_by_t2=scale_by_t2,
         student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
         student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+        has_labels=labels is not None,
     )
-    if sc.hard_weight > 0 and labels is None:
-        raise ValueError(f"hard_weight={hard_weight} > 0 needs labels for the cross-entropy term")
     if labels is not None and sc.hard_weight > 0:
         check_labels_in_range(labels, ignore_index, vocab)
     be = resolve_backend(backend, device)

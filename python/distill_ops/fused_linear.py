@@ -266,9 +266,8 @@ def fused_linear_kd_loss(
         teacher_logit_scale=teacher_logit_scale if dense else 1.0,
         student_softcap=student_softcap if dense else None,
         teacher_softcap=teacher_softcap if dense else None,
+        has_labels=labels is not None,
     )
-    if sc.hard_weight > 0 and labels is None:
-        raise ValueError(f"hard_weight={hard_weight} > 0 needs labels for the cross-entropy term")
     if dense:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("a dense teacher needs both teacher_hidden and teacher_weight")

@@ -16,24 +16,28 @@ __all__ = ["FusedLinearKDLoss", "KDLoss", "SparseKDLoss"]
 _PER_BATCH = ("labels", "mask", "num_items_in_batch")
 
 
-def _check_options(cls: str, options: dict) -> None:
-    for name in _PER_BATCH:
-        if name in options:
-            raise TypeError(f"{name} is per batch: pass it to forward(), not to {cls}()")
+class _LossModule(torch.nn.Module):
+    """Holds a functional loss's options; per-batch tensors go to forward()."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        for name in _PER_BATCH:
+            if name in options:
+                raise TypeError(f"{name} is per batch: pass it to forward(), not to "
+                                f"{type(self).__name__}()")
+        self.options = options
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
-class KDLoss(torch.nn.Module):
+class KDLoss(_LossModule):
     """Module form of :func:`distill_ops.kd_loss`; constructor keywords are its options.
 
     Example:
         >>> crit = KDLoss(divergence="reverse_kl", temperature=2.0, scale_by_t2=True)
         >>> loss = crit(student_logits, teacher_logits, labels=labels)
     """
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__()
-        _check_options("KDLoss", options)
-        self.options = options
 
     def forward(
         self,
@@ -46,22 +50,14 @@ class KDLoss(torch.nn.Module):
         return kd_loss(student_logits, teacher_logits, labels=labels, mask=mask,
                        num_items_in_batch=num_items_in_batch, **self.options)
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
-
-class SparseKDLoss(torch.nn.Module):
+class SparseKDLoss(_LossModule):
     """Module form of :func:`distill_ops.sparse_kd_loss`; constructor keywords are its options.
 
     Example:
         >>> crit = SparseKDLoss(tail="bucket", temperature=2.0, source_temperature=1.0)
         >>> loss = crit(student_logits, top.indices, top.logprobs, labels=labels)
     """
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__()
-        _check_options("SparseKDLoss", options)
-        self.options = options
 
     def forward(
         self,
@@ -75,11 +71,8 @@ class SparseKDLoss(torch.nn.Module):
         return sparse_kd_loss(student_logits, indices, teacher_logprobs, labels=labels,
                               mask=mask, num_items_in_batch=num_items_in_batch, **self.options)
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
-
-class FusedLinearKDLoss(torch.nn.Module):
+class FusedLinearKDLoss(_LossModule):
     """Module form of :func:`distill_ops.fused_linear_kd_loss`; constructor keywords are its
     options (divergence, temperature, tail, chunk_size, ...).
 
@@ -87,11 +80,6 @@ class FusedLinearKDLoss(torch.nn.Module):
         >>> crit = FusedLinearKDLoss(divergence="jsd", temperature=2.0)
         >>> loss = crit(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, labels=labels)
     """
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__()
-        _check_options("FusedLinearKDLoss", options)
-        self.options = options
 
     def forward(
         self,
@@ -113,6 +101,3 @@ class FusedLinearKDLoss(torch.nn.Module):
             teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs,
             student_bias=student_bias, teacher_bias=teacher_bias, labels=labels, mask=mask,
             num_items_in_batch=num_items_in_batch, **self.options)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

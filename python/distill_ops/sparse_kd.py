@@ -142,9 +142,8 @@ def sparse_kd_loss(
         divergence=divergence, temperature=temperature, beta=beta, hard_weight=hard_weight,
         soft_weight=soft_weight, scale_by_t2=scale_by_t2, student_logit_scale=1.0,
         teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+        has_labels=labels is not None,
     )
-    if sc.hard_weight > 0 and labels is None:
-        raise ValueError(f"hard_weight={hard_weight} > 0 needs labels for the cross-entropy term")
     if labels is not None and sc.hard_weight > 0:
         check_labels_in_range(labels, ignore_index, vocab)
     check_indices_in_range(indices, vocab)
