@@ -163,3 +163,14 @@ def test_sample_targets_bad_inputs():
         distill_ops.sample_targets(logits(2, 5), 3, generator=7)
     with pytest.raises(ValueError, match="temperature"):
         distill_ops.sample_targets(logits(2, 5), 3, temperature=-1.0)
+
+
+def test_topk_under_torch_compile_fullgraph(seed):
+    torch._dynamo.reset()
+    x = logits(3, 4, 200)
+    f = torch.compile(lambda t: distill_ops.topk_logprobs(t, 16, temperature=2.0,
+                                                          backend="cpu"),
+                      fullgraph=True, backend="aot_eager")
+    got, want = f(x), distill_ops.topk_logprobs(x, 16, temperature=2.0, backend="cpu")
+    assert torch.equal(got.indices, want.indices)
+    torch.testing.assert_close(got.logprobs, want.logprobs)
