@@ -154,6 +154,13 @@ def test_mean_sparse_gradient_converges_to_the_dense_gradient(seed):
     assert (b.grad.double() - dense_s.grad.double()).abs().max().item() > 2 * err
 
 
+def test_sample_targets_of_a_nan_row_are_nan():
+    x = logits(3, 30)
+    x[1, 4] = float("nan")
+    tgt = distill_ops.sample_targets(x, 8)
+    assert torch.isnan(tgt.probs[1]).all() and not torch.isnan(tgt.probs[[0, 2]]).any()
+
+
 def test_sample_targets_bad_inputs():
     with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
         distill_ops.sample_targets(logits(2, 5), 0)

@@ -11,7 +11,8 @@ from ._validation import check_float_tensor, check_positive
 
 __all__ = ["SparseTargets", "sample_targets"]
 
-# Rows of softmax probabilities materialised at once: bounds the fp32 working set to ~64 MiB.
+# Rows of the distribution materialised at once: bounds the working set (fp32 softmax and
+# fp64 cumulative sums) to ~192 MiB.
 _CHUNK_ELEMENTS = 1 << 24
 
 
@@ -65,9 +66,21 @@ def sample_targets(
     idx_parts, prob_parts = [], []
     rows = max(1, _CHUNK_ELEMENTS // vocab)
     for start in range(0, x.shape[0], rows):
-        probs = torch.softmax(x[start:start + rows].float() / t, dim=-1)
-        draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+        # Inverse-CDF sampling: the cumulative distribution in fp64 (exactly 1 at the end),
+        # uniform draws, a search. Unlike torch.multinomial (whose argument checks read the
+        # device on some paths), nothing here waits for the device.
+        cdf = torch.cumsum(torch.softmax(x[start:start + rows].float() / t, dim=-1).double(),
+                           dim=-1)
+        cdf /= cdf[:, -1:]
+        u = torch.rand((cdf.shape[0], num_samples), generator=generator, dtype=torch.float64,
+                       device=cdf.device)
+        draws = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
+        # A row with NaN logits has no distribution: its targets say so (NaN probabilities,
+        # so any loss built on them is NaN) instead of looking like valid draws.
+        broken = torch.isnan(cdf[:, -1:])
+        del cdf
         idx, p = _unique_counts(draws, width)
+        p = torch.where(broken, torch.full_like(p, float("nan")), p)
         idx_parts.append(idx)
         prob_parts.append(p)
     if not idx_parts:
