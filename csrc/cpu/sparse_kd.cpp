@@ -32,9 +32,9 @@ Acc logsumexp(const Acc* x, int64_t n) {
 // the tail class ("rest"; -inf log-probabilities unless tail == bucket).
 template <typename Acc>
 struct Coarse {
-  std::vector<Acc> lp, lq, g;  // teacher / student log-probabilities, dL/dq_hat
-  std::vector<int64_t> id;     // vocabulary id of each support slot, -1 for padding
-  explicit Coarse(int64_t k) : lp(size_t(k + 1)), lq(size_t(k + 1)), g(size_t(k + 1)),
+  std::vector<Acc> lp, lq, qg;  // teacher / student log-probabilities, q_hat * dL/dq_hat
+  std::vector<int64_t> id;      // vocabulary id of each support slot, -1 for padding
+  explicit Coarse(int64_t k) : lp(size_t(k + 1)), lq(size_t(k + 1)), qg(size_t(k + 1)),
                                id(size_t(k)) {}
 };
 
@@ -62,9 +62,9 @@ void teacher_classes(Coarse<Acc>& c, const void* tlp, int tlp_dtype, int64_t k, 
   for (int64_t i = 0; i <= k; ++i) c.lp[size_t(i)] -= norm;
 }
 
-// Divergence over the classes; fills c.g with dL/dq_hat_c (as q_hat_c * g_c products are
-// what the gradient needs, a class with q_hat = 0 gets the limit of that product, see below)
-// and returns (loss, sum_c q_hat_c g_c).
+// Divergence over the classes; fills c.qg with q_hat_c * dL/dq_hat_c, the product the
+// gradient needs (forward KL's is -p_c, finite even where q_hat_c underflows), and returns
+// (loss, sum_c q_hat_c g_c). An id j of class c then gets q_j / q_hat_c * qg_c.
 template <typename Acc>
 std::pair<Acc, Acc> class_divergence(Coarse<Acc>& c, int64_t n_cls, Divergence div, Acc beta) {
   Acc loss = 0, sum_qg = 0;
@@ -73,44 +73,32 @@ std::pair<Acc, Acc> class_divergence(Coarse<Acc>& c, int64_t n_cls, Divergence d
   for (int64_t i = 0; i < n_cls; ++i) {
     const Acc lp = c.lp[size_t(i)], lq = c.lq[size_t(i)];
     const Acc p = exp_acc(lp), q = exp_acc(lq);
-    Acc g = 0;
+    Acc qg = 0;
     switch (div) {
       case Divergence::ForwardKL:
         loss += xlogratio(p, lp, lq);
-        // g = -p / q; q * g = -p, finite even where q underflows.
-        g = p > Acc(0) ? -std::exp(lp - lq) : Acc(0);
-        sum_qg -= p;
+        qg = -p;
         break;
       case Divergence::ReverseKL:
         loss += xlogratio(q, lq, lp);
-        g = q > Acc(0) ? lq - lp + Acc(1) : Acc(0);
-        sum_qg += q * g;
+        qg = q > Acc(0) ? q * (lq - lp + Acc(1)) : Acc(0);
         break;
       case Divergence::JSD: {
         const Acc lm = jsd_log_mixture(lp, lq, log_b, log_1mb);
         const Acc kq = xlogratio(q, lq, lm);
         loss += beta * xlogratio(p, lp, lm) + (Acc(1) - beta) * kq;
-        g = q > Acc(0) ? (Acc(1) - beta) * (lq - lm) : Acc(0);
-        sum_qg += (Acc(1) - beta) * kq;
+        qg = (Acc(1) - beta) * kq;
         break;
       }
       case Divergence::TVD:
         loss += Acc(0.5) * std::abs(q - p);
-        g = tvd_sign(q, p);
-        sum_qg += q * g;
+        qg = q * tvd_sign(q, p);
         break;
     }
-    c.g[size_t(i)] = g;
+    c.qg[size_t(i)] = qg;
+    sum_qg += qg;
   }
   return {loss, sum_qg};
-}
-
-// q_j * g for a vocabulary entry of probability q_j in a class of probability q_hat with
-// gradient g. Forward KL's g = -p / q_hat is kept as the ratio q_j / q_hat (an entry of the
-// class that underflowed still gets its share, and 0 / 0 never happens).
-template <typename Acc>
-Acc q_times_g(Divergence div, Acc q_j, Acc q_over_qhat, Acc p_hat, Acc g) {
-  return div == Divergence::ForwardKL ? -p_hat * q_over_qhat : q_j * g;
 }
 
 template <typename Acc>
@@ -201,27 +189,15 @@ void sparse_kd_impl(RowView student, const int64_t* indices, const void* tlp, in
 
         if (grow) {
           // Off the support: dL/dz_j = q_j (g_rest - sum_qg) for bucket, -q_j sum_qg for
-          // renorm/none, 0 for support. q_j = es[j] / s for every tail but support.
-          const Acc inv_s = s.inv_s;
-          Acc off_q = 0, off_ratio = 0;  // coefficients of es[j]: q_j terms and q_j / q_rest
-          if (row_tail != Tail::Support) off_q = -sum_qg * inv_s;
-          if (row_tail == Tail::Bucket && s_rest > Acc(0)) {
-            if (div == Divergence::ForwardKL) {
-              off_ratio = -exp_acc(c.lp[size_t(k)]) / s_rest;
-            } else {
-              off_q += c.g[size_t(k)] * inv_s;
-            }
-          }
-          const Acc off = off_q + off_ratio;
+          // renorm/none, 0 for support; with q_j = es[j] / s and q_j / q_rest = es[j] / s_rest.
+          Acc off = row_tail == Tail::Support ? Acc(0) : -sum_qg * s.inv_s;
+          if (row_tail == Tail::Bucket && s_rest > Acc(0)) off += c.qg[size_t(k)] / s_rest;
 #pragma omp simd
           for (int64_t j = 0; j < vocab; ++j) gz[j] = es[j] * off;
-          // On the support: the class's own gradient.
+          // On the support: the class's own gradient (q_j is its q_hat).
           for (int64_t i = 0; i < k; ++i) {
             const int64_t id = c.id[size_t(i)];
-            if (id < 0) continue;
-            const Acc q_hat = exp_acc(c.lq[size_t(i)]);
-            const Acc p_hat = exp_acc(c.lp[size_t(i)]);
-            gz[id] = q_times_g(div, q_hat, Acc(1), p_hat, c.g[size_t(i)]) - q_hat * sum_qg;
+            if (id >= 0) gz[id] = c.qg[size_t(i)] - exp_acc(c.lq[size_t(i)]) * sum_qg;
           }
           if (!ids_ok) {
             for (int64_t j = 0; j < vocab; ++j) gz[j] = nan;

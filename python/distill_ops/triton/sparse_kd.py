@@ -47,28 +47,25 @@ def _lse(x):
 
 @triton.jit
 def _class_terms(lp, lq, beta, log_b, log_1mb, DIVERGENCE: tl.constexpr):
-    """Per-class (loss term, g, q_hat * g) of the divergence; forward KL's q_hat * g is -p."""
+    """Per-class (loss term, q_hat * dL/dq_hat) of the divergence; forward KL's is -p, finite
+    where q_hat underflows."""
     p = tl.exp(lp)
     q = tl.exp(lq)
     if DIVERGENCE == FORWARD_KL:
         term = tl.where(p > 0, p * (lp - lq), 0.0)
-        g = tl.where(p > 0, -tl.exp(lp - lq), 0.0)
         qg = -p
     elif DIVERGENCE == REVERSE_KL:
         term = tl.where(q > 0, q * (lq - lp), 0.0)
-        g = tl.where(q > 0, lq - lp + 1.0, 0.0)
-        qg = q * g
+        qg = tl.where(q > 0, q * (lq - lp + 1.0), 0.0)
     elif DIVERGENCE == JSD:
         lm = _log_mixture(lp, lq, log_b, log_1mb)
         kq = tl.where(q > 0, q * (lq - lm), 0.0)
         term = beta * tl.where(p > 0, p * (lp - lm), 0.0) + (1.0 - beta) * kq
-        g = tl.where(q > 0, (1.0 - beta) * (lq - lm), 0.0)
         qg = (1.0 - beta) * kq
     else:
         term = 0.5 * tl.abs(q - p)
-        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
-        qg = q * g
-    return term, g, qg
+        qg = q * tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+    return term, qg
 
 
 @triton.jit
@@ -158,8 +155,8 @@ def sparse_kd_kernel(
 
     log_b = tl.log(beta)
     log_1mb = tl.log(1.0 - beta)
-    term, _, qg = _class_terms(lp, lq, beta, log_b, log_1mb, DIVERGENCE)
-    term_r, g_r, qg_r = _class_terms(lp_rest, lq_rest, beta, log_b, log_1mb, DIVERGENCE)
+    term, qg = _class_terms(lp, lq, beta, log_b, log_1mb, DIVERGENCE)
+    term_r, qg_r = _class_terms(lp_rest, lq_rest, beta, log_b, log_1mb, DIVERGENCE)
     div = tl.sum(tl.where(on, term, 0.0), 0) + term_r
     sum_qg = tl.sum(tl.where(on, qg, 0.0), 0) + qg_r
 
@@ -177,16 +174,12 @@ def sparse_kd_kernel(
     if COMPUTE_GRAD:
         g_row = grad_ptr + row * vocab
         coef = soft_coef * inv_t
-        # Off the support: dL/dz_j = e_j * off (q_j = e_j / s_all).
-        inv_s = 1.0 / s_all.to(tl.float32)
+        # Off the support: dL/dz_j = e_j * off (q_j = e_j / s_all, q_j / q_rest = e_j / s_rest).
         off = 0.0
         if TAIL != SUPPORT:
-            off = -sum_qg * inv_s
+            off = -sum_qg / s_all.to(tl.float32)
         if TAIL == BUCKET:
-            if DIVERGENCE == FORWARD_KL:
-                off += tl.where(s_rest > 0, -tl.exp(lp_rest) / s_rest, 0.0)
-            else:
-                off += tl.where(s_rest > 0, g_r * inv_s, 0.0)
+            off += tl.where(s_rest > 0, qg_r / s_rest, 0.0)
         for start in range(0, vocab, BLOCK):
             cols = start + offs
             inb = cols < n
