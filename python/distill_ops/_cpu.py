@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._ext import dtype_code, native, ptr
+from ._ext import dtype_code, fused_outputs, native, ptr
 from ._validation import LossScalars
 
 
@@ -35,9 +35,8 @@ def dense_kd_forward(
 ) -> tuple[Tensor, Tensor]:
     """(loss [N] fp32 (fp64 for fp64 inputs), grad [N, V_s] in the student's dtype or empty)."""
     n, grad_cols = student.shape
-    wide = torch.float64 in (student.dtype, teacher.dtype)
-    loss = torch.empty(n, dtype=torch.float64 if wide else torch.float32)
-    grad = torch.empty((n, grad_cols) if compute_grad else (0,), dtype=student.dtype)
+    loss, grad = fused_outputs(student, torch.float64 in (student.dtype, teacher.dtype),
+                               compute_grad)
     native().dense_kd_cpu(
         ptr(student), dtype_code(student), student.stride(0),
         ptr(teacher), dtype_code(teacher), teacher.stride(0),
@@ -76,9 +75,7 @@ def sparse_kd_forward(
     """(loss [N] fp32 (fp64 for fp64), grad [N, V] in the student's dtype or empty)."""
     n, vocab = student.shape
     k = indices.shape[1]
-    loss = torch.empty(n, dtype=torch.float64 if student.dtype == torch.float64
-                       else torch.float32)
-    grad = torch.empty((n, vocab) if compute_grad else (0,), dtype=student.dtype)
+    loss, grad = fused_outputs(student, student.dtype == torch.float64, compute_grad)
     p = native().SparseParams()
     p.divergence = divergence
     p.tail = tail

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ._cpu import kd_params
-from ._ext import dtype_code, native, ptr
+from ._ext import dtype_code, fused_outputs, native, ptr
 from ._validation import LossScalars
 
 
@@ -26,9 +26,7 @@ def dense_kd_forward(
 ) -> tuple[Tensor, Tensor]:
     """(loss [N] fp32, grad [N, V_s] in the student's dtype or an empty tensor)."""
     n, grad_cols = student.shape
-    loss = torch.empty(n, dtype=torch.float32, device=student.device)
-    grad = torch.empty((n, grad_cols) if compute_grad else (0,), dtype=student.dtype,
-                       device=student.device)
+    loss, grad = fused_outputs(student, False, compute_grad)
     with torch.cuda.device(student.device):
         native().dense_kd_cuda(
             ptr(student), dtype_code(student), student.stride(0),

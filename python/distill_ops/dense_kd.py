@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import _cpu, _cuda, reference
 from ._backend import resolve_backend
+from ._ext import fused_outputs
 from ._fused import register_fused_autograd
 from ._reduction import reduce_rows, valid_rows
 from ._validation import (
@@ -70,11 +71,7 @@ def dense_kd(
 def _(student, teacher, valid, labels, divergence, temperature, beta, student_scale,
       student_softcap, teacher_scale, teacher_softcap, hard_weight, soft_coef, vocab,
       compute_grad, backend):
-    n = student.shape[0]
-    wide = torch.float64 in (student.dtype, teacher.dtype)
-    loss = student.new_empty(n, dtype=torch.float64 if wide else torch.float32)
-    grad = student.new_empty(tuple(student.shape) if compute_grad else (0,))
-    return loss, grad
+    return fused_outputs(student, torch.float64 in (student.dtype, teacher.dtype), compute_grad)
 
 
 register_fused_autograd(dense_kd, n_inputs=16)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import _cpu, reference
 from ._backend import resolve_backend
+from ._ext import fused_outputs
 from ._fused import register_fused_autograd
 from ._reduction import reduce_rows, valid_rows
 from ._validation import (
@@ -68,10 +69,7 @@ def sparse_kd(
 @sparse_kd.register_fake
 def _(student, indices, teacher_logprobs, valid, labels, divergence, tail, temperature,
       source_temperature, beta, hard_weight, soft_coef, compute_grad, backend):
-    wide = student.dtype == torch.float64
-    loss = student.new_empty(student.shape[0], dtype=torch.float64 if wide else torch.float32)
-    grad = student.new_empty(tuple(student.shape) if compute_grad else (0,))
-    return loss, grad
+    return fused_outputs(student, student.dtype == torch.float64, compute_grad)
 
 
 register_fused_autograd(sparse_kd, n_inputs=14)

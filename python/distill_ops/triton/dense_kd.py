@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._ext import fused_outputs
+
 NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
 
 FORWARD_KL: tl.constexpr = tl.constexpr(0)
@@ -272,9 +274,7 @@ def _device_ctx(t: torch.Tensor):
 def dense_kd_forward(student, teacher, valid, labels, sc, vocab: int, compute_grad: bool):
     """Launch dense_kd_kernel: returns (loss [N] fp32, grad [N, V_s] or an empty tensor)."""
     n, grad_cols = student.shape
-    loss = torch.empty(n, dtype=torch.float32, device=student.device)
-    grad = torch.empty((n, grad_cols) if compute_grad else (0,), dtype=student.dtype,
-                       device=student.device)
+    loss, grad = fused_outputs(student, False, compute_grad)
     if n == 0:
         return loss, grad
     block, num_warps = launch_config(vocab)

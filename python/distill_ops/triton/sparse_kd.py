@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._ext import fused_outputs
 from .dense_kd import (
     FORWARD_KL,
     JSD,
@@ -216,9 +217,7 @@ def sparse_kd_forward(student, indices, teacher_logprobs, valid, labels, diverge
     """Launch sparse_kd_kernel: (loss [N] fp32, grad [N, V] in the student's dtype or empty)."""
     n, vocab = student.shape
     k = indices.shape[1]
-    loss = torch.empty(n, dtype=torch.float32, device=student.device)
-    grad = torch.empty((n, vocab) if compute_grad else (0,), dtype=student.dtype,
-                       device=student.device)
+    loss, grad = fused_outputs(student, False, compute_grad)
     if n == 0:
         return loss, grad
     block, kp, num_warps = launch_config(vocab, k)
