@@ -3,8 +3,11 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <tuple>
+#include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/store_codec.h"
 #ifdef DISTILL_OPS_WITH_CUDA
 #include "cuda/kernels.cuh"
 #endif
@@ -63,6 +66,27 @@ void scale_rows_cpu(uintptr_t grad_ptr, uintptr_t out_ptr, int dtype, uintptr_t 
                                n_cols, num_threads);
 }
 
+// One sequence's store payload: (bytes, max |error| of head values, ... of the others).
+std::tuple<py::bytes, double, double> store_encode(uintptr_t ids_ptr, uintptr_t lp_ptr, int64_t T,
+                                                   const distill_ops::store::CodecParams& p) {
+  std::vector<uint8_t> out;
+  distill_ops::store::EncodeStats st;
+  {
+    py::gil_scoped_release release;
+    out.reserve(size_t(T * p.k) * 4 + 16);
+    st = distill_ops::store::encode(as_ptr<const int32_t>(ids_ptr), as_ptr<const float>(lp_ptr),
+                                    T, p, out);
+  }
+  return {py::bytes(reinterpret_cast<const char*>(out.data()), out.size()), st.max_err_head,
+          st.max_err_tail};
+}
+
+bool store_decode(uintptr_t data_ptr, int64_t nbytes, int64_t T,
+                  const distill_ops::store::CodecParams& p, uintptr_t ids_ptr, uintptr_t lp_ptr) {
+  return distill_ops::store::decode(as_ptr<const uint8_t>(data_ptr), nbytes, T, p,
+                                    as_ptr<int32_t>(ids_ptr), as_ptr<float>(lp_ptr));
+}
+
 #ifdef DISTILL_OPS_WITH_CUDA
 void dense_kd_cuda(uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t t_ptr, int t_dtype,
                    int64_t t_stride, uintptr_t valid_ptr, uintptr_t labels_ptr,
@@ -110,6 +134,20 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("hard_weight", &SparseParams::hard_weight)
       .def_readwrite("soft_coef", &SparseParams::soft_coef);
 
+  py::class_<distill_ops::store::CodecParams>(m, "CodecParams")
+      .def(py::init<>())
+      .def_readwrite("vocab", &distill_ops::store::CodecParams::vocab)
+      .def_readwrite("k", &distill_ops::store::CodecParams::k)
+      .def_readwrite("encoding", &distill_ops::store::CodecParams::encoding)
+      .def_readwrite("head", &distill_ops::store::CodecParams::head)
+      .def_readwrite("head_tol", &distill_ops::store::CodecParams::head_tol)
+      .def_readwrite("tail_tol", &distill_ops::store::CodecParams::tail_tol)
+      .def_readwrite("head_min_bits", &distill_ops::store::CodecParams::head_min_bits);
+  m.def("store_encode", &store_encode,
+        "Encodes one sequence's targets (ids [T, k] int32, logprobs [T, k] float32).");
+  m.def("store_decode", &store_decode, py::call_guard<py::gil_scoped_release>(),
+        "Decodes one sequence's payload into ids [T, k] int32 and logprobs [T, k] float32.");
+  m.def("store_id_bits", &distill_ops::store::id_bits, "ceil(log2(V)) bits, at least 1.");
   m.def("sparse_kd_cpu", &sparse_kd_cpu, py::call_guard<py::gil_scoped_release>(),
         "Fused sparse (top-k / sampled targets) KD loss and student gradient, per row (CPU).");
   m.def("topk_logprobs_cpu", &topk_logprobs_cpu, py::call_guard<py::gil_scoped_release>(),

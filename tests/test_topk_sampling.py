@@ -115,6 +115,10 @@ def test_sample_targets_shape_padding_and_reproducibility(seed):
         assert (kept[1:] > kept[:-1]).all()  # ascending, unique
     # More draws than ids: the width is capped at V.
     assert distill_ops.sample_targets(logits(2, 5), 64).indices.shape == (2, 5)
+    # One row (the cumulative sum's last column then aliases the whole tensor) and none.
+    one = distill_ops.sample_targets(logits(1, 40), 8)
+    torch.testing.assert_close(one.probs.sum(-1), torch.ones(1))
+    assert distill_ops.sample_targets(logits(0, 40), 8).indices.shape == (0, 8)
 
 
 def test_sampled_targets_are_unbiased(seed):

@@ -71,7 +71,7 @@ def sample_targets(
         # device on some paths), nothing here waits for the device.
         cdf = torch.cumsum(torch.softmax(x[start:start + rows].float() / t, dim=-1).double(),
                            dim=-1)
-        cdf /= cdf[:, -1:]
+        cdf = cdf / cdf[:, -1:]  # not in place: with one row the divisor aliases the result
         u = torch.rand((cdf.shape[0], num_samples), generator=generator, dtype=torch.float64,
                        device=cdf.device)
         draws = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
