@@ -1,4 +1,5 @@
-"""`distill-ops`: the command line. `distill-ops bench` times the losses against their peers."""
+"""`distill-ops`: the command line. `bench` times the ops against their peers, `extract` stores
+a teacher's sparse targets, `inspect` reports on a store."""
 
 from __future__ import annotations
 
@@ -61,6 +62,38 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def extract(args: argparse.Namespace) -> int:
+    import os
+
+    from .store.extract import extract as run_extract
+
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one process per rank
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    counts = run_extract(args.teacher, args.data, args.out, k=args.k, sample=args.sample,
+                         temperature=args.temperature, value_encoding=args.encoding,
+                         max_length=args.max_length, batch_size=args.batch_size,
+                         device=device, dtype=args.dtype, seed=args.seed,
+                         progress=not args.no_progress)
+    rate = counts["tokens"] / counts["seconds"] if counts["seconds"] else 0.0
+    print(f"wrote {counts['written']} sequences ({counts['tokens']} tokens, {rate:,.0f} tokens/s)"
+          f", skipped {counts['skipped']} already stored, into {args.out}")
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from .store.extract import format_inspection, inspect_store
+
+    info = inspect_store(args.store, verify=not args.no_verify)
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="distill-ops", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -80,6 +113,29 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     b.add_argument("--out", default=None, help="folder for JSON and markdown results")
     b.set_defaults(func=bench)
+
+    e = sub.add_parser("extract", help="store a local teacher's top-k or sampled targets")
+    e.add_argument("--teacher", required=True, help="local Hugging Face causal LM directory")
+    e.add_argument("--data", nargs="+", required=True, help=".txt, .jsonl, .npy or .pt files")
+    e.add_argument("--out", required=True, help="the store directory (resumed if it exists)")
+    e.add_argument("--k", type=int, default=64, help="top-k targets per token")
+    e.add_argument("--sample", type=int, default=None,
+                   help="store N sampled draws per token instead of the top-k")
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--encoding", default="compact", choices=["compact", "fp16", "bf16"])
+    e.add_argument("--max-length", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    e.add_argument("--device", default=None)
+    e.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    e.add_argument("--seed", type=int, default=0, help="sampling seed (plus each seq_id)")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=extract)
+
+    i = sub.add_parser("inspect", help="what a target store holds, checksums verified")
+    i.add_argument("store")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--no-verify", action="store_true")
+    i.set_defaults(func=inspect)
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     args.argv = argv

@@ -1,0 +1,80 @@
+"""A Hugging Face `Trainer` whose distillation loss never builds the student's logits.
+
+`DistillTrainer.compute_loss` runs the student's decoder (not its LM head) and hands the final
+hidden states and the head's weight to :func:`distill_ops.fused_linear_kd_loss`, with either
+
+- a dense teacher: another causal LM run on the same batch (its head applied chunk by chunk
+  too), or
+- sparse targets in the batch: ``teacher_indices`` / ``teacher_logprobs`` ``[B, T, k]``, e.g.
+  read from a target store by :class:`distill_ops.store.TargetDataset` and padded by
+  :func:`distill_ops.store.collate_targets` (set ``remove_unused_columns=False`` in the
+  `TrainingArguments`, or the Trainer drops those columns before `compute_loss`).
+
+Position t of the batch predicts token t + 1: hidden states and targets of the last position
+are dropped, labels of the first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import Trainer
+
+from ..fused_linear import fused_linear_kd_loss
+
+# What the decoder is called with; other batch columns (ids of stored sequences, ...) are not
+# model inputs.
+_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+class DistillTrainer(Trainer):
+    """`Trainer` with a fused LM-head distillation loss.
+
+    Args:
+        teacher: a causal LM for a dense teacher, or None when batches carry sparse targets.
+        distill: options of `fused_linear_kd_loss` (divergence, temperature, tail,
+            source_temperature, ...).
+
+    Example:
+        >>> trainer = DistillTrainer(model=student, args=args, train_dataset=ds,
+        ...                          data_collator=collate_targets,
+        ...                          distill={"temperature": 2.0, "source_temperature": 2.0})
+    """
+
+    def __init__(self, *args: Any, teacher: torch.nn.Module | None = None,
+                 distill: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval() if teacher is not None else None
+        self.distill = distill or {}
+
+    @staticmethod
+    def _hidden_and_head(model: torch.nn.Module, inputs: dict[str, Tensor]):
+        # The decoder alone: the [B, T, V] logits of the full model are never computed.
+        hidden = model.get_decoder()(**inputs).last_hidden_state
+        head = model.get_output_embeddings()
+        return hidden, head.weight, getattr(head, "bias", None)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        indices = inputs.get("teacher_indices")
+        logprobs = inputs.get("teacher_logprobs")
+        model_inputs = {k: inputs[k] for k in _MODEL_INPUTS if k in inputs}
+        hidden, weight, bias = self._hidden_and_head(model, model_inputs)
+        kwargs = dict(student_bias=bias, labels=labels[:, 1:],
+                      num_items_in_batch=num_items_in_batch, **self.distill)
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_hidden, t_weight, t_bias = self._hidden_and_head(self.teacher, model_inputs)
+            loss = fused_linear_kd_loss(hidden[:, :-1], weight, t_hidden[:, :-1], t_weight,
+                                        teacher_bias=t_bias, **kwargs)
+        elif indices is None or logprobs is None:
+            raise ValueError("DistillTrainer without a teacher needs 'teacher_indices' and "
+                             "'teacher_logprobs' in every batch (keep them with "
+                             "remove_unused_columns=False)")
+        else:
+            loss = fused_linear_kd_loss(hidden[:, :-1], weight,
+                                        teacher_indices=indices[:, :-1],
+                                        teacher_logprobs=logprobs[:, :-1], **kwargs)
+        return (loss, {"hidden": hidden}) if return_outputs else loss
