@@ -74,7 +74,8 @@ def _head(model: Any) -> tuple[Tensor, Tensor | None, float, float | None]:
     head = model.get_output_embeddings()
     cfg = model.config
     cap = getattr(cfg, "final_logit_softcapping", None)
-    return head.weight, getattr(head, "bias", None), float(getattr(cfg, "logit_scale", 1.0) or 1.0), cap
+    scale = float(getattr(cfg, "logit_scale", 1.0) or 1.0)
+    return head.weight, getattr(head, "bias", None), scale, cap
 
 
 def _sampled(hidden: Tensor, weight: Tensor, bias: Tensor | None, n: int, temperature: float,
@@ -256,7 +257,7 @@ def inspect_store(path: str | os.PathLike[str], *, verify: bool = True,
         "bytes_per_token": (payload + index) / tokens if tokens else math.nan,
         "mean_mass_covered": mass_sum / tokens if tokens else math.nan,
         "mass_histogram": {f"[{lo:g}, {min(hi, 1):g}{']' if hi > 1 else ')'}": int(c)
-                           for lo, hi, c in zip(bins[:-1], bins[1:], mass_hist)},
+                           for lo, hi, c in zip(bins[:-1], bins[1:], mass_hist, strict=True)},
         "max_error_head": stats["max_err_head"], "max_error_tail": stats["max_err_tail"],
         "checksums_verified": checked, "metadata": m.get("metadata", {}),
     }
