@@ -1,4 +1,5 @@
-# Quick start on a fresh machine: `make run` (build, then a CPU benchmark table) and
+# Quick start on a fresh machine: `make run` (build, then the benchmark at quick sizes: a
+# table on the terminal, JSON, markdown and plots under bench/out) and
 # `make test` (the whole suite). Both create .venv and install torch==2.13.0 first: on the
 # development machines that pin is a CPU wheel already on disk, where a bare `torch` would
 # pull a several-GB CUDA build.
@@ -24,7 +25,7 @@ $(VENV)/.installed: $(VENV)/.torch $(SOURCES)
 	touch $@
 
 run: $(VENV)/.installed
-	$(BIN)/distill-ops bench --quick
+	$(BIN)/distill-ops bench --quick --out bench/out
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .

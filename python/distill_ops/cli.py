@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-QUICK_SHAPES = [(256, 32000)]
-FULL_SHAPES = [(2048, 32000), (512, 128256)]
+from .benchmark import DIVERGENCES, OPS, TAILS
 
 
 def _git_commit() -> str | None:
@@ -30,36 +29,101 @@ def _shape(text: str) -> tuple[int, int]:
     return int(n), int(v)
 
 
+def _shapes(args: argparse.Namespace, device: str) -> dict:
+    from . import benchmark as bm
+
+    base = bm.QUICK if args.quick else (bm.CANONICAL if device == "cuda" else bm.CPU_FULL)
+    shapes = {op: list(v) for op, v in base.items()}
+    if args.shape:  # NxV replaces the sizes of every op, keeping each op's k and widths
+        for op, defaults in shapes.items():
+            d = defaults[0]
+            shapes[op] = [bm.Shape(n, v, d.k, d.hs, d.ht) for n, v in args.shape]
+    if args.k:
+        for op, rows in shapes.items():
+            if rows[0].k:
+                shapes[op] = list(dict.fromkeys(
+                    bm.Shape(s.n, s.v, k, s.hs, s.ht) for s in rows for k in args.k))
+    if args.hidden:
+        hs, ht = args.hidden
+        for op, rows in shapes.items():
+            shapes[op] = [bm.Shape(s.n, s.v, s.k, hs if s.hs else 0, ht if s.ht else 0)
+                          for s in rows]
+    return shapes
+
+
 def bench(args: argparse.Namespace) -> int:
-    from . import benchmark
+    import datetime
+
+    from . import benchmark as bm
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    shapes = args.shape or (QUICK_SHAPES if args.quick else FULL_SHAPES)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    reps = args.reps or (3 if args.quick else 7)
-    total = len(shapes) * len(args.op)
-
-    def progress(label: str) -> None:
-        print(f"  running {label}", file=sys.stderr, flush=True)
-
-    print(f"distill-ops bench: {total} case group(s) on {device}", file=sys.stderr)
-    results, env = benchmark.run(
-        args.op, shapes, args.divergence, k=args.k, dtype=dtype, device=device,
-        temperature=args.temperature, reps=reps,
-        include_compile=not args.quick and not args.no_compile, progress=progress,
-    )
+    shapes = _shapes(args, device)
+    dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    reps = args.reps or (3 if args.quick else 10)
+    include_compile = not args.quick and not args.no_compile
+    total = 0
+    for op in args.op:
+        for s in shapes[op]:
+            total += sum(len(c) for _, c in bm.groups(op, s, args.temperature,
+                                                      torch.device(device), False,
+                                                      args.divergence, args.tail))
+    bar = _progress(total, args.no_progress)
+    print(f"distill-ops bench: {total} cases on {device} ({dtype_name})", file=sys.stderr)
+    results, env = bm.run(args.op, shapes, dtype=dtype, device=device,
+                          temperature=args.temperature, reps=reps,
+                          include_compile=include_compile, divergences=args.divergence,
+                          tails=args.tail, progress=bar)
+    bar(None)
+    store = None
+    if "store" in args.extra:
+        print("  timing the target store reader", file=sys.stderr)
+        store = bm.store_throughput(tokens=1 << 14 if args.quick else 1 << 17)
     env["git_commit"] = _git_commit()
-    table = benchmark.format_table(results, env)
+    table = bm.format_table(results, env, store)
     print(table)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        stem = f"{bm.device_slug(env)}-{datetime.date.today().isoformat()}"
         command = "distill-ops " + " ".join(shlex.quote(a) for a in args.argv)
-        (out / "bench.json").write_text(
-            json.dumps(benchmark.to_json(results, env, command), indent=2))
-        (out / "bench.md").write_text(f"`{command}`\n\n{table}\n")
-        print(f"wrote {out}/bench.json and bench.md", file=sys.stderr)
+        config = {"ops": list(args.op), "quick": args.quick, "dtype": dtype_name,
+                  "reps": reps, "temperature": args.temperature,
+                  "torch_compile": include_compile,
+                  "shapes": {op: [vars(s) for s in shapes[op]] for op in args.op}}
+        (out / f"{stem}.json").write_text(
+            json.dumps(bm.to_json(results, env, command, config, store), indent=1))
+        (out / f"{stem}.md").write_text(f"`{command}`\n\n{table}\n")
+        plots = [] if args.no_plots else bm.plot(results, out / f"{stem}-plots")
+        note = f", {len(plots)} plots in {out / (stem + '-plots')}" if plots else (
+            "" if args.no_plots else " (no plots: matplotlib is not installed)")
+        print(f"wrote {out / stem}.json and .md{note}", file=sys.stderr)
     return 0
+
+
+def _progress(total: int, disabled: bool):
+    """A progress callback: a tqdm bar on stderr (a line per case without tqdm)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+    if tqdm is None or disabled:
+        def line(label):
+            if label is not None and not disabled:
+                print(f"  {label}", file=sys.stderr, flush=True)
+        return line
+    bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
+    started = []
+
+    def step(label):  # called as each case starts; None when all are done
+        if started:
+            bar.update(1)
+        started.append(True)
+        if label is None:
+            bar.close()
+        else:
+            bar.set_description_str(label[:60])
+    return step
 
 
 def extract(args: argparse.Namespace) -> int:
@@ -97,21 +161,29 @@ def inspect(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="distill-ops", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="time the ops against eager PyTorch, torch.compile, TRL")
-    b.add_argument("--op", nargs="+", default=["dense", "sparse", "topk"],
-                   choices=["dense", "sparse", "topk", "fused_linear"])
-    b.add_argument("--k", type=int, default=64,
-                   help="targets per row (sparse, topk); the hidden width H (fused_linear)")
-    b.add_argument("--quick", action="store_true", help="one small shape, no torch.compile")
-    b.add_argument("--shape", type=_shape, action="append", help="NxV, e.g. 2048x32000")
-    b.add_argument("--divergence", nargs="+", default=["forward_kl", "jsd"],
-                   choices=["forward_kl", "jsd"])
-    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    b = sub.add_parser("bench", help="time every op against its peers and the hardware limit")
+    b.add_argument("--op", nargs="+", default=list(OPS), choices=list(OPS))
+    b.add_argument("--quick", action="store_true",
+                   help="small CPU-friendly sizes, 3 repetitions, no torch.compile")
+    b.add_argument("--shape", type=_shape, action="append",
+                   help="NxV (repeatable), replacing every op's default sizes")
+    b.add_argument("--k", type=int, nargs="+", help="targets per row (ops that take k)")
+    b.add_argument("--hidden", type=int, nargs=2, metavar=("HS", "HT"),
+                   help="student and teacher hidden widths of the LM-head ops")
+    b.add_argument("--divergence", nargs="+", default=list(DIVERGENCES), choices=DIVERGENCES)
+    b.add_argument("--tail", nargs="+", default=list(TAILS), choices=TAILS)
+    b.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="default: bf16 on a GPU, fp32 on the CPU")
     b.add_argument("--temperature", type=float, default=2.0)
     b.add_argument("--reps", type=int, default=None)
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
-    b.add_argument("--out", default=None, help="folder for JSON and markdown results")
+    b.add_argument("--extra", nargs="*", default=["store"], choices=["store"],
+                   help="also time the target store reader (default)")
+    b.add_argument("--out", default=None,
+                   help="folder for <device>-<date>.json, .md and -plots/*.png")
+    b.add_argument("--no-plots", action="store_true")
+    b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=bench)
 
     e = sub.add_parser("extract", help="store a local teacher's top-k or sampled targets")

@@ -66,18 +66,21 @@ def sample_targets(
     idx_parts, prob_parts = [], []
     rows = max(1, _CHUNK_ELEMENTS // vocab)
     for start in range(0, x.shape[0], rows):
-        # Inverse-CDF sampling: the cumulative distribution in fp64 (exactly 1 at the end),
-        # uniform draws, a search. Unlike torch.multinomial (whose argument checks read the
-        # device on some paths), nothing here waits for the device.
-        cdf = torch.cumsum(torch.softmax(x[start:start + rows].float() / t, dim=-1).double(),
-                           dim=-1)
-        cdf = cdf / cdf[:, -1:]  # not in place: with one row the divisor aliases the result
+        # Inverse-CDF sampling: the unnormalised cumulative distribution (exp(z - max) in
+        # fp32, summed in fp64), uniform draws scaled by its total, a search. Unlike
+        # torch.multinomial (whose argument checks read the device on some paths), nothing
+        # here waits for the device.
+        z = x[start:start + rows].float() / t
+        cdf = torch.cumsum(torch.exp(z - z.amax(dim=-1, keepdim=True)), dim=-1,
+                           dtype=torch.float64)
+        del z
+        total = cdf[:, -1:]
         u = torch.rand((cdf.shape[0], num_samples), generator=generator, dtype=torch.float64,
-                       device=cdf.device)
+                       device=cdf.device) * total
         draws = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
-        # A row with NaN logits has no distribution: its targets say so (NaN probabilities,
-        # so any loss built on them is NaN) instead of looking like valid draws.
-        broken = torch.isnan(cdf[:, -1:])
+        # A row with NaN logits (or only -inf ones) has no distribution: its targets say so
+        # (NaN probabilities, so any loss built on them is NaN) instead of looking valid.
+        broken = torch.isnan(total)
         del cdf
         idx, p = _unique_counts(draws, width)
         p = torch.where(broken, torch.full_like(p, float("nan")), p)
