@@ -1,5 +1,6 @@
 """pytest-benchmark suite: `make bench` (or `pytest bench --benchmark-only`).
 
-Benchmarks are not tests: nothing here asserts a speed. Shapes are the ones the dense issue
-names: N=2048, V=32000 and N=512, V=128256, fp32, T=2, forward+backward.
+Benchmarks are not tests: nothing here asserts a speed. `distill-ops bench` is the harness with
+the table, the byte floors, the JSON and the plots; this suite times the same cases through
+pytest-benchmark for its comparison and history tools.
 """

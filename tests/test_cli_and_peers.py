@@ -1,5 +1,6 @@
-"""The benchmark CLI runs end to end, and our losses equal the peers' where they define the
-same quantity (TRL is optional: skipped, with the reason, where it is not installed)."""
+"""The benchmark harness: the CLI end to end at quick sizes (table, JSON, markdown, plots), its
+JSON schema, the byte model, and that each peer computes the loss it stands for (the optional
+peers are skipped, with the reason, where they are not installed)."""
 
 from __future__ import annotations
 
@@ -11,55 +12,139 @@ from helpers import LOSS_FLOOR, assert_close, logits
 
 import distill_ops
 from distill_ops import benchmark, cli
+from distill_ops.benchmark import Shape
+
+RESULT_FIELDS = {
+    "op": str, "variant": str, "impl": str, "n": int, "v": int, "k": int, "hs": int, "ht": int,
+    "dtype": str, "status": str, "fwd_ms": (float, type(None)),
+    "fwd_spread_ms": (float, type(None)), "total_ms": (float, type(None)),
+    "total_spread_ms": (float, type(None)), "peak_extra_mib": (float, type(None)),
+    "out_mib": float, "floor_mib": float, "gbps": (float, type(None)),
+    "frac_copy_bw": (float, type(None)), "frac_matmul": (float, type(None)), "notes": str,
+}
 
 
-def test_bench_cli_writes_table_and_json(tmp_path, capsys):
-    assert cli.main(["bench", "--shape", "16x300", "--reps", "1", "--no-compile",
-                     "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "| dense | forward_kl | 16 | 300 | - | float32 | distill_ops |" in out
-    assert "| sparse | forward_kl | 16 | 300 | 64 | float32 | eager |" in out
-    assert "| topk | k=64 | 16 | 300 | 64 | float32 | distill_ops |" in out
-    data = json.loads((tmp_path / "bench.json").read_text())
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "--quick", "--reps", "1", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 0
+    (md,) = out.glob("*.md")
+    (js,) = out.glob("*.json")
+    return out, md, json.loads(js.read_text())
+
+
+def test_quick_run_covers_every_op_with_a_peer(quick_run):
+    out, md, data = quick_run
+    assert md.name.startswith("cpu-") and md.name.endswith(".md")
+    rows = data["results"]
+    for op in benchmark.OPS:
+        ok = {r["impl"] for r in rows if r["op"] == op and r["status"] == "ok"}
+        assert any(i.startswith("distill_ops") for i in ok), (op, ok)
+        assert any(not i.startswith("distill_ops") for i in ok), (op, ok)
+    variants = {(r["op"], r["variant"]) for r in rows}
+    assert {("dense", d) for d in benchmark.DIVERGENCES} <= variants
+    assert {("sparse", f"forward_kl tail={t}") for t in benchmark.TAILS} <= variants
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["total_ms"] > 0 and r["fwd_ms"] > 0 and r["floor_mib"] > 0
+            assert 0 < r["frac_copy_bw"] and r["gbps"] > 0 and r["peak_extra_mib"] >= 0
+        else:  # a peer that is not here says why
+            assert r["status"] in ("missing", "error") and r["notes"]
+    fused = [r for r in rows if r["op"].startswith("fused_linear") and r["status"] == "ok"
+             and r["impl"] != "matmuls only"]
+    assert fused and all(r["frac_matmul"] > 0 for r in fused)
+    text = md.read_text()
+    assert text.startswith("`distill-ops bench --quick")
+    assert "| dense | forward_kl | N=256 V=32000 | float32 | distill_ops[cpu] |" in text
+    assert "missing: " in text  # e.g. Liger without a GPU
+    assert data["store"] and data["store"][0]["read_tokens_per_s"] > 0
+    pytest.importorskip("matplotlib")
+    plots = list((out / md.name.replace(".md", "-plots")).glob("*.png"))
+    assert any("dense-forward_kl" in p.name and p.name.endswith("vs-V.png") for p in plots)
+    assert any(p.name.endswith("vs-N.png") for p in plots)
+
+
+def test_json_schema(quick_run):
+    _, _, data = quick_run
+    assert data["schema"] == benchmark.SCHEMA
+    assert set(data) == {"schema", "created", "command", "environment", "config", "results",
+                         "store"}
+    env = data["environment"]
+    for key in ("device", "device_type", "torch", "triton", "python", "cuda",
+                "copy_bandwidth_gbps", "git_commit", "peers"):
+        assert key in env, key
+    assert set(env["peers"]) == {"trl", "liger-kernel", "torchtune"}
+    assert env["copy_bandwidth_gbps"] > 0
     assert data["command"].startswith("distill-ops bench")
-    assert data["environment"]["copy_bandwidth_gbps"] > 0
-    rows = {(r["op"], r["variant"], r["impl"]) for r in data["results"]}
-    assert {("dense", "forward_kl", "distill_ops"), ("dense", "forward_kl", "eager"),
-            ("dense", "jsd", "distill_ops"), ("dense", "jsd", "eager"), ("dense", "jsd", "trl"),
-            ("sparse", "forward_kl", "distill_ops"), ("sparse", "forward_kl", "eager"),
-            ("topk", "k=64", "distill_ops"), ("topk", "k=64", "eager")} <= rows
+    cfg = data["config"]
+    assert cfg["quick"] is True and cfg["dtype"] == "fp32" and cfg["reps"] == 1
+    assert set(cfg["shapes"]) == set(benchmark.OPS)
     for r in data["results"]:
-        if r["impl"] != "trl" or r["notes"] != "TRL not installed":
-            assert r["median_ms"] > 0 and r["floor_mib"] > 0
+        assert set(r) == set(RESULT_FIELDS), set(r) ^ set(RESULT_FIELDS)
+        for key, kind in RESULT_FIELDS.items():
+            value = r[key]
+            if isinstance(value, int) and not isinstance(value, bool) and kind is float:
+                value = float(value)
+            assert isinstance(value, kind), (key, value)
+    for s in data["store"]:
+        assert {"encoding", "k", "vocab", "tokens", "bytes_per_token", "read_tokens_per_s",
+                "write_tokens_per_s"} <= set(s)
 
 
 def test_byte_model():
-    assert benchmark.bytes_floor("dense", 2, 10, 0, 2) == (120, 40)
-    assert benchmark.bytes_floor("sparse", 2, 10, 3, 4) == (2 * 2 * 10 * 4 + 8 * 2 * 3, 80)
-    assert benchmark.bytes_floor("topk", 2, 10, 3, 2) == (40 + 48, 48)
+    s = Shape(2, 10, k=3, hs=4, ht=5)
+    assert benchmark.bytes_floor("dense", s, 2) == (3 * 2 * 10 * 2, 40)
+    assert benchmark.bytes_floor("sparse", s, 4) == (2 * 2 * 10 * 4 + 8 * 2 * 3, 80)
+    assert benchmark.bytes_floor("topk", s, 2) == (40 + 48, 48)
+    assert benchmark.bytes_floor("sample", s, 2) == (40 + 48, 48)
+    student = (2 * 4 + 10 * 4) * 2
+    assert benchmark.bytes_floor("fused_linear", s, 2) == (2 * student + (2 * 5 + 10 * 5) * 2,
+                                                           student)
+    assert benchmark.bytes_floor("fused_linear_sparse", s, 2) == (2 * student + 48, student)
+    assert benchmark.bytes_floor("fused_linear_topk", s, 2) == ((2 * 5 + 10 * 5) * 2 + 48, 48)
     with pytest.raises(ValueError, match="unknown op"):
-        benchmark.bytes_floor("x", 1, 1, 1, 1)
+        benchmark.bytes_floor("x", s, 1)
 
 
-@pytest.mark.parametrize("tail_peer", ["sparse"])
-def test_eager_sparse_peer_computes_our_bucket_loss(seed, tail_peer):
-    s, t = logits(5, 400), logits(5, 400)
-    top = distill_ops.topk_logprobs(t, 16, temperature=2.0)
-    ours = distill_ops.sparse_kd_loss(s, top.indices, top.logprobs, tail="bucket",
-                                      temperature=2.0, source_temperature=2.0)
-    peer = benchmark.eager_sparse_bucket(s, top.indices, top.logprobs, 2.0)
-    assert_close(ours, peer.double(), 1e-4, tail_peer, LOSS_FLOOR)
+def test_shape_options_of_the_cli():
+    args = cli.main.__globals__["argparse"].Namespace(
+        quick=True, shape=[(8, 100)], k=[4, 8], hidden=[16, 32])
+    shapes = cli._shapes(args, "cpu")
+    assert shapes["dense"] == [Shape(8, 100)]
+    assert shapes["sparse"] == [Shape(8, 100, 4), Shape(8, 100, 8)]
+    assert shapes["fused_linear"] == [Shape(8, 100, 0, 16, 32)]
+    assert shapes["fused_linear_topk"] == [Shape(8, 100, 4, 0, 32), Shape(8, 100, 8, 0, 32)]
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
-def test_eager_peers_compute_the_same_loss(seed, divergence):
+@pytest.mark.parametrize("divergence", benchmark.DIVERGENCES)
+def test_eager_dense_peers_compute_our_loss(seed, divergence):
     s, t = logits(6, 500), logits(6, 500)
     ours = distill_ops.kd_loss(s, t, divergence=divergence, temperature=2.0)
-    if divergence == "forward_kl":
-        peer = benchmark.eager_forward_kl(s, t, 2.0)
-    else:
-        peer = benchmark.eager_jsd(s, t, 2.0)
+    peer = benchmark.eager_dense(divergence, 2.0)(s, t)
     assert_close(ours, peer.double(), 1e-5, divergence, LOSS_FLOOR)
+
+
+@pytest.mark.parametrize("tail", benchmark.TAILS)
+def test_eager_sparse_peers_compute_our_loss(seed, tail):
+    s, t = logits(5, 400), logits(5, 400)
+    top = distill_ops.topk_logprobs(t, 16, temperature=2.0)
+    ours = distill_ops.sparse_kd_loss(s, top.indices, top.logprobs, tail=tail,
+                                      temperature=2.0, source_temperature=2.0)
+    peer = benchmark.eager_sparse(tail, 2.0)(s, top.indices, top.logprobs)
+    assert_close(ours, peer.double(), 1e-4, tail, LOSS_FLOOR)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "support"])
+def test_trl_server_distillation_peer_computes_our_loss(seed, tail):
+    peer = benchmark.trl_server_sparse(tail, 2.0)
+    if peer is None:
+        pytest.skip("TRL is not installed (optional peer)")
+    s, t = logits(5, 400), logits(5, 400)
+    top = distill_ops.topk_logprobs(t, 16, temperature=2.0)
+    ours = distill_ops.sparse_kd_loss(s, top.indices, top.logprobs, tail=tail,
+                                      temperature=2.0, source_temperature=2.0)
+    assert_close(ours, peer(s, top.indices, top.logprobs).double(), 1e-4, tail, LOSS_FLOOR)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
@@ -76,3 +161,13 @@ def test_jsd_equals_trl_generalized_jsd(seed, beta):
     # TRL's "batchmean" with labels divides the summed elementwise divergence by the number
     # of valid tokens: the same as our mean over valid rows.
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_linear_peers_compute_our_loss(seed):
+    hs, ws, ht, wt = benchmark.make_inputs("fused_linear", Shape(24, 300, hs=8, ht=12),
+                                           torch.float32, torch.device("cpu"), 2.0)
+    cases = {c.impl: c.fn for c in benchmark.fused_linear_cases(2.0, torch.device("cpu"))}
+    ours = cases["distill_ops"](hs, ws, ht, wt)
+    assert_close(ours, cases["eager"](hs, ws, ht, wt).double(), 1e-4, "eager", LOSS_FLOOR)
+    if cases.get("trl") is not None:
+        assert_close(ours, cases["trl"](hs, ws, ht, wt).double(), 1e-4, "trl", LOSS_FLOOR)
