@@ -92,12 +92,34 @@ void dense_kd_cuda(uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t t_p
                    int64_t t_stride, uintptr_t valid_ptr, uintptr_t labels_ptr,
                    uintptr_t loss_ptr, uintptr_t grad_ptr, int64_t grad_stride,
                    int64_t grad_cols, int64_t n_rows, int64_t vocab, const KDParams& params,
-                   uintptr_t stream) {
+                   int variant, uintptr_t stream) {
   distill_ops::cuda::dense_kd(as_ptr<const void>(s_ptr), s_dtype, s_stride,
                               as_ptr<const void>(t_ptr), t_dtype, t_stride,
                               as_ptr<const uint8_t>(valid_ptr), as_ptr<const int64_t>(labels_ptr),
                               as_ptr<float>(loss_ptr), as_ptr<void>(grad_ptr), grad_stride,
-                              grad_cols, n_rows, vocab, params, as_ptr<void>(stream));
+                              grad_cols, n_rows, vocab, params, variant, as_ptr<void>(stream));
+}
+
+void sparse_kd_cuda(uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t idx_ptr,
+                    uintptr_t tlp_ptr, int64_t k, uintptr_t valid_ptr, uintptr_t labels_ptr,
+                    uintptr_t loss_ptr, uintptr_t grad_ptr, int64_t n_rows, int64_t vocab,
+                    const SparseParams& params, uintptr_t stream) {
+  distill_ops::cuda::sparse_kd(as_ptr<const void>(s_ptr), s_dtype, s_stride,
+                               as_ptr<const int64_t>(idx_ptr), as_ptr<const float>(tlp_ptr), k,
+                               as_ptr<const uint8_t>(valid_ptr),
+                               as_ptr<const int64_t>(labels_ptr), as_ptr<float>(loss_ptr),
+                               as_ptr<void>(grad_ptr), n_rows, vocab, params,
+                               as_ptr<void>(stream));
+}
+
+void topk_logprobs_cuda(uintptr_t x_ptr, int x_dtype, int64_t x_stride, int64_t n_rows,
+                        int64_t vocab, int64_t k, double scale, double softcap,
+                        double temperature, uintptr_t idx_ptr, uintptr_t lp_ptr,
+                        uintptr_t stream) {
+  distill_ops::cuda::topk_logprobs(as_ptr<const void>(x_ptr), x_dtype, x_stride, n_rows, vocab,
+                                   k, float(scale), float(softcap), float(temperature),
+                                   as_ptr<int32_t>(idx_ptr), as_ptr<float>(lp_ptr),
+                                   as_ptr<void>(stream));
 }
 
 void scale_rows_cuda(uintptr_t grad_ptr, int dtype, uintptr_t scale_ptr, int64_t scale_stride,
@@ -161,6 +183,11 @@ PYBIND11_MODULE(_C, m) {
         "Fused dense KD loss and student gradient, per row (CUDA, caller's stream).");
   m.def("scale_rows_cuda", &scale_rows_cuda, py::call_guard<py::gil_scoped_release>(),
         "grad[r, :] *= scale[r] in place (CUDA, caller's stream).");
+  m.def("sparse_kd_cuda", &sparse_kd_cuda, py::call_guard<py::gil_scoped_release>(),
+        "Fused sparse KD loss and student gradient, per row (CUDA, caller's stream).");
+  m.def("topk_logprobs_cuda", &topk_logprobs_cuda, py::call_guard<py::gil_scoped_release>(),
+        "Fused log-softmax normaliser and top-k per row (CUDA, caller's stream).");
+  m.attr("cuda_topk_max") = distill_ops::cuda::kTopKMax;
   m.attr("has_cuda") = true;
 #else
   m.attr("has_cuda") = false;

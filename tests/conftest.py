@@ -38,11 +38,6 @@ def kernel_backends() -> list:
     return out
 
 
-def sparse_backends() -> list:
-    """The backends with a sparse KD kernel (csrc/cuda has none yet)."""
-    return [b for b in kernel_backends() if b in ("cpu", "triton")]
-
-
 def device_for(backend: str) -> torch.device:
     on_gpu = backend in ("triton", "cuda") and ON_GPU
     return torch.device("cuda") if on_gpu else torch.device("cpu")

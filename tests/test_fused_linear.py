@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import device_for, sparse_backends
+from conftest import device_for, kernel_backends
 from helpers import LOSS_FLOOR, assert_close
 
 import distill_ops
 from distill_ops import reference
 
-BACKENDS = sparse_backends()
+BACKENDS = kernel_backends()
 
 
 def head(n, h, v, dtype=torch.float64, device="cpu", scale=0.3):

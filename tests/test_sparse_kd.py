@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-from conftest import device_for, sparse_backends
+from conftest import device_for, kernel_backends
 from helpers import GRAD_RTOL, LOSS_FLOOR, LOSS_RTOL, assert_close, fused_rows, logits
 
 import distill_ops
 from distill_ops import reference
 
-BACKENDS = sparse_backends()
+BACKENDS = kernel_backends()
 TAILS = ["bucket", "renorm", "support", "none"]
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-from conftest import device_for, sparse_backends
+from conftest import device_for, kernel_backends
 from helpers import logits
 
 import distill_ops
 from distill_ops import reference
 
-BACKENDS = sparse_backends()
+BACKENDS = kernel_backends()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

@@ -1,7 +1,14 @@
 """Launchers of the CUDA C++ kernels (csrc/cuda) on validated CUDA tensors, on the caller's
-current stream and device."""
+current stream and device.
+
+``DISTILL_OPS_CUDA_DENSE`` picks the dense kernel: ``auto`` (default: the sm_90 cluster
+kernel where the device and row size allow it, else the portable one), ``portable`` or
+``cluster`` (an error where it cannot run).
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -9,6 +16,16 @@ from torch import Tensor
 from ._cpu import kd_params
 from ._ext import dtype_code, fused_outputs, native, ptr
 from ._validation import LossScalars
+
+DENSE_VARIANTS = {"auto": 0, "portable": 1, "cluster": 2}
+
+
+def dense_variant() -> int:
+    name = os.environ.get("DISTILL_OPS_CUDA_DENSE", "auto")
+    if name not in DENSE_VARIANTS:
+        raise ValueError(f"DISTILL_OPS_CUDA_DENSE must be one of {sorted(DENSE_VARIANTS)}, "
+                         f"got {name!r}")
+    return DENSE_VARIANTS[name]
 
 
 def _stream(t: Tensor) -> int:
@@ -33,9 +50,60 @@ def dense_kd_forward(
             ptr(teacher), dtype_code(teacher), teacher.stride(0),
             ptr(valid), ptr(labels), ptr(loss),
             ptr(grad) if compute_grad else 0, grad_cols, grad_cols,
-            n, vocab, kd_params(sc), _stream(student),
+            n, vocab, kd_params(sc), dense_variant(), _stream(student),
         )
     return loss, grad
+
+
+def sparse_kd_forward(
+    student: Tensor,
+    indices: Tensor,
+    teacher_logprobs: Tensor,
+    valid: Tensor | None,
+    labels: Tensor | None,
+    divergence: int,
+    tail: int,
+    temperature: float,
+    source_temperature: float,
+    beta: float,
+    hard_weight: float,
+    soft_coef: float,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """(loss [N] fp32, grad [N, V] in the student's dtype or an empty tensor)."""
+    n, vocab = student.shape
+    loss, grad = fused_outputs(student, False, compute_grad)
+    p = native().SparseParams()
+    p.divergence = divergence
+    p.tail = tail
+    p.temperature = temperature
+    p.source_temperature = source_temperature
+    p.beta = beta
+    p.hard_weight = hard_weight
+    p.soft_coef = soft_coef
+    with torch.cuda.device(student.device):
+        native().sparse_kd_cuda(
+            ptr(student), dtype_code(student), student.stride(0), ptr(indices),
+            ptr(teacher_logprobs), indices.shape[1], ptr(valid), ptr(labels), ptr(loss),
+            ptr(grad) if compute_grad else 0, n, vocab, p, _stream(student),
+        )
+    return loss, grad
+
+
+def topk_forward(x: Tensor, k: int, temperature: float, logit_scale: float,
+                 softcap: float) -> tuple[Tensor, Tensor]:
+    """(indices int32 [N, k], logprobs fp32 [N, k])."""
+    n, vocab = x.shape
+    if k > native().cuda_topk_max:
+        raise ValueError(f"backend='cuda' top-k takes k <= {native().cuda_topk_max}, got {k}: "
+                         "use backend='triton'")
+    idx = x.new_empty((n, k), dtype=torch.int32)
+    lp = x.new_empty((n, k), dtype=torch.float32)
+    with torch.cuda.device(x.device):
+        native().topk_logprobs_cuda(ptr(x), dtype_code(x), x.stride(0), n, vocab, k,
+                                    logit_scale, softcap, temperature, ptr(idx), ptr(lp),
+                                    _stream(x))
+    return idx, lp
 
 
 def scale_rows_(grad: Tensor, scale: Tensor) -> None:

@@ -271,18 +271,22 @@ def _ours_backends(device: torch.device, op: str) -> list[tuple[str, str]]:
     if device.type == "cpu":
         return [("distill_ops[cpu]", "cpu")]
     out = [("distill_ops[triton]", "triton")]
-    from ._ext import has_native, native
-
-    if op == "dense" and has_native() and native().has_cuda:
+    if _cuda_built():
         out.append(("distill_ops[cuda]", "cuda"))
     return out
+
+
+def _cuda_built() -> bool:
+    from ._ext import has_native, native
+
+    return has_native() and bool(native().has_cuda)
 
 
 def _missing_ours(device: torch.device, op: str) -> list[Case]:
     if device.type == "cpu":
         return [Case("distill_ops[triton]", None, "runs only interpreted on a CPU: not timed")]
-    if op != "dense":
-        return [Case("distill_ops[cuda]", None, "no CUDA C++ kernel for this op yet")]
+    if not _cuda_built():
+        return [Case("distill_ops[cuda]", None, "distill_ops built without its CUDA kernels")]
     return []
 
 
@@ -846,6 +850,33 @@ def format_table(results: list[Result], env: dict[str, Any],
     return "\n".join(lines)
 
 
+def summary_table(results: list[Result]) -> str:
+    """Markdown, one row per group: our fastest backend against the fastest peer that ran
+    (the matmul-only yardstick is not a peer)."""
+    lines = ["| op | variant | shape | dtype | ours | ms | fastest peer | ms | speed-up | "
+             "peak MiB ours / peer | of copy BW | of matmul |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups_: dict[tuple, list[Result]] = {}
+    for r in results:
+        if r.status == "ok":
+            groups_.setdefault((r.op, r.variant, r.shape, r.dtype), []).append(r)
+    for (op, variant, shape, dtype), rows in groups_.items():
+        ours = [r for r in rows if r.impl.startswith("distill_ops")]
+        peers = [r for r in rows if not r.impl.startswith("distill_ops")
+                 and r.impl != "matmuls only"]
+        if not ours:
+            continue
+        a = min(ours, key=lambda r: r.total_ms)
+        b = min(peers, key=lambda r: r.total_ms) if peers else None
+        lines.append(
+            f"| {op} | {variant} | {shape.label()} | {dtype} | {a.impl} | {a.total_ms:.2f} | "
+            + (f"{b.impl} | {b.total_ms:.2f} | {b.total_ms / a.total_ms:.1f}x | "
+               f"{a.peak_extra_mib:.0f} / {b.peak_extra_mib:.0f} | " if b else
+               "- | - | - | - | ")
+            + f"{a.frac_copy_bw:.0%} | {_fmt(a.frac_matmul, '.0%')} |")
+    return "\n".join(lines)
+
+
 def to_json(results: list[Result], env: dict[str, Any], command: str,
             config: dict[str, Any], store: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"schema": SCHEMA,
@@ -908,5 +939,6 @@ def plot(results: list[Result], folder: str | os.PathLike[str]) -> list[str]:
 __all__ = [
     "CANONICAL", "CPU_FULL", "DIVERGENCES", "OPS", "QUICK", "SCHEMA", "TAILS", "Case", "Result",
     "Shape", "bytes_floor", "copy_bandwidth", "device_slug", "environment", "format_table",
-    "groups", "make_inputs", "measure", "plot", "run", "store_throughput", "to_json",
+    "groups", "make_inputs", "measure", "plot", "run", "store_throughput", "summary_table",
+    "to_json",
 ]

@@ -81,7 +81,10 @@ def bench(args: argparse.Namespace) -> int:
         store = bm.store_throughput(tokens=1 << 14 if args.quick else 1 << 17)
     env["git_commit"] = _git_commit()
     table = bm.format_table(results, env, store)
+    summary = bm.summary_table(results)
     print(table)
+    print("\nSummary: our fastest backend against the fastest peer, forward + backward\n")
+    print(summary)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +96,8 @@ def bench(args: argparse.Namespace) -> int:
                   "shapes": {op: [vars(s) for s in shapes[op]] for op in args.op}}
         (out / f"{stem}.json").write_text(
             json.dumps(bm.to_json(results, env, command, config, store), indent=1))
-        (out / f"{stem}.md").write_text(f"`{command}`\n\n{table}\n")
+        (out / f"{stem}.md").write_text(f"`{command}`\n\n## Summary\n\n{summary}\n\n"
+                                        f"## Every case\n\n{table}\n")
         plots = [] if args.no_plots else bm.plot(results, out / f"{stem}-plots")
         note = f", {len(plots)} plots in {out / (stem + '-plots')}" if plots else (
             "" if args.no_plots else " (no plots: matplotlib is not installed)")

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _cpu, reference
+from . import _cpu, _cuda, reference
 from ._backend import resolve_backend
 from ._ext import fused_outputs
 from ._fused import register_fused_autograd
@@ -55,10 +55,10 @@ def sparse_kd(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Per-row sparse KD loss [N] and, when compute_grad, d(loss_r)/d(student) [N, V]."""
-    if backend == "cuda":
-        raise NotImplementedError("sparse_kd has no csrc/cuda kernel yet: use backend='triton'")
     if backend == "cpu":
         impl = _cpu
+    elif backend == "cuda":
+        impl = _cuda
     else:
         from .triton import sparse_kd as impl
     return impl.sparse_kd_forward(student, indices, teacher_logprobs, valid, labels, divergence,
@@ -155,6 +155,9 @@ def sparse_kd_loss(
             num_items_in_batch=num_items_in_batch,
         )
 
+    if be in ("triton", "cuda") and student_logits.dtype == torch.float64:
+        raise TypeError(f"backend={be!r} takes fp32/bf16/fp16 student logits, got float64 "
+                        "(float64 runs on backend='cpu' or 'torch')")
     student = student_logits.reshape(-1, vocab)
     if student.stride(-1) != 1:
         student = student.contiguous()

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _cpu, reference
+from . import _cpu, _cuda, reference
 from ._backend import resolve_backend
 from ._validation import check_float_tensor, check_positive
 
@@ -29,8 +29,7 @@ def topk_op(x: Tensor, k: int, temperature: float, logit_scale: float, softcap: 
     if backend == "cpu":
         return _cpu.topk_forward(x, k, temperature, logit_scale, softcap)
     if backend == "cuda":
-        raise NotImplementedError("topk_logprobs has no csrc/cuda kernel yet: use "
-                                  "backend='triton'")
+        return _cuda.topk_forward(x, k, temperature, logit_scale, softcap)
     from .triton import topk as triton_topk
 
     return triton_topk.topk_forward(x, k, temperature, logit_scale, softcap)

@@ -1,0 +1,173 @@
+// The per-row maths of the dense KD kernels (portable and sm_90 cluster), so that both
+// compute the same statistics, loss and gradient from the same formulas.
+#pragma once
+
+#include "common.cuh"
+
+namespace distill_ops::cuda {
+
+struct DenseArgs {
+  const void* s;
+  int s_dtype;
+  int64_t s_stride;
+  const void* t;
+  int t_dtype;
+  int64_t t_stride;
+  const uint8_t* valid;
+  const int64_t* labels;
+  float* loss;
+  void* grad;
+  int64_t g_stride;
+  int64_t grad_cols;
+  int64_t vocab;
+  float temperature, beta, scale_s, cap_s, scale_t, cap_t, hard_weight, soft_coef;
+  int divergence;
+};
+
+// What one pass over a (part of a) row accumulates: student / teacher / T = 1 statistics with
+// their KL cross terms, and the student's z at the label (0 where the label is elsewhere).
+struct DensePartial {
+  Online s, t, one;
+  float z_label;
+};
+
+__device__ __forceinline__ DensePartial dense_partial_empty() {
+  return {online_empty(), online_empty(), online_empty(), 0.0f};
+}
+
+__device__ __forceinline__ DensePartial merge_partial(DensePartial x, DensePartial y) {
+  return {merge(x.s, y.s), merge(x.t, y.t), merge(x.one, y.one), x.z_label + y.z_label};
+}
+
+struct MergePartial {
+  __device__ DensePartial operator()(DensePartial x, DensePartial y) const {
+    return merge_partial(x, y);
+  }
+};
+
+__device__ __forceinline__ float dense_zs(const DenseArgs& a, float x) {
+  return transform_logit(x, a.scale_s, a.cap_s, 1.0f / a.temperature);
+}
+__device__ __forceinline__ float dense_zt(const DenseArgs& a, float x) {
+  return transform_logit(x, a.scale_t, a.cap_t, 1.0f / a.temperature);
+}
+
+// Accumulates element j (z_s, z_t) into a partial.
+__device__ __forceinline__ void dense_push(DensePartial& st, const DenseArgs& a, float zs,
+                                           float zt, int64_t j, int64_t label) {
+  const auto div = static_cast<Divergence>(a.divergence);
+  st.s = push(st.s, zs, div == Divergence::ReverseKL ? zs - zt : 0.0f);
+  st.t = push(st.t, zt, div == Divergence::ForwardKL ? zt - zs : 0.0f);
+  if (a.hard_weight != 0.0f) {
+    st.one = push(st.one, zs == kNegInf ? zs : zs * a.temperature, 0.0f);
+    if (j == label) st.z_label = zs;
+  }
+}
+
+// Row statistics once the partials are merged (and, for JSD / TVD, the second sums).
+struct DenseRow {
+  float ms, log_ss, mt, log_st;  // student / teacher max and log-sum
+  float dv;                      // the divergence
+  float sum_qg;                  // sum_j q_j g_j of the JSD / TVD gradient
+  float log_s1;                  // log-sum at T = 1 (hard term)
+  float log_b, log_1mb;
+  bool found;                    // the label lies in [0, V)
+};
+
+__device__ __forceinline__ DenseRow dense_row(const DenseArgs& a, const DensePartial& st) {
+  DenseRow r;
+  r.ms = st.s.m;
+  r.mt = st.t.m;
+  r.log_ss = logf(st.s.a);
+  r.log_st = logf(st.t.a);
+  r.log_b = logf(a.beta);
+  r.log_1mb = log1pf(-a.beta);
+  r.log_s1 = logf(st.one.a);
+  r.dv = 0.0f;
+  r.sum_qg = 0.0f;
+  r.found = true;
+  const auto div = static_cast<Divergence>(a.divergence);
+  if (div == Divergence::ForwardKL) {
+    r.dv = st.t.c / st.t.a - (st.t.m - st.s.m) - r.log_st + r.log_ss;
+  } else if (div == Divergence::ReverseKL) {
+    r.dv = st.s.c / st.s.a - (st.s.m - st.t.m) - r.log_ss + r.log_st;
+  }
+  return r;
+}
+
+// The second sums of JSD (beta KL(p||m), (1 - beta) KL(q||m) halves) and TVD (|q - p|,
+// q sign(q - p)) for one element.
+__device__ __forceinline__ void dense_push_second(Sum2& acc, const DenseArgs& a,
+                                                  const DenseRow& r, float zs, float zt) {
+  const float lq = (zs - r.ms) - r.log_ss, lp = (zt - r.mt) - r.log_st;
+  const float q = expf(lq), p = expf(lp);
+  if (static_cast<Divergence>(a.divergence) == Divergence::JSD) {
+    const float lm = jsd_log_mixture(lp, lq, r.log_b, r.log_1mb);
+    acc.x += xlogratio(p, lp, lm);
+    acc.y += xlogratio(q, lq, lm);
+  } else {
+    acc.x += fabsf(q - p);
+    acc.y += q * tvd_sign(q, p);
+  }
+}
+
+__device__ __forceinline__ void dense_finish_second(DenseRow& r, const DenseArgs& a, Sum2 acc) {
+  if (static_cast<Divergence>(a.divergence) == Divergence::JSD) {
+    r.dv = a.beta * acc.x + (1.0f - a.beta) * acc.y;
+    r.sum_qg = (1.0f - a.beta) * acc.y;
+  } else {
+    r.dv = 0.5f * acc.x;
+    r.sum_qg = acc.y;
+  }
+}
+
+__device__ __forceinline__ bool dense_needs_second(const DenseArgs& a) {
+  const auto div = static_cast<Divergence>(a.divergence);
+  return div == Divergence::JSD || div == Divergence::TVD;
+}
+
+// The row's loss (soft term, plus the hard term when asked).
+__device__ __forceinline__ float dense_loss(const DenseArgs& a, DenseRow& r, float z_label,
+                                            int64_t label) {
+  float loss = a.soft_coef * r.dv;
+  if (a.hard_weight != 0.0f) {
+    r.found = label >= 0 && label < a.vocab;
+    loss += a.hard_weight * (r.found ? (r.ms - z_label) * a.temperature + r.log_s1 : NAN);
+  }
+  return loss;
+}
+
+// d loss / d x_j of the student logit j.
+__device__ __forceinline__ float dense_grad(const DenseArgs& a, const DenseRow& r, float zs,
+                                            float zt, int64_t j, int64_t label) {
+  const float lq = (zs - r.ms) - r.log_ss, lp = (zt - r.mt) - r.log_st;
+  const float q = expf(lq), p = expf(lp);
+  float d;
+  switch (static_cast<Divergence>(a.divergence)) {
+    case Divergence::ForwardKL: d = q - p; break;
+    case Divergence::ReverseKL: d = q > 0.0f ? q * ((lq - lp) - r.dv) : 0.0f; break;
+    case Divergence::JSD: {
+      const float lm = jsd_log_mixture(lp, lq, r.log_b, r.log_1mb);
+      d = q * ((q > 0.0f ? (1.0f - a.beta) * (lq - lm) : 0.0f) - r.sum_qg);
+      break;
+    }
+    default: d = q * (tvd_sign(q, p) - r.sum_qg);
+  }
+  float gz = a.soft_coef / a.temperature * d;
+  if (a.hard_weight != 0.0f) {
+    const float sm1 = expf((zs - r.ms) * a.temperature - r.log_s1);
+    gz += a.hard_weight * (sm1 - (j == label ? 1.0f : 0.0f));
+    if (!r.found) gz = NAN;
+  }
+  return gz * transform_grad(zs, a.scale_s, a.cap_s, a.temperature);
+}
+
+}  // namespace distill_ops::cuda
+
+namespace distill_ops::cuda {
+
+// Launches the sm_90 cluster kernel (dense_kd_sm90.cu) when the device and the row size allow
+// it; returns false when it does not apply (an error instead when `required`).
+bool dense_kd_cluster(const DenseArgs& a, int64_t n_rows, bool required, void* stream);
+
+}  // namespace distill_ops::cuda
