@@ -32,8 +32,14 @@ def check_topk(backend, x, k, **kw):
 SHAPES = [((3,), 1, 1), ((4,), 1000, 1), ((2,), 257, 257), ((2, 3), 500, 64), ((3,), 1500, 100)]
 # The interpreter runs tl.sort slowly: Triton gets every shape in fp32 and the reduced
 # precisions on one shape (the kernel differs by dtype only in its load); the CPU gets all.
+def _case(backend, dtype, shape):
+    if isinstance(backend, str):
+        return (backend, dtype, shape)
+    return pytest.param(*backend.values, dtype, shape, marks=backend.marks)  # the cuda row
+
+
 CASES = [
-    (backend, dtype, shape)
+    _case(backend, dtype, shape)
     for backend in BACKENDS
     for dtype in DTYPES
     for shape in SHAPES

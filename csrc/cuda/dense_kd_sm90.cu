@@ -42,14 +42,14 @@ struct ClusterShared {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // device code of the sm_90 kernel only
 
 // Copies `count` elements of `elt` bytes from global src to shared dst: 16-byte async copies
-// when src is 16-byte aligned, element by element otherwise.
+// when src is 16-byte aligned (committed and awaited by the caller), element by element
+// otherwise.
 __device__ void load_slice(unsigned char* dst, const char* src, int64_t count, int elt) {
   const int64_t bytes = count * elt;
   if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) {
     const int64_t full = bytes & ~int64_t(15);
     for (int64_t i = int64_t(threadIdx.x) * 16; i < full; i += int64_t(blockDim.x) * 16)
       __pipeline_memcpy_async(dst + i, src + i, 16);
-    __pipeline_commit();
     for (int64_t i = full + threadIdx.x * elt; i < bytes; i += int64_t(blockDim.x) * elt) {
       if (elt == 4) {
         *reinterpret_cast<uint32_t*>(dst + i) = *reinterpret_cast<const uint32_t*>(src + i);
@@ -57,7 +57,6 @@ __device__ void load_slice(unsigned char* dst, const char* src, int64_t count, i
         *reinterpret_cast<uint16_t*>(dst + i) = *reinterpret_cast<const uint16_t*>(src + i);
       }
     }
-    __pipeline_wait_prior(0);
   } else {
     for (int64_t e = threadIdx.x; e < count; e += blockDim.x) {
       if (elt == 4) {
@@ -144,6 +143,8 @@ __global__ void __launch_bounds__(kThreads) dense_kd_cluster_kernel(DenseArgs a,
   unsigned char* t_sm = slices + chunk * es;  // chunk is a multiple of 8: 16-byte aligned
   load_slice(s_sm, row_base(a.s, a.s_dtype, row, a.s_stride) + c0 * es, n_local, es);
   load_slice(t_sm, row_base(a.t, a.t_dtype, row, a.t_stride) + c0 * et, n_local, et);
+  __pipeline_commit();  // both slices in flight at once
+  __pipeline_wait_prior(0);
   __syncthreads();
 
   // Statistics of this block's slice, then of the row: every block merges the cluster's
