@@ -64,3 +64,15 @@ def fused_rows(op):
             return (grad * go[:, None],) + (None,) * ctx.n_args
 
     return FusedRows
+
+
+def load_example(name: str):
+    """The module examples/<name>.py, imported from its file (examples/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

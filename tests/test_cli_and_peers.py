@@ -125,6 +125,21 @@ def test_eager_dense_peers_compute_our_loss(seed, divergence):
     assert_close(ours, peer.double(), 1e-5, divergence, LOSS_FLOOR)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_torchtune_peers_give_our_gradient(seed, divergence):
+    losses = benchmark.torchtune_losses()
+    if losses is None:
+        pytest.skip("torchtune is not installed (optional peer)")
+    cases = {c.impl: c for c in benchmark.dense_cases(divergence, 2.0, torch.device("cpu"),
+                                                      include_compile=False)}
+    s, t = logits(6, 300), logits(6, 300)
+    grads = []
+    for impl in ("distill_ops[cpu]", "torchtune"):
+        x = s.clone().requires_grad_()
+        grads.append(torch.autograd.grad(cases[impl].fn(x, t), x)[0])
+    assert_close(grads[1], grads[0].double(), 1e-4, divergence)
+
+
 @pytest.mark.parametrize("tail", benchmark.TAILS)
 def test_eager_sparse_peers_compute_our_loss(seed, tail):
     s, t = logits(5, 400), logits(5, 400)

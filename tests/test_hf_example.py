@@ -4,26 +4,19 @@ built from configs (no download)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import load_example
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import distill_ops
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
-
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("hf_trainer_example", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("hf_trainer")
 
 
 def _args(tmp_path):

@@ -3,11 +3,9 @@ from it; tiny models built from configs (no download)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import load_example
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -15,15 +13,10 @@ pytest.importorskip("accelerate")
 import distill_ops
 from distill_ops.store import collate_targets
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "offline_distill.py"
-
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("offline_distill_example", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("offline_distill")
 
 
 def _args(tmp_path):

@@ -24,6 +24,20 @@ def kd_params(sc: LossScalars):
     return p
 
 
+def sparse_params(divergence: int, tail: int, temperature: float, source_temperature: float,
+                  beta: float, hard_weight: float, soft_coef: float):
+    """The native SparseParams (shared by the CPU and CUDA launchers)."""
+    p = native().SparseParams()
+    p.divergence = divergence
+    p.tail = tail
+    p.temperature = temperature
+    p.source_temperature = source_temperature
+    p.beta = beta
+    p.hard_weight = hard_weight
+    p.soft_coef = soft_coef
+    return p
+
+
 def dense_kd_forward(
     student: Tensor,
     teacher: Tensor,
@@ -76,14 +90,8 @@ def sparse_kd_forward(
     n, vocab = student.shape
     k = indices.shape[1]
     loss, grad = fused_outputs(student, student.dtype == torch.float64, compute_grad)
-    p = native().SparseParams()
-    p.divergence = divergence
-    p.tail = tail
-    p.temperature = temperature
-    p.source_temperature = source_temperature
-    p.beta = beta
-    p.hard_weight = hard_weight
-    p.soft_coef = soft_coef
+    p = sparse_params(divergence, tail, temperature, source_temperature, beta, hard_weight,
+                      soft_coef)
     native().sparse_kd_cpu(
         ptr(student), dtype_code(student), student.stride(0), ptr(indices),
         ptr(teacher_logprobs), dtype_code(teacher_logprobs), k, ptr(valid), ptr(labels),

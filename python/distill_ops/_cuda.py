@@ -13,7 +13,7 @@ import os
 import torch
 from torch import Tensor
 
-from ._cpu import kd_params
+from ._cpu import kd_params, sparse_params
 from ._ext import dtype_code, fused_outputs, native, ptr
 from ._validation import LossScalars
 
@@ -73,14 +73,8 @@ def sparse_kd_forward(
     """(loss [N] fp32, grad [N, V] in the student's dtype or an empty tensor)."""
     n, vocab = student.shape
     loss, grad = fused_outputs(student, False, compute_grad)
-    p = native().SparseParams()
-    p.divergence = divergence
-    p.tail = tail
-    p.temperature = temperature
-    p.source_temperature = source_temperature
-    p.beta = beta
-    p.hard_weight = hard_weight
-    p.soft_coef = soft_coef
+    p = sparse_params(divergence, tail, temperature, source_temperature, beta, hard_weight,
+                      soft_coef)
     with torch.cuda.device(student.device):
         native().sparse_kd_cuda(
             ptr(student), dtype_code(student), student.stride(0), ptr(indices),

@@ -238,8 +238,8 @@ def torchtune_losses() -> dict[str, type] | None:
         from torchtune.modules import loss as tt
     except ImportError:
         return None
-    return {"forward_kl": tt.ForwardKLLoss, "reverse_kl": tt.ReverseKLLoss,
-            "jsd": tt.SymmetricKLLoss}
+    # (SymmetricKLLoss mixes the two KLs: not a JSD, so no peer for it here.)
+    return {"forward_kl": tt.ForwardKLLoss, "reverse_kl": tt.ReverseKLLoss}
 
 
 def _liger(name: str) -> Any:
@@ -325,12 +325,16 @@ def dense_cases(divergence: str, temperature: float, device: torch.device,
     tt = torchtune_losses()
     if tt is None:
         cases.append(Case("torchtune", None, "torchtune not installed"))
-    elif divergence in tt:
+    elif divergence not in tt:
+        cases.append(Case("torchtune", None, f"torchtune has no {divergence} loss"))
+    else:
         mod = tt[divergence]()
+        note = f"{type(mod).__name__} on logits / T" + (
+            " (cross-entropy form: our gradient, loss minus the teacher entropy)"
+            if divergence == "forward_kl" else "")
         cases.append(Case("torchtune", lambda s, t: mod(
             s.float() / temperature, t.float() / temperature,
-            torch.zeros(s.shape[0], dtype=torch.long, device=s.device)),
-            f"{type(mod).__name__} (logits / T)"))
+            torch.zeros(s.shape[0], dtype=torch.long, device=s.device)), note))
     missing = _no_liger(device, "")
     if missing is not None:
         cases.append(Case("liger", None, missing.note))

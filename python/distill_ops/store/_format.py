@@ -101,17 +101,24 @@ def read_index(root: Path, shard: dict[str, Any]) -> np.ndarray:
     name, count = shard["name"], int(shard["sequences"])
     idx_path, bin_path = root / f"{name}.idx", root / f"{name}.bin"
     need = count * INDEX_DTYPE.itemsize
-    for path, size in ((idx_path, need), (bin_path, int(shard["bytes"]))):
-        have = path.stat().st_size if path.exists() else -1
-        if have < size:
-            raise StoreError(
-                f"shard {name} is truncated: {path.name} has {max(have, 0)} bytes, the store "
-                f"committed {size} ({count} sequences)" + ("" if have >= 0 else " (missing)"))
+    have = idx_path.stat().st_size if idx_path.exists() else -1
+    if have < need:
+        raise StoreError(f"shard {name} is truncated: its index {idx_path.name} has "
+                         f"{max(have, 0)} bytes, the store committed {need} ({count} sequences)"
+                         + ("" if have >= 0 else " (missing)"))
     with open(idx_path, "rb") as f:
         raw = f.read(need)
     if zlib.crc32(raw) != int(shard["index_crc32"]):
         raise StoreError(f"shard {name}: the index {idx_path.name} fails its checksum (corrupt)")
     entries = np.frombuffer(raw, dtype=INDEX_DTYPE)
+    size = bin_path.stat().st_size if bin_path.exists() else -1
+    if size < int(shard["bytes"]):
+        ends = entries["offset"].astype(np.int64) + entries["nbytes"]
+        first = int(np.argmax(ends > size))
+        raise StoreError(f"shard {name} is truncated: {bin_path.name} has {max(size, 0)} bytes, "
+                         f"the store committed {int(shard['bytes'])}; sequence "
+                         f"{int(entries['seq_id'][first])} (and any after it) is cut off"
+                         + ("" if size >= 0 else " (missing)"))
     ends = entries["offset"].astype(np.int64) + entries["nbytes"]
     if count and (ends.max() > int(shard["bytes"])
                   or np.any(entries["offset"][1:] != ends[:-1]) or entries["offset"][0] != 0):
