@@ -391,8 +391,9 @@ def fused_linear_topk(
                 kk = min(k, c1 - c0)
                 top = topk_logprobs(logits, kk, temperature=temperature,
                                     logit_scale=logit_scale, softcap=softcap, backend=backend)
-                # Back from the tile's log-probabilities to z = f(x) / T: z = lp + lse_tile.
-                tile_lse = _tile_lse(logits, temperature, logit_scale, softcap)
+                # Back from the tile's log-probabilities to z = f(x) / T: z = lp + lse_tile,
+                # with lse_tile = z - lp at the tile's best id (no second pass over the tile).
+                tile_lse = _tile_lse(logits, top, temperature, logit_scale, softcap)
                 z = top.logprobs + tile_lse[:, None]
                 ids = top.indices.long() + c0
                 if best_v is None:
@@ -413,9 +414,12 @@ def fused_linear_topk(
     return TopK(torch.cat(ids_out).reshape(*lead, k), torch.cat(lp_out).reshape(*lead, k))
 
 
-def _tile_lse(logits: Tensor, temperature: float, logit_scale: float,
+def _tile_lse(logits: Tensor, top: TopK, temperature: float, logit_scale: float,
               softcap: float | None) -> Tensor:
+    """log-sum-exp of a tile's z = f(x) / T, from its top-1: z_best - logprob_best (-inf for a
+    tile whose logits are all -inf)."""
     from .reference import transform_logits
 
-    return torch.logsumexp(transform_logits(logits, logit_scale, softcap, temperature,
-                                            torch.float32), dim=-1)
+    best = logits.gather(1, top.indices[:, :1].long())
+    z = transform_logits(best, logit_scale, softcap, temperature, torch.float32)[:, 0]
+    return torch.where(z == float("-inf"), z, z - top.logprobs[:, 0])
