@@ -186,3 +186,12 @@ def test_fused_linear_peers_compute_our_loss(seed):
     assert_close(ours, cases["eager"](hs, ws, ht, wt).double(), 1e-4, "eager", LOSS_FLOOR)
     if cases.get("trl") is not None:
         assert_close(ours, cases["trl"](hs, ws, ht, wt).double(), 1e-4, "trl", LOSS_FLOOR)
+
+
+def test_budget_stops_new_cases_but_keeps_the_rows():
+    results, env = benchmark.run(["topk"], {"topk": [Shape(4, 100, 3)]}, reps=1,
+                                 include_compile=False, budget_s=0.0)
+    assert results and env["copy_bandwidth_gbps"] > 0
+    for r in results:
+        assert r.status == "missing" and r.total_ms is None
+    assert any("--budget" in r.notes for r in results)

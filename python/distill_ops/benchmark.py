@@ -81,7 +81,7 @@ CANONICAL: dict[str, list[Shape]] = {
     "fused_linear_topk": [Shape(8192, 128256, k=64, ht=4096)],
 }
 CPU_FULL: dict[str, list[Shape]] = {
-    "dense": [Shape(2048, 32000), Shape(512, 128256), Shape(1024, 32000)],
+    "dense": [Shape(1024, 32000), Shape(2048, 32000), Shape(1024, 128256)],
     "sparse": [Shape(2048, 32000, k=16), Shape(2048, 32000, k=64)],
     "topk": [Shape(2048, 32000, k=64)],
     "sample": [Shape(2048, 32000, k=64)],
@@ -680,9 +680,12 @@ def run(
     divergences: Sequence[str] = DIVERGENCES,
     tails: Sequence[str] = TAILS,
     progress: Callable[[str], None] | None = None,
+    budget_s: float | None = None,
 ) -> tuple[list[Result], dict[str, Any]]:
     """Every op x shape x variant, ours and each peer one after the other on the same inputs.
-    `progress(label)` is called before each case."""
+    `progress(label)` is called before each case. Past `budget_s` seconds no new case starts
+    (the rest are rows that say so), so a time-boxed run still writes its results."""
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     device = torch.device(device)
     if device.type == "cpu":
         _release_freed_memory()
@@ -703,7 +706,10 @@ def run(
                     r = Result(op, variant, case.impl, s.n, s.v, s.k, s.hs, s.ht, dtype_name,
                                "missing", out_mib=out_bytes / 2**20, floor_mib=floor / 2**20,
                                notes=case.note)
-                    if case.fn is not None:
+                    if case.fn is not None and deadline is not None and \
+                            time.monotonic() > deadline:
+                        r.notes = f"not run: the --budget of {budget_s:g} s was spent"
+                    elif case.fn is not None:
                         try:
                             fwd, both, peak = measure(case.fn, inputs, reps, case.grads)
                         except Exception as exc:  # a peer that breaks is a row, not a crash

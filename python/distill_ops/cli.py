@@ -73,7 +73,7 @@ def bench(args: argparse.Namespace) -> int:
     results, env = bm.run(args.op, shapes, dtype=dtype, device=device,
                           temperature=args.temperature, reps=reps,
                           include_compile=include_compile, divergences=args.divergence,
-                          tails=args.tail, progress=bar)
+                          tails=args.tail, progress=bar, budget_s=args.budget)
     bar(None)
     store = None
     if "store" in args.extra:
@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", default=None,
                    help="folder for <device>-<date>.json, .md and -plots/*.png")
     b.add_argument("--no-plots", action="store_true")
+    b.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="start no new case after this long (the rest say so); results are "
+                        "still written")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=bench)
 
