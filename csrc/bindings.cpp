@@ -58,6 +58,15 @@ void topk_logprobs_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_stride, int64_t n
                                   as_ptr<void>(lp_ptr), lp_dtype, num_threads);
 }
 
+void sample_cdf_cpu(uintptr_t x_ptr, int x_dtype, int64_t x_stride, int64_t n_rows,
+                    int64_t vocab, double inv_t, uintptr_t u_ptr, int64_t n_draws,
+                    uintptr_t draws_ptr, uintptr_t totals_ptr, int num_threads) {
+  distill_ops::cpu::sample_cdf({as_ptr<const void>(x_ptr), x_dtype, x_stride}, n_rows, vocab,
+                               inv_t, as_ptr<const double>(u_ptr), n_draws,
+                               as_ptr<int64_t>(draws_ptr), as_ptr<double>(totals_ptr),
+                               num_threads);
+}
+
 void scale_rows_cpu(uintptr_t grad_ptr, uintptr_t out_ptr, int dtype, uintptr_t scale_ptr,
                     int scale_dtype, int64_t scale_stride, int64_t n_rows, int64_t n_cols,
                     int num_threads) {
@@ -176,6 +185,8 @@ PYBIND11_MODULE(_C, m) {
         "Fused log-softmax normaliser and top-k per row (CPU).");
   m.def("dense_kd_cpu", &dense_kd_cpu, py::call_guard<py::gil_scoped_release>(),
         "Fused dense KD loss and student gradient, per row (CPU).");
+  m.def("sample_cdf_cpu", &sample_cdf_cpu, py::call_guard<py::gil_scoped_release>(),
+        "Inverse-CDF draws from softmax(x / T) per row, and each row's total (CPU).");
   m.def("scale_rows_cpu", &scale_rows_cpu, py::call_guard<py::gil_scoped_release>(),
         "out[r, :] = grad[r, :] * scale[r] (CPU).");
 #ifdef DISTILL_OPS_WITH_CUDA

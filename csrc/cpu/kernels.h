@@ -41,6 +41,12 @@ void topk_logprobs(RowView x, int64_t n_rows, int64_t vocab, int64_t k, double s
                    double softcap, double temperature, int32_t* out_idx, void* out_lp,
                    int lp_dtype, int num_threads);
 
+// Inverse-CDF draws from softmax(x / T) per row: draws[r, s] (int64) is the id whose interval
+// of the cumulative distribution holds u[r, s] (fp64 in [0, 1)); totals[r] is the row's
+// sum of exp(z - max), NaN where the row has no distribution (a NaN, or only -inf logits).
+void sample_cdf(RowView x, int64_t n_rows, int64_t vocab, double inv_t, const double* u,
+                int64_t n_draws, int64_t* draws, double* totals, int num_threads);
+
 // out[r, j] = grad[r, j] * scale[r * scale_stride] for j < n_cols, in the accumulation type,
 // stored in `dtype` (both matrices contiguous rows of n_cols; out may be grad: in place).
 void scale_rows(const void* grad, void* out, int dtype, const void* scale, int scale_dtype,

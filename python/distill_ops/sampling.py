@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._ext import DTYPE_CODES, has_native, native
 from ._validation import check_float_tensor, check_positive
 
 __all__ = ["SparseTargets", "sample_targets"]
@@ -70,18 +71,13 @@ def sample_targets(
         # fp32, summed in fp64), uniform draws scaled by its total, a search. Unlike
         # torch.multinomial (whose argument checks read the device on some paths), nothing
         # here waits for the device.
-        z = x[start:start + rows].float() / t
-        cdf = torch.cumsum(torch.exp(z - z.amax(dim=-1, keepdim=True)), dim=-1,
-                           dtype=torch.float64)
-        del z
-        total = cdf[:, -1:]
-        u = torch.rand((cdf.shape[0], num_samples), generator=generator, dtype=torch.float64,
-                       device=cdf.device) * total
-        draws = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
+        chunk = x[start:start + rows]
+        u = torch.rand((chunk.shape[0], num_samples), generator=generator, dtype=torch.float64,
+                       device=chunk.device)
+        draws, total = _draw(chunk, t, u)
         # A row with NaN logits (or only -inf ones) has no distribution: its targets say so
         # (NaN probabilities, so any loss built on them is NaN) instead of looking valid.
         broken = torch.isnan(total)
-        del cdf
         idx, p = _unique_counts(draws, width)
         p = torch.where(broken, torch.full_like(p, float("nan")), p)
         idx_parts.append(idx)
@@ -93,6 +89,26 @@ def sample_targets(
     idx = torch.cat(idx_parts).reshape(*lead, width)
     probs = torch.cat(prob_parts).reshape(*lead, width)
     return SparseTargets(idx, probs)
+
+
+def _draw(x: Tensor, t: float, u: Tensor) -> tuple[Tensor, Tensor]:
+    """(draws [R, S] int64, total [R, 1] fp64) for rows x [R, V] and uniforms u [R, S]."""
+    vocab = x.shape[1]
+    if x.device.type == "cpu" and x.dtype in DTYPE_CODES and x.dtype != torch.float64 \
+            and has_native():
+        xc = x if x.stride(-1) == 1 else x.contiguous()
+        draws = torch.empty(u.shape, dtype=torch.int64)
+        total = torch.empty((x.shape[0], 1), dtype=torch.float64)
+        native().sample_cdf_cpu(xc.data_ptr(), DTYPE_CODES[xc.dtype], xc.stride(0), xc.shape[0],
+                                vocab, 1.0 / t, u.data_ptr(), u.shape[1], draws.data_ptr(),
+                                total.data_ptr(), torch.get_num_threads())
+        return draws, total
+    z = x.float() / t
+    cdf = torch.cumsum(torch.exp(z - z.amax(dim=-1, keepdim=True)), dim=-1, dtype=torch.float64)
+    del z
+    total = cdf[:, -1:]
+    draws = torch.searchsorted(cdf, u * total, right=True).clamp_(max=vocab - 1)
+    return draws, total
 
 
 def _unique_counts(draws: Tensor, width: int) -> tuple[Tensor, Tensor]:
