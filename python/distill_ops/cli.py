@@ -1,5 +1,6 @@
 """`distill-ops`: the command line. `bench` times the ops against their peers, `extract` stores
-a teacher's sparse targets, `inspect` reports on a store."""
+a teacher's sparse targets, `inspect` reports on a store, `demo` runs the three stages end to
+end on synthetic models."""
 
 from __future__ import annotations
 
@@ -154,6 +155,16 @@ def extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    out = run_demo(vocab=args.vocab, hidden=args.hidden, tokens=args.tokens, k=args.k,
+                   steps=args.steps)
+    print(f"held-out KL: initial {out['kl_initial']:.4f}, top-{args.k} student "
+          f"{out['kl_sparse']:.4f}, dense student {out['kl_dense']:.4f}")
+    return 0
+
+
 def inspect(args: argparse.Namespace) -> int:
     from .store.extract import format_inspection, inspect_store
 
@@ -209,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seed", type=int, default=0, help="sampling seed (plus each seq_id)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=extract)
+
+    d = sub.add_parser("demo", help="teacher top-k -> store -> student, on synthetic models")
+    d.add_argument("--vocab", type=int, default=2048)
+    d.add_argument("--hidden", type=int, default=32)
+    d.add_argument("--tokens", type=int, default=4096)
+    d.add_argument("--k", type=int, default=64)
+    d.add_argument("--steps", type=int, default=60)
+    d.set_defaults(func=demo)
 
     i = sub.add_parser("inspect", help="what a target store holds, checksums verified")
     i.add_argument("store")
