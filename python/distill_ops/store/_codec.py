@@ -28,7 +28,7 @@ def _as_numpy(name: str, x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         if x.requires_grad:
             x = x.detach()
-        return x.cpu().numpy()
+        return x.cpu().numpy()  # host-sync-ok: the store encodes on the host
     if isinstance(x, np.ndarray):
         return x
     raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(x).__name__}")

@@ -191,7 +191,7 @@ def extract(
                         top = fused_linear_topk(h, weight, k, bias=bias, temperature=temperature,
                                                 logit_scale=scale, softcap=cap)
                         idx, lp = top.indices, top.logprobs
-                    writer.append(sid, idx.cpu(), lp.cpu())
+                    writer.append(sid, idx.cpu(), lp.cpu())  # host-sync-ok: to disk
                     counts["written"] += 1
                     counts["tokens"] += len(ids)
                     if bar is not None:
