@@ -122,6 +122,11 @@ def test_float64_on_triton_is_a_type_error():
     s = logits(2, 10, dtype=torch.float64, device=dev)
     with pytest.raises(TypeError, match="backend='triton' takes fp32/bf16/fp16"):
         distill_ops.kd_loss(s, s, backend="triton")
+    idx = torch.zeros(2, 1, dtype=torch.int64, device=dev)
+    with pytest.raises(TypeError, match="takes fp32/bf16/fp16 student_logits, got float64"):
+        distill_ops.sparse_kd_loss(s, idx, torch.zeros(2, 1, device=dev), backend="triton")
+    with pytest.raises(TypeError, match="takes fp32/bf16/fp16 teacher_logits, got float64"):
+        distill_ops.topk_logprobs(s, 3, backend="triton")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -80,6 +80,17 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value
 
 
+def check_kernel_dtype(backend: str, **tensors: Tensor) -> None:
+    """The GPU kernels (triton, cuda) take fp32/bf16/fp16: float64 is a TypeError naming the
+    tensor (float64 runs on the cpu and torch backends)."""
+    if backend not in ("triton", "cuda"):
+        return
+    for name, t in tensors.items():
+        if t.dtype == torch.float64:
+            raise TypeError(f"backend={backend!r} takes fp32/bf16/fp16 {name}, got float64 "
+                            "(float64 runs on backend='cpu' or 'torch')")
+
+
 def check_same_device(**tensors: Tensor | None) -> torch.device:
     present = {k: t for k, t in tensors.items() if t is not None}
     devices = {k: t.device for k, t in present.items()}

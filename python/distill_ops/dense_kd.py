@@ -23,6 +23,7 @@ from ._validation import (
     LossScalars,
     check_choice,
     check_float_tensor,
+    check_kernel_dtype,
     check_labels_in_range,
     check_num_items,
     check_row_tensors,
@@ -166,10 +167,7 @@ def kd_loss(
     if labels is not None and sc.hard_weight > 0:
         check_labels_in_range(labels, ignore_index, vocab)
     be = resolve_backend(backend, device)
-    if be in ("triton", "cuda") and torch.float64 in (student_logits.dtype,
-                                                      teacher_logits.dtype):
-        raise TypeError(f"backend={be!r} takes fp32/bf16/fp16 logits, got float64 "
-                        "(float64 runs on backend='cpu' or 'torch')")
+    check_kernel_dtype(be, student_logits=student_logits, teacher_logits=teacher_logits)
 
     if be == "torch":
         return reference.kd_loss(

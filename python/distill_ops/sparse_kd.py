@@ -25,6 +25,7 @@ from ._validation import (
     check_choice,
     check_float_tensor,
     check_indices_in_range,
+    check_kernel_dtype,
     check_labels_in_range,
     check_num_items,
     check_positive,
@@ -155,9 +156,7 @@ def sparse_kd_loss(
             num_items_in_batch=num_items_in_batch,
         )
 
-    if be in ("triton", "cuda") and student_logits.dtype == torch.float64:
-        raise TypeError(f"backend={be!r} takes fp32/bf16/fp16 student logits, got float64 "
-                        "(float64 runs on backend='cpu' or 'torch')")
+    check_kernel_dtype(be, student_logits=student_logits)
     student = student_logits.reshape(-1, vocab)
     if student.stride(-1) != 1:
         student = student.contiguous()

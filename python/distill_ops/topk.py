@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import _cpu, _cuda, reference
 from ._backend import resolve_backend
-from ._validation import check_float_tensor, check_positive
+from ._validation import check_float_tensor, check_kernel_dtype, check_positive
 
 __all__ = ["TopK", "topk_logprobs"]
 
@@ -81,9 +81,7 @@ def topk_logprobs(
         idx, lp = reference.topk_logprobs(teacher_logits, k, temperature=t, logit_scale=scale,
                                           softcap=softcap)
         return TopK(idx, lp)
-    if be in ("triton", "cuda") and teacher_logits.dtype == torch.float64:
-        raise TypeError(f"backend={be!r} takes fp32/bf16/fp16 logits, got float64 "
-                        "(float64 runs on backend='cpu' or 'torch')")
+    check_kernel_dtype(be, teacher_logits=teacher_logits)
     x = teacher_logits.detach().reshape(-1, vocab)
     if x.stride(-1) != 1:
         x = x.contiguous()
