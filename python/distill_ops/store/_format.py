@@ -111,15 +111,14 @@ def read_index(root: Path, shard: dict[str, Any]) -> np.ndarray:
     if zlib.crc32(raw) != int(shard["index_crc32"]):
         raise StoreError(f"shard {name}: the index {idx_path.name} fails its checksum (corrupt)")
     entries = np.frombuffer(raw, dtype=INDEX_DTYPE)
+    ends = entries["offset"].astype(np.int64) + entries["nbytes"]
     size = bin_path.stat().st_size if bin_path.exists() else -1
     if size < int(shard["bytes"]):
-        ends = entries["offset"].astype(np.int64) + entries["nbytes"]
         first = int(np.argmax(ends > size))
         raise StoreError(f"shard {name} is truncated: {bin_path.name} has {max(size, 0)} bytes, "
                          f"the store committed {int(shard['bytes'])}; sequence "
                          f"{int(entries['seq_id'][first])} (and any after it) is cut off"
                          + ("" if size >= 0 else " (missing)"))
-    ends = entries["offset"].astype(np.int64) + entries["nbytes"]
     if count and (ends.max() > int(shard["bytes"])
                   or np.any(entries["offset"][1:] != ends[:-1]) or entries["offset"][0] != 0):
         raise StoreError(f"shard {name}: the index {idx_path.name} is inconsistent with its data")

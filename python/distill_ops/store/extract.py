@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..fused_linear import fused_linear_topk
 from ..sampling import sample_targets
+from ._format import INDEX_DTYPE
 from .reader import TopKReader
 from .writer import TopKWriter
 
@@ -226,33 +227,29 @@ def inspect_store(path: str | os.PathLike[str], *, verify: bool = True,
     cover (histogram over tokens of the sum of their probabilities), the encoding's largest
     error (recorded at write time) and, with `verify`, every checksum checked."""
     reader = TopKReader(path, verify=verify)
-    root = Path(path)
     mass_hist = np.zeros(len(bins) - 1, dtype=np.int64)
     mass_sum, tokens = 0.0, 0
-    for _, lp in reader:
+    for _, lp in reader:  # with verify, each payload's CRC is checked as it is read
         if lp.shape[0] == 0:
             continue
         mass = torch.exp(lp.double()).sum(-1).numpy()
         mass_hist += np.histogram(np.clip(mass, 0, 1), bins=bins)[0]
         mass_sum += float(mass.sum())
         tokens += lp.shape[0]
-    checked = reader.verify_all() if verify else 0
-    payload, index, stats = 0, 0, {"max_err_head": 0.0, "max_err_tail": 0.0}
-    shards = 0
-    for f in sorted(root.glob("rank-*.json")):
-        state = json.loads(f.read_text())
-        for s in state["shards"]:
-            shards += 1
-            payload += s["bytes"]
-            index += s["sequences"] * 32
-        for key in stats:
-            stats[key] = max(stats[key], float(state.get("stats", {}).get(key, 0.0)))
+    if verify:
+        reader.check_shard_checksums()
+    checked = len(reader) if verify else 0
+    shards = [s for state in reader.rank_states for s in state["shards"]]
+    payload = sum(int(s["bytes"]) for s in shards)
+    index = sum(int(s["sequences"]) for s in shards) * INDEX_DTYPE.itemsize
+    stats = {key: max((float(st.get("stats", {}).get(key, 0.0)) for st in reader.rank_states),
+                      default=0.0) for key in ("max_err_head", "max_err_tail")}
     m = reader.manifest
     return {
-        "path": str(root), "sequences": len(reader), "tokens": tokens,
+        "path": str(reader.root), "sequences": len(reader), "tokens": tokens,
         "vocab_size": m["vocab_size"], "k": m["k"], "kind": m["kind"],
         "value_encoding": m["value_encoding"], "temperature": m["temperature"],
-        "ranks": len(list(root.glob("rank-*.json"))), "shards": shards,
+        "ranks": len(reader.rank_states), "shards": len(shards),
         "payload_bytes": payload, "index_bytes": index,
         "bytes_per_token": (payload + index) / tokens if tokens else math.nan,
         "mean_mass_covered": mass_sum / tokens if tokens else math.nan,

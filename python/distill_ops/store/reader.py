@@ -44,11 +44,13 @@ class TopKReader:
         self.verify = verify
         self.manifest = read_manifest(self.root)
         self._params = _codec.codec_params(self.manifest)
+        # What each writing rank committed, as of opening: its shards and write-time stats.
+        self.rank_states = [read_json(p, "rank file") for p in rank_files(self.root)]
         names: list[str] = []
         parts: list[np.ndarray] = []
         shard_of: list[np.ndarray] = []
-        for path_ in rank_files(self.root):
-            for shard in read_json(path_, "rank file")["shards"]:
+        for state in self.rank_states:
+            for shard in state["shards"]:
                 entries = read_index(self.root, shard)
                 shard_of.append(np.full(len(entries), len(names), dtype=np.int32))
                 names.append(shard["name"])
@@ -177,8 +179,13 @@ class TopKReader:
                 self[i]
         finally:
             self.verify = verify
-        for path in rank_files(self.root):
-            for shard in read_json(path, "rank file")["shards"]:
+        self.check_shard_checksums()
+        return len(self)
+
+    def check_shard_checksums(self) -> None:
+        """Checks each shard's running CRC over its committed bytes (StoreError if not)."""
+        for state in self.rank_states:
+            for shard in state["shards"]:
                 crc, size = 0, int(shard["bytes"])
                 with open(self.root / f"{shard['name']}.bin", "rb") as f:
                     while size > 0:
@@ -189,7 +196,6 @@ class TopKReader:
                         size -= len(block)
                 if crc != int(shard["data_crc32"]):
                     raise StoreError(f"shard {shard['name']}: data checksum mismatch (corrupt)")
-        return len(self)
 
     # -- pickling (DataLoader workers) --------------------------------------------------
 
