@@ -145,4 +145,22 @@ inline int device_attribute(cudaDeviceAttr attr) {
   return value;
 }
 
+// What the launchers need to know of the current device, read once per device.
+struct DeviceInfo {
+  int major = -1;      // compute capability
+  int smem_optin = 0;  // the most shared memory a block may opt into
+};
+
+inline DeviceInfo device_info() {
+  static DeviceInfo cache[64];
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  DeviceInfo& d = cache[dev & 63];
+  if (d.major < 0) {
+    d.smem_optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+    d.major = device_attribute(cudaDevAttrComputeCapabilityMajor);
+  }
+  return d;
+}
+
 }  // namespace distill_ops::cuda

@@ -211,23 +211,6 @@ __global__ void __launch_bounds__(kThreads) dense_kd_cluster_kernel(DenseArgs a,
 #endif
 }
 
-struct DeviceInfo {
-  int major = -1;
-  int smem_optin = 0;
-};
-
-DeviceInfo device_info() {
-  static DeviceInfo cache[64];
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  DeviceInfo& d = cache[dev & 63];
-  if (d.major < 0) {
-    d.smem_optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
-    d.major = device_attribute(cudaDevAttrComputeCapabilityMajor);
-  }
-  return d;
-}
-
 }  // namespace
 
 bool dense_kd_cluster(const DenseArgs& a, int64_t n_rows, bool required, void* stream) {

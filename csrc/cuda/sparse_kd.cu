@@ -244,7 +244,7 @@ void sparse_kd(const void* s, int s_dtype, int64_t s_stride, const int64_t* indi
   if (n_rows == 0) return;
   if (n_rows >= (int64_t(1) << 31)) throw std::runtime_error("distill_ops: too many rows");
   const int64_t smem = (vocab + 31) / 32 * 4 + (k + 1) * 3 * 4 + k * 4;
-  const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  const int optin = device_info().smem_optin;
   if (smem + 1024 > optin) {
     throw std::runtime_error(
         "distill_ops: the CUDA sparse kernel keeps a bitmap of the vocabulary and the k "
