@@ -100,6 +100,8 @@ def test_torch_compile_fullgraph_matches_eager(seed):
     torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.serial
+@pytest.mark.timeout(900)
 def test_torch_compile_inductor(seed):
     """The default inductor backend too (generates C++ for the code around the op)."""
     torch._dynamo.reset()
@@ -133,6 +135,8 @@ def test_opcheck():
                           (logits(3, 40), torch.rand(3), "cpu"))
 
 
+@pytest.mark.serial
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile_dynamic_shapes(seed, compile_backend):
     """dynamic=True: symbolic row counts and symbolic float options trace without a break."""
@@ -151,3 +155,31 @@ def test_torch_compile_dynamic_shapes(seed, compile_backend):
         ref.backward()
         torch.testing.assert_close(out.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.serial
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton through "
+                    "inductor; torch.compile cannot trace the interpreter's kernels)")
+def test_torch_compile_inductor_over_the_triton_ops_on_gpu(seed):
+    """fullgraph inductor over every op on CUDA tensors (the triton backend): equal to eager."""
+    torch._dynamo.reset()
+    s = logits(6, 1000, device="cuda", dtype=torch.bfloat16)
+    t = logits(6, 1000, device="cuda", dtype=torch.bfloat16)
+    top = distill_ops.topk_logprobs(t, 32, temperature=2.0)
+
+    def f(a):
+        dense = distill_ops.kd_loss(a, t, divergence="jsd", temperature=2.0)
+        sparse = distill_ops.sparse_kd_loss(a, top.indices, top.logprobs, temperature=2.0,
+                                            source_temperature=2.0)
+        return dense + sparse, distill_ops.topk_logprobs(a, 8).logprobs
+
+    a = s.clone().requires_grad_()
+    loss, lp = f(a)
+    loss.backward()
+    b = s.clone().requires_grad_()
+    loss_c, lp_c = torch.compile(f, fullgraph=True)(b)
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lp_c, lp)
+    torch.testing.assert_close(b.grad, a.grad)

@@ -32,7 +32,8 @@ __global__ void __launch_bounds__(kThreads) dense_kd_kernel(DenseArgs a) {
     const float zt = dense_zt(a, load_as_float(t_row, a.t_dtype, j));
     dense_push(st, a, zs, zt, j, label);
   }
-  st = block_reduce(st, MergePartial{}, dense_partial_empty(), sm_partial);
+  st = block_reduce(st, MergePartial{kl_mode(a.divergence)}, dense_partial_empty(),
+                    sm_partial);
   DenseRow r = dense_row(a, st);
 
   // Pass 2 (JSD, TVD): the sums that need the final statistics.

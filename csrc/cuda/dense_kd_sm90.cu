@@ -154,12 +154,13 @@ __global__ void __launch_bounds__(kThreads) dense_kd_cluster_kernel(DenseArgs a,
     dense_push(st, a, dense_zs(a, load_as_float(s_sm, a.s_dtype, i)),
                dense_zt(a, load_as_float(t_sm, a.t_dtype, i)), c0 + i, label);
   }
-  st = block_reduce(st, MergePartial{}, dense_partial_empty(), sh.reduce_partial);
+  const MergePartial merge_op{kl_mode(a.divergence)};
+  st = block_reduce(st, merge_op, dense_partial_empty(), sh.reduce_partial);
   if (threadIdx.x == 0) sh.partial = st;
   cluster.sync();
   if (threadIdx.x == 0) {
     DensePartial all = dense_partial_empty();
-    for (unsigned q = 0; q < csize; ++q) all = merge_partial(all, *cluster.map_shared_rank(&sh.partial, q));
+    for (unsigned q = 0; q < csize; ++q) all = merge_op(all, *cluster.map_shared_rank(&sh.partial, q));
     sh.merged = all;
   }
   __syncthreads();

@@ -24,24 +24,31 @@ struct DenseArgs {
   int divergence;
 };
 
-// What one pass over a (part of a) row accumulates: student / teacher / T = 1 statistics with
-// their KL cross terms, and the student's z at the label (0 where the label is elsewhere).
+// What one pass over a (part of a) row accumulates: student / teacher statistics with the
+// KL's centred cross term (OnlineKL, kd_math.h: the host tests run the same code), T = 1
+// statistics, and the student's z at the label (0 where the label is elsewhere).
 struct DensePartial {
-  Online s, t, one;
+  OnlineKL<float> kl;
+  Online one;
   float z_label;
 };
 
 __device__ __forceinline__ DensePartial dense_partial_empty() {
-  return {online_empty(), online_empty(), online_empty(), 0.0f};
+  return {online_kl_empty<float>(), online_empty(), 0.0f};
 }
 
-__device__ __forceinline__ DensePartial merge_partial(DensePartial x, DensePartial y) {
-  return {merge(x.s, y.s), merge(x.t, y.t), merge(x.one, y.one), x.z_label + y.z_label};
+// OnlineKLMode of a divergence: the KLs carry a cross term, JSD / TVD only the statistics.
+__device__ __forceinline__ int kl_mode(int divergence) {
+  const auto div = static_cast<Divergence>(divergence);
+  return div == Divergence::ForwardKL   ? OnlineKLMode::kForward
+         : div == Divergence::ReverseKL ? OnlineKLMode::kReverse
+                                        : OnlineKLMode::kNone;
 }
 
 struct MergePartial {
+  int mode;
   __device__ DensePartial operator()(DensePartial x, DensePartial y) const {
-    return merge_partial(x, y);
+    return {online_kl_merge(x.kl, y.kl, mode), merge(x.one, y.one), x.z_label + y.z_label};
   }
 };
 
@@ -55,9 +62,7 @@ __device__ __forceinline__ float dense_zt(const DenseArgs& a, float x) {
 // Accumulates element j (z_s, z_t) into a partial.
 __device__ __forceinline__ void dense_push(DensePartial& st, const DenseArgs& a, float zs,
                                            float zt, int64_t j, int64_t label) {
-  const auto div = static_cast<Divergence>(a.divergence);
-  st.s = push(st.s, zs, div == Divergence::ReverseKL ? zs - zt : 0.0f);
-  st.t = push(st.t, zt, div == Divergence::ForwardKL ? zt - zs : 0.0f);
+  st.kl = online_kl_push(st.kl, zs, zt, kl_mode(a.divergence));
   if (a.hard_weight != 0.0f) {
     st.one = push(st.one, zs == kNegInf ? zs : zs * a.temperature, 0.0f);
     if (j == label) st.z_label = zs;
@@ -76,22 +81,18 @@ struct DenseRow {
 
 __device__ __forceinline__ DenseRow dense_row(const DenseArgs& a, const DensePartial& st) {
   DenseRow r;
-  r.ms = st.s.m;
-  r.mt = st.t.m;
-  r.log_ss = logf(st.s.a);
-  r.log_st = logf(st.t.a);
+  r.ms = st.kl.ms;
+  r.mt = st.kl.mt;
+  r.log_ss = logf(st.kl.as);
+  r.log_st = logf(st.kl.at);
   r.log_b = logf(a.beta);
   r.log_1mb = log1pf(-a.beta);
   r.log_s1 = logf(st.one.a);
   r.dv = 0.0f;
   r.sum_qg = 0.0f;
   r.found = true;
-  const auto div = static_cast<Divergence>(a.divergence);
-  if (div == Divergence::ForwardKL) {
-    r.dv = st.t.c / st.t.a - (st.t.m - st.s.m) - r.log_st + r.log_ss;
-  } else if (div == Divergence::ReverseKL) {
-    r.dv = st.s.c / st.s.a - (st.s.m - st.t.m) - r.log_ss + r.log_st;
-  }
+  const int mode = kl_mode(a.divergence);
+  if (mode != OnlineKLMode::kNone) r.dv = online_kl_value(st.kl, mode);
   return r;
 }
 

@@ -360,8 +360,12 @@ def fused_linear_topk(
 ) -> TopK:
     r"""Teacher-side top-k straight from hidden states: ``topk_logprobs(hidden @ W.T + b, k)``
     without the [N, V] logits. Tiles of the vocabulary are projected in fp32 one at a time,
-    each tile's top-k and log-sum-exp merged into a running top-k and normaliser (ties keep
-    the lower id, as in :func:`topk_logprobs`).
+    each tile's top-k and log-sum-exp merged into a running top-k and normaliser.
+
+    Ties: logits that are bitwise equal keep the lower id first, on every device and in
+    every tile, as in :func:`topk_logprobs`. Logits equal only in exact arithmetic may differ
+    in their last bits once different vocabulary tiles go through different matmul kernels
+    (a GPU picks kernels by shape), and then rank by those bits.
 
     Example:
         >>> top = fused_linear_topk(teacher_hidden, teacher_lm_head.weight, 64)
@@ -391,10 +395,12 @@ def fused_linear_topk(
                 kk = min(k, c1 - c0)
                 top = topk_logprobs(logits, kk, temperature=temperature,
                                     logit_scale=logit_scale, softcap=softcap, backend=backend)
-                # Back from the tile's log-probabilities to z = f(x) / T: z = lp + lse_tile,
-                # with lse_tile = z - lp at the tile's best id (no second pass over the tile).
-                tile_lse = _tile_lse(logits, top, temperature, logit_scale, softcap)
-                z = top.logprobs + tile_lse[:, None]
+                # The candidates' own z = f(x) / T, so that bitwise-equal logits give equal
+                # keys in every tile (lp + lse_tile would round differently per tile), and the
+                # tile's normaliser from its best id: lse_tile = z - lp (no second pass).
+                z = _z_at(logits, top.indices, temperature, logit_scale, softcap)
+                tile_lse = torch.where(z[:, 0] == float("-inf"), z[:, 0],
+                                       z[:, 0] - top.logprobs[:, 0])
                 ids = top.indices.long() + c0
                 if best_v is None:
                     best_v, best_i, lse = z, ids, tile_lse
@@ -414,12 +420,10 @@ def fused_linear_topk(
     return TopK(torch.cat(ids_out).reshape(*lead, k), torch.cat(lp_out).reshape(*lead, k))
 
 
-def _tile_lse(logits: Tensor, top: TopK, temperature: float, logit_scale: float,
-              softcap: float | None) -> Tensor:
-    """log-sum-exp of a tile's z = f(x) / T, from its top-1: z_best - logprob_best (-inf for a
-    tile whose logits are all -inf)."""
+def _z_at(logits: Tensor, ids: Tensor, temperature: float, logit_scale: float,
+          softcap: float | None) -> Tensor:
+    """z = f(x) / T of the logits at `ids` (per row), in fp32."""
     from .reference import transform_logits
 
-    best = logits.gather(1, top.indices[:, :1].long())
-    z = transform_logits(best, logit_scale, softcap, temperature, torch.float32)[:, 0]
-    return torch.where(z == float("-inf"), z, z - top.logprobs[:, 0])
+    return transform_logits(logits.gather(1, ids.long()), logit_scale, softcap, temperature,
+                            torch.float32)

@@ -2,11 +2,18 @@
 
 Pass 1 reads both rows once for the softmax statistics, kept per lane with an online
 max/sum (no scalar reduction inside the loop); forward and reverse KL also accumulate their
-cross term there, in log space relative to the running maximum, so their loss needs no
-second read. Jensen-Shannon and TVD need the normalised distributions for their loss, so they
-make one more read. The last pass recomputes q and p and writes the gradient in the
-student's dtype. Reads: 2 x [N, V] (KL) or 3 x [N, V] (JSD/TVD), plus 2 x [N, V] for the
-gradient pass; writes: 1 x [N, V].
+cross term there, centred on the running maxima of both rows (see `_cross_shift`), so their
+loss needs no second read. Jensen-Shannon and TVD need the normalised distributions for
+their loss, so they make one more read. The last pass recomputes q and p and writes the
+gradient in the student's dtype.
+
+Byte account per logit (s, t: student and teacher rows; g: the gradient), against the floor
+of three transfers (read s, read t, write g):
+- forward / reverse KL: read s, t (statistics), read s, t again and write g: 5 transfers;
+- JSD / TVD: one more read of s and t for the loss: 7 transfers;
+- backward: `scale_rows_kernel` reads and writes g by grad_output: 2 more transfers.
+The second read of a row hits L2 only when the rows in flight fit in it (V = 128256 bf16 is
+513 KB a row pair: ~100 programs in flight fill the H200's 60 MB).
 """
 
 from __future__ import annotations
@@ -62,7 +69,9 @@ def transform_grad(z, scale, cap, temperature, HAS_CAP: tl.constexpr):
 @triton.jit
 def cast_rne(x, dtype: tl.constexpr):
     """x (fp32) in `dtype`, rounded to nearest even. GPUs convert to bf16 that way natively;
-    spelling it out keeps the interpreter (which truncates) and the GPU bit-identical."""
+    spelling it out keeps the interpreter (which truncates) and the GPU bit-identical. An
+    fp64 `x` is a compile error under every Triton: it means a constant promoted the maths."""
+    tl.static_assert(x.dtype == tl.float32, "cast_rne takes fp32: an fp64 value leaked in")
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         up = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
@@ -87,6 +96,31 @@ def _online(m, z):
     alpha = tl.where(m_new == NEG_INF, 1.0, tl.exp(m - m_new))
     e = tl.where(z == NEG_INF, 0.0, tl.exp(z - m_new))
     return m_new, alpha, e
+
+
+@triton.jit
+def _step(m_old, m_new):
+    """m_new - m_old, 0 where equal (-inf to -inf is no move, not NaN)."""
+    return tl.where(m_new == m_old, 0.0, m_new - m_old)
+
+
+@triton.jit
+def _cross_shift(c, a_w, f_w, d_w, d_o):
+    """The centred KL cross term moved to new maxima (kd_math.h: OnlineKL).
+
+    c = sum_j e_j u_j with e_j = exp(zw_j - mw) of the weighting side w (teacher for forward
+    KL, student for reverse KL) and u_j = (zw_j - mw) - (zo_j - mo). When the maxima move by
+    d_w and d_o every u_j moves by d_o - d_w and every e_j scales by f_w. Accumulating the raw
+    zw_j - zo_j instead and subtracting mw - mo at the end cancels catastrophically for large
+    logits and a small divergence (2e-5 of the loss, 3e-4 of the gradient at +-1e4)."""
+    return tl.where((a_w > 0) & (f_w > 0), f_w * (c + a_w * (d_o - d_w)), 0.0)
+
+
+@triton.jit
+def _cross_term(e_w, zw, mw, zo, mo):
+    """e_w * u of one element; +inf where the other side is -inf (an infinite KL)."""
+    u = tl.where(zo == NEG_INF, float("inf"), (zw - mw) - (zo - mo))
+    return tl.where(e_w > 0, e_w * u, 0.0)
 
 
 @triton.jit
@@ -148,9 +182,11 @@ def dense_kd_kernel(
         ms_new, alpha_s, e_s = _online(m_s, zs)
         mt_new, alpha_t, e_t = _online(m_t, zt)
         if DIVERGENCE == FORWARD_KL:
-            cross = cross * alpha_t + tl.where(e_t > 0, e_t * (zt - zs), 0.0)
+            cross = _cross_shift(cross, a_t, alpha_t, _step(m_t, mt_new),
+                                 _step(m_s, ms_new)) + _cross_term(e_t, zt, mt_new, zs, ms_new)
         if DIVERGENCE == REVERSE_KL:
-            cross = cross * alpha_s + tl.where(e_s > 0, e_s * (zs - zt), 0.0)
+            cross = _cross_shift(cross, a_s, alpha_s, _step(m_s, ms_new),
+                                 _step(m_t, mt_new)) + _cross_term(e_s, zs, ms_new, zt, mt_new)
         if HAS_HARD:
             alpha_1 = tl.where(ms_new == NEG_INF, 1.0, tl.exp((m_s - ms_new) * temperature))
             e_1 = tl.where(zs == NEG_INF, 0.0, tl.exp((zs - ms_new) * temperature))
@@ -172,10 +208,13 @@ def dense_kd_kernel(
     sum_qg = 0.0
     log_b = tl.log(beta)
     log_1mb = tl.log(1.0 - beta)
+    # Lanes' cross terms moved to the row maxima (w_* = exp(m_lane - M) are the scalings).
     if DIVERGENCE == FORWARD_KL:
-        div = tl.sum(cross * w_t, 0) / sum_t - (M_t - M_s) - log_st + log_ss
+        c_row = _cross_shift(cross, a_t, w_t, _step(m_t, M_t), _step(m_s, M_s))
+        div = tl.sum(c_row, 0) / sum_t - log_st + log_ss
     if DIVERGENCE == REVERSE_KL:
-        div = tl.sum(cross * w_s, 0) / sum_s - (M_s - M_t) - log_ss + log_st
+        c_row = _cross_shift(cross, a_s, w_s, _step(m_s, M_s), _step(m_t, M_t))
+        div = tl.sum(c_row, 0) / sum_s - log_ss + log_st
     if DIVERGENCE == JSD or DIVERGENCE == TVD:
         # Pass 2: the loss and sum_j q_j g_j need the normalised distributions.
         acc_a = tl.zeros([BLOCK], tl.float32)

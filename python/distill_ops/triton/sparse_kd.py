@@ -132,7 +132,9 @@ def sparse_kd_kernel(
         has_rest = n_sup < 0
     covered = _lse(lt)
     r0 = tl.where(covered < 0, -_expm1(tl.minimum(covered, 0.0)), 0.0)
-    lp_rest = tl.where(has_rest & (r0 > 0), tl.log(tl.maximum(r0, 1e-38)), NEG_INF)
+    # Guarded by a select, not by max(r0, tiny): a Python float below fp32's normal range
+    # is an fp64 constant to Triton 3.6, which would turn the whole chain fp64.
+    lp_rest = tl.where(has_rest & (r0 > 0), tl.log(tl.where(r0 > 0, r0, 1.0)), NEG_INF)
     renormalise = (ratio != 1.0) | ((n_sup == vocab) & (n_sup >= 0))
     if TAIL == RENORM or TAIL == SUPPORT:
         renormalise = n_sup >= 0
@@ -170,6 +172,7 @@ def sparse_kd_kernel(
         ok = ok & found
         ce = (M - tl.sum(zy_lane, 0)) * temperature + log_s1
         loss += hard_weight * tl.where(found, ce, float("nan"))
+    tl.static_assert(loss.dtype == tl.float32, "the sparse loss must stay fp32")
     tl.store(loss_ptr + row, tl.where(row_ok, loss, 0.0))
 
     if COMPUTE_GRAD:
