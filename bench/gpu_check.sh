@@ -43,7 +43,7 @@ python3 -c "import xdist" 2>/dev/null && XDIST="-n 16"
 TIMEOUT=""
 python3 -c "import pytest_timeout" 2>/dev/null && TIMEOUT="--timeout 120"
 TESTS="tests/test_cuda_gpu.py tests/test_dense_kd.py tests/test_sparse_kd.py \
-  tests/test_topk_sampling.py tests/test_fused_linear.py \
+  tests/test_topk_sampling.py tests/test_fused_linear.py tests/test_fused_linear_gpu_math.py \
   tests/test_autograd_and_compile.py tests/test_store.py"
 log "GPU tests ($XDIST $TIMEOUT), then the serial ones"
 timeout $(( $(left) > 300 ? 240 : $(left) / 2 )) python3 -m pytest -v -p no:cacheprovider \

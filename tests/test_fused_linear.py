@@ -130,19 +130,31 @@ def test_all_rows_ignored(seed):
 
 
 def test_default_chunk_keeps_buffers_under_256_mib():
-    from distill_ops.fused_linear import _tile_rows, default_chunk_size
+    from distill_ops._head_matmul import tile_rows
+    from distill_ops.fused_linear import default_chunk_size
 
     for dtype in (torch.float32, torch.bfloat16):
         c = default_chunk_size(8192, 128256, 4096, dtype)
-        tile = 0 if dtype == torch.float32 else 4 * 4096 * _tile_rows(128256, 4096, dtype)
+        tile = 0 if dtype == torch.float32 else 4 * 4096 * tile_rows(128256, 4096, dtype)
         assert c >= 1 and 4 * c * (3 * 128256 + 2 * 4096) + tile <= 256 << 20
     assert default_chunk_size(10, 50) == 10
+
+
+def test_gpu_default_chunk_is_tensor_core_sized_within_1_gib():
+    """On a GPU: multiples of 128 rows, [chunk, V] buffers within ~1 GiB (768 rows for a dense
+    teacher at V = 128256, fp32 logits of both and a bf16 gradient)."""
+    from distill_ops.fused_linear import default_chunk_size
+
+    c = default_chunk_size(8192, 128256, 4096, torch.bfloat16, 2.5, device="cuda")
+    assert c == 768 and c * (4 * 128256 * 2.5 + 4 * 4096) <= 1 << 30
+    assert default_chunk_size(8192, 262144, 4096, torch.bfloat16, 2.5, device="cuda") % 128 == 0
+    assert default_chunk_size(100, 128256, 4096, torch.bfloat16, 2.5, device="cuda") == 100
 
 
 def test_bf16_head_tiles_match_one_fp32_matmul(monkeypatch, seed):
     """A bf16 head upcast in vocabulary tiles (forced small here) gives the same logits and
     gradients as upcasting it whole."""
-    import distill_ops.fused_linear as fl
+    import distill_ops._head_matmul as fl
 
     hs, ws, bs = (x.to(torch.bfloat16) for x in head((9,), 16, 300))
     ht, wt, _ = (x.to(torch.bfloat16) for x in head((9,), 16, 300))

@@ -37,13 +37,14 @@ def dtype_code(t: torch.Tensor) -> int:
     return DTYPE_CODES[t.dtype]
 
 
-def fused_outputs(rows: torch.Tensor, wide: bool,
-                  compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_outputs(rows: torch.Tensor, wide: bool, compute_grad: bool,
+                  grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The outputs of a fused loss over rows [N, V]: the per-row loss [N] (fp64 when `wide`,
-    else fp32) and d loss / d rows [N, V] in the rows' dtype (an empty tensor when not
-    computed). Allocated with new_empty, so fake impls share it too."""
+    else fp32) and d loss / d rows [N, V] in the rows' dtype, or `grad_dtype` (an empty tensor
+    when not computed). Allocated with new_empty, so fake impls share it too."""
     loss = rows.new_empty(rows.shape[0], dtype=torch.float64 if wide else torch.float32)
-    grad = rows.new_empty(tuple(rows.shape) if compute_grad else (0,))
+    grad = rows.new_empty(tuple(rows.shape) if compute_grad else (0,),
+                          dtype=grad_dtype or rows.dtype)
     return loss, grad
 
 

@@ -1,13 +1,14 @@
 """Fused LM head + KD loss: the student's [N, V] logits never exist in full.
 
 Tokens are processed a chunk at a time: the chunk's student logits (and, for a dense teacher,
-its teacher logits) are projected in fp32, the fused dense or sparse kernel turns them into
-per-row losses and d loss / d logits, and that gradient is pushed through the head at once
-(grad_hidden = g W, grad_W += g^T h, grad_b += sum g). A bf16/fp16 head is upcast a
-vocabulary tile (~32 MiB) at a time, never whole. Extra memory is a few [chunk, V] fp32
-buffers and one tile, not [N, V] (nor [V, H] in fp32). With reduction "mean" or "sum" the
-gradients are final after the forward and backward only scales them by grad_output; with
-"none" (a per-row grad_output) backward runs the chunks again.
+its teacher logits) are projected to fp32, the fused dense or sparse kernel turns them into
+per-row losses and d loss / d logits (g), and g is pushed through the head at once
+(grad_hidden = g W, grad_W += g^T h, grad_b += sum g). The matmuls run in fp32 on the CPU and
+on tensor cores in the head's dtype on a GPU (_head_matmul.py says exactly how). Extra
+memory is a few [chunk, V] buffers, the grad_W accumulator and grad_hidden, never [N, V].
+With reduction "mean" or "sum" the gradients are final after the forward up to one scalar
+(the mean's 1/count times grad_output), applied in backward in place; with "none" (a per-row
+grad_output) backward runs the chunks again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _cpu, _cuda
+from . import _head_matmul as hm
 from ._backend import resolve_backend
 from ._reduction import valid_rows
 from ._validation import (
@@ -38,59 +41,25 @@ from .topk import TopK, topk_logprobs
 
 __all__ = ["default_chunk_size", "fused_linear_kd_loss", "fused_linear_topk"]
 
-_CHUNK_BUDGET = 256 << 20  # bytes of extra buffers per call
-_TILE_BUDGET = 32 << 20  # bytes of one fp32 vocabulary tile of a bf16/fp16 head
-
-
-def _tile_rows(v: int, h: int, dtype: torch.dtype) -> int:
-    """Vocabulary rows per fp32 tile of a head: the whole head when it already is fp32
-    (no copy), else tiles of about 32 MiB."""
-    return v if dtype == torch.float32 else max(1, min(v, _TILE_BUDGET // (4 * h)))
+_CHUNK_BUDGET = 256 << 20  # bytes of chunk buffers per call on the CPU
+_GPU_CHUNK_BUDGET = 1 << 30  # on a GPU: big chunks keep the matmuls efficient
 
 
 def default_chunk_size(n: int, v: int, h: int = 0, dtype: torch.dtype = torch.float32,
-                       buffers: int = 3) -> int:
-    """Rows per token chunk so that the chunk's `buffers` fp32 [chunk, V] tensors, its fp32
-    hidden states and one fp32 head tile stay under ~256 MiB in all."""
-    tile = 0 if dtype == torch.float32 else 4 * h * _tile_rows(v, h, dtype)
+                       buffers: int = 3, device: torch.device | str = "cpu") -> int:
+    """Rows per token chunk so that the chunk's buffers fit a memory budget.
+
+    CPU: `buffers` fp32 [chunk, V] tensors, fp32 hidden states and one fp32 head tile within
+    ~256 MiB. GPU: `buffers` [chunk, V] tensors of 4 bytes (fp32 logits; the head-dtype
+    gradient counts as half of one) within ~1 GiB, in multiples of 128 rows (the tensor-core
+    tile), which at V = 128256 and a dense teacher is 768 rows."""
+    if torch.device(device).type == "cuda":
+        rows = _GPU_CHUNK_BUDGET // (4 * v * buffers + 4 * h)
+        rows = max(128, rows // 128 * 128)
+        return max(1, min(n, rows))
+    tile = 0 if dtype == torch.float32 else 4 * h * hm.tile_rows(v, h, dtype)
     per_row = 4 * (v * buffers + 2 * h)
     return max(1, min(n, (_CHUNK_BUDGET - tile) // per_row))
-
-
-def _fp32(x: Tensor | None) -> Tensor | None:
-    return x if x is None or x.dtype == torch.float32 else x.float()
-
-
-def _project(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """h @ w.T (+ b) in fp32; a bf16/fp16 head is upcast a vocabulary tile at a time, so the
-    logits are never rounded to bf16 and no fp32 copy of the whole head exists."""
-    h32 = _fp32(h)
-    tile = _tile_rows(w.shape[0], w.shape[1], w.dtype)
-    if tile >= w.shape[0]:
-        out = h32 @ _fp32(w).t()
-    else:
-        out = torch.empty((h.shape[0], w.shape[0]), dtype=torch.float32, device=h.device)
-        for v0 in range(0, w.shape[0], tile):
-            out[:, v0:v0 + tile] = h32 @ _fp32(w[v0:v0 + tile]).t()
-    if b is not None:
-        out += _fp32(b)
-    return out
-
-
-def _head_grads(g: Tensor, h: Tensor, w: Tensor, gw: Tensor | None,
-                want_h: bool) -> Tensor | None:
-    """Accumulate gw += g^T h (fp32) and return g @ w (fp32) if want_h, tile by tile."""
-    h32 = _fp32(h)
-    tile = _tile_rows(w.shape[0], w.shape[1], w.dtype)
-    gh = None
-    for v0 in range(0, w.shape[0], tile):
-        gt = g[:, v0:v0 + tile]
-        if want_h:
-            part = gt @ _fp32(w[v0:v0 + tile])
-            gh = part if gh is None else gh.add_(part)
-        if gw is not None:
-            gw[v0:v0 + tile].addmm_(gt.t(), h32)
-    return gh
 
 
 @dataclass
@@ -102,69 +71,95 @@ class _Spec:
     vocab: int
     chunk: int
     backend: str
+    mode: str  # _head_matmul mode
+
+
+def _chunk_loss(spec: _Spec, logits: Tensor, teacher_rows, labels: Tensor | None,
+                grads: bool, grad_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The fused loss kernel on one chunk of fp32 logits: (rows [c], g [c, V] in grad_dtype).
+    The launchers are called directly (no dispatcher: this runs inside our autograd)."""
+    sc = spec.sc
+    if spec.backend == "triton":
+        from .triton import dense_kd as tdense
+        from .triton import sparse_kd as tsparse
+
+        if spec.sparse:
+            return tsparse.sparse_kd_forward(
+                logits, *teacher_rows, None, labels, sc.divergence, spec.tail, sc.temperature,
+                spec.source_temperature, sc.beta, sc.hard_weight, sc.soft_coef, grads,
+                grad_dtype)
+        return tdense.dense_kd_forward(logits, teacher_rows, None, labels, sc, spec.vocab,
+                                       grads, grad_dtype)
+    impl = _cuda if spec.backend == "cuda" else _cpu
+    if spec.sparse:
+        r, g = impl.sparse_kd_forward(
+            logits, *teacher_rows, None, labels, sc.divergence, spec.tail, sc.temperature,
+            spec.source_temperature, sc.beta, sc.hard_weight, sc.soft_coef, grads)
+    else:
+        r, g = impl.dense_kd_forward(logits, teacher_rows, None, labels, sc, spec.vocab, grads)
+    # One rounding of the fp32 gradient, as the Triton kernel's own store makes it.
+    return r, (g.to(grad_dtype) if grads else g)
 
 
 def _chunks(
     spec: _Spec, h_s: Tensor, w_s: Tensor, b_s: Tensor | None, teacher: tuple,
     labels: Tensor | None, row_weight: Tensor | None, want: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """One pass over the token chunks: per-row losses, and (when row_weight is given) the
-    gradients of sum_r row_weight_r * loss_r w.r.t. hidden, weight and bias (fp32)."""
+    """One pass over the token chunks: per-row losses and, when `row_weight` is given, the
+    gradients of sum_r row_weight_r * loss_r w.r.t. hidden, weight and bias. A 0-dim
+    row_weight (the same weight for every row) is left out: the gradients come back unscaled,
+    to be multiplied by it once."""
     n = h_s.shape[0]
+    mode = spec.mode
     rows = torch.empty(n, dtype=torch.float32, device=h_s.device)
     grads = row_weight is not None
-    gh = torch.empty((n, h_s.shape[1]), dtype=torch.float32, device=h_s.device) \
-        if grads and want[0] else None
-    gw = torch.zeros(w_s.shape, dtype=torch.float32, device=h_s.device) \
-        if grads and want[1] else None
+    per_row = grads and row_weight.dim() == 1
+    gh = hm.hidden_grad_buffer(n, w_s, mode) if grads and want[0] else None
+    gw = hm.weight_grad_buffer(w_s, mode) if grads and want[1] else None
     gb = torch.zeros(w_s.shape[0], dtype=torch.float32, device=h_s.device) \
         if grads and want[2] else None
-    sc = spec.sc
+    gdt = hm.grad_dtype(w_s, mode)
     for a in range(0, n, spec.chunk):
         e = min(n, a + spec.chunk)
-        logits = _project(h_s[a:e], w_s, b_s)
+        logits = hm.project(h_s[a:e], w_s, b_s, mode)
         lab = labels[a:e] if labels is not None else None
         if spec.sparse:
             idx, tlp = teacher
-            r, g = torch.ops.distill_ops.sparse_kd(
-                logits, idx[a:e], tlp[a:e], None, lab, sc.divergence, spec.tail,
-                sc.temperature, spec.source_temperature, sc.beta, sc.hard_weight, sc.soft_coef,
-                grads, spec.backend)
+            teacher_rows = (idx[a:e], tlp[a:e])
         else:
             h_t, w_t, b_t = teacher
-            t_logits = _project(h_t[a:e], w_t, b_t)
-            r, g = torch.ops.distill_ops.dense_kd(
-                logits, t_logits, None, lab, sc.divergence, sc.temperature, sc.beta,
-                sc.student_scale, sc.student_softcap, sc.teacher_scale, sc.teacher_softcap,
-                sc.hard_weight, sc.soft_coef, spec.vocab, grads, spec.backend)
-            del t_logits
+            teacher_rows = hm.project(h_t[a:e], w_t, b_t, mode)
+        r, g = _chunk_loss(spec, logits, teacher_rows, lab, grads, gdt)
+        del logits, teacher_rows
         rows[a:e] = r
-        del logits
         if grads:
-            g = g * row_weight[a:e, None]
-            part = _head_grads(g, h_s[a:e], w_s, gw, gh is not None)
+            if per_row:
+                g.mul_(row_weight[a:e, None].to(g.dtype))
+            part = hm.head_grads(g, h_s[a:e], w_s, gw, gh is not None, mode)
             if gh is not None:
                 gh[a:e] = part
             if gb is not None:
-                gb += g.sum(0)
+                gb += g.sum(0, dtype=torch.float32)
     return rows, gh, gw, gb
 
 
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, teacher_a, teacher_b, teacher_c, labels, row_weight,
+    def forward(ctx, h_s, w_s, b_s, teacher_a, teacher_b, teacher_c, labels, weight,
                 spec, reduction):
+        """`weight`: a 0-dim tensor, every row's weight in the returned sum (1 / count for
+        "mean", 1 for "sum"); for "none" the rows come back as they are."""
         teacher = (teacher_a, teacher_b) if spec.sparse else (teacher_a, teacher_b, teacher_c)
         want = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         per_row = reduction == "none"
         rows, gh, gw, gb = _chunks(spec, h_s, w_s, b_s, teacher, labels,
-                                   None if per_row or not any(want) else row_weight, want)
+                                   None if per_row or not any(want) else weight, want)
         ctx.spec, ctx.per_row, ctx.want = spec, per_row, want
         if per_row:
             ctx.save_for_backward(h_s, w_s, b_s, teacher_a, teacher_b, teacher_c, labels)
             return rows
-        ctx.save_for_backward(gh, gw, gb)
-        return (rows * row_weight).sum()
+        ctx.save_for_backward(gh, gw, gb, weight)
+        return rows.sum() * weight
 
     @staticmethod
     def backward(ctx, go):
@@ -174,10 +169,14 @@ class _FusedLinearKD(torch.autograd.Function):
             _, gh, gw, gb = _chunks(ctx.spec, h_s, w_s, b_s, teacher, labels, go.float(),
                                     ctx.want)
         else:
-            gh, gw, gb = ctx.saved_tensors
-            gh = gh * go if gh is not None else None
-            gw = gw * go if gw is not None else None
-            gb = gb * go if gb is not None else None
+            # One in-place multiply per gradient by the scalar (weight x grad_output), on the
+            # device; the saved buffers are this graph's own (a second backward through it
+            # fails in autograd's version check instead of scaling twice).
+            gh, gw, gb, weight = ctx.saved_tensors
+            factor = weight * go
+            gh = gh.mul_(factor.to(gh.dtype)) if gh is not None else None
+            gw = gw.mul_(factor.to(gw.dtype)) if gw is not None else None
+            gb = gb.mul_(factor) if gb is not None else None
         return (gh, gw, gb) + (None,) * 7
 
 
@@ -297,13 +296,13 @@ def fused_linear_kd_loss(
         # design; it is what the fused path is tested against).
         from . import reference
 
-        logits = _project(h_s, w_s, b_s)
+        logits = hm.project(h_s, w_s, b_s, "fp32")
         common = dict(divergence=divergence, temperature=temperature, beta=beta, labels=labels,
                       ignore_index=ignore_index, mask=mask, hard_weight=hard_weight,
                       soft_weight=soft_weight, scale_by_t2=scale_by_t2, reduction=reduction,
                       num_items_in_batch=num_items_in_batch)
         if dense:
-            t_logits = _project(h_t.detach(), w_t.detach(), b_t)
+            t_logits = hm.project(h_t.detach(), w_t.detach(), b_t, "fp32")
             return reference.kd_loss(
                 logits, t_logits, vocab_size=vocab_size, student_logit_scale=student_logit_scale,
                 teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
@@ -328,15 +327,20 @@ def fused_linear_kd_loss(
                    rows_of(teacher_logprobs.detach()).float().contiguous(), None)
     m = hs.shape[0]
     widest = max(h_s.shape[-1], h_t.shape[-1] if dense else 0)
-    spec = _Spec(sparse, sc, tail_code, source_t, vocab,
-                 chunk_size or default_chunk_size(max(m, 1), v_s, widest, w_s.dtype), be)
+    mode = hm.matmul_mode(device)
+    if chunk_size is None:
+        # [chunk, V] buffers: fp32 student (and teacher) logits, and the gradient.
+        g_share = torch.empty((), dtype=hm.grad_dtype(w_s, mode)).element_size() / 4
+        buffers = 3 if mode == "fp32" else (2 if dense else 1) + g_share
+        chunk_size = default_chunk_size(max(m, 1), v_s, widest, w_s.dtype, buffers, device)
+    spec = _Spec(sparse, sc, tail_code, source_t, vocab, chunk_size, be, mode)
     if reduction == "mean":
         denom = (torch.as_tensor(num_items_in_batch, device=device, dtype=torch.float32)
                  if num_items_in_batch is not None
                  else torch.full((), max(m, 1), dtype=torch.float32, device=device))
-        weight = (1.0 / denom).expand(m)
+        weight = (1.0 / denom).reshape(())
     else:
-        weight = torch.ones(m, dtype=torch.float32, device=device)
+        weight = torch.ones((), dtype=torch.float32, device=device)
     out = _FusedLinearKD.apply(hs, w_s, b_s, *teacher, lab, weight, spec, reduction)
     if reduction != "none":
         return out
@@ -355,12 +359,14 @@ def fused_linear_topk(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
-    vocab_chunk: int = 32768,
+    vocab_chunk: int | None = None,
     backend: str = "auto",
 ) -> TopK:
     r"""Teacher-side top-k straight from hidden states: ``topk_logprobs(hidden @ W.T + b, k)``
-    without the [N, V] logits. Tiles of the vocabulary are projected in fp32 one at a time,
-    each tile's top-k and log-sum-exp merged into a running top-k and normaliser.
+    without the [N, V] logits. A chunk of tokens is projected to fp32 logits (on a GPU on
+    tensor cores in the head's dtype, the whole vocabulary at once: ``vocab_chunk`` defaults
+    to V there, with chunks of ~1 GiB of logits; on the CPU tiles of 32768 ids) and each
+    tile's top-k and log-sum-exp are merged into a running top-k and normaliser on the device.
 
     Ties: logits that are bitwise equal keep the lower id first, on every device and in
     every tile, as in :func:`topk_logprobs`. Logits equal only in exact arithmetic may differ
@@ -377,24 +383,31 @@ def fused_linear_topk(
     if not 1 <= k <= vocab:
         raise ValueError(f"k must lie in [1, V={vocab}], got {k}")
     check_positive("temperature", temperature)
-    if vocab_chunk < 1:
-        raise ValueError(f"vocab_chunk must be >= 1, got {vocab_chunk}")
+    mode = hm.matmul_mode(h.device)
+    if vocab_chunk is None:
+        vocab_chunk = vocab if mode == "head" else 32768
+    if isinstance(vocab_chunk, bool) or not isinstance(vocab_chunk, int) or vocab_chunk < 1:
+        raise ValueError(f"vocab_chunk must be a positive int, got {vocab_chunk!r}")
     lead = h.shape[:-1]
     hs = h.detach().reshape(-1, h.shape[-1])
     n = hs.shape[0]
     chunk = chunk_size or default_chunk_size(max(n, 1), min(vocab, vocab_chunk), h.shape[-1],
-                                             w.dtype, buffers=2)
+                                             w.dtype, buffers=2 if mode == "fp32" else 1,
+                                             device=h.device)
     ids_out, lp_out = [], []
     with torch.no_grad():
         for a in range(0, n, chunk):
             hc = hs[a:a + chunk]
-            best_v = best_i = lse = None
+            best_v = best_i = lse = lp_whole = None
             for c0 in range(0, vocab, vocab_chunk):
                 c1 = min(vocab, c0 + vocab_chunk)
-                logits = _project(hc, w[c0:c1], b[c0:c1] if b is not None else None)
+                logits = hm.project(hc, w[c0:c1], b[c0:c1] if b is not None else None, mode)
                 kk = min(k, c1 - c0)
                 top = topk_logprobs(logits, kk, temperature=temperature,
                                     logit_scale=logit_scale, softcap=softcap, backend=backend)
+                if c1 - c0 == vocab:  # one tile: nothing to merge
+                    best_i, lp_whole = top.indices, top.logprobs
+                    break
                 # The candidates' own z = f(x) / T, so that bitwise-equal logits give equal
                 # keys in every tile (lp + lse_tile would round differently per tile), and the
                 # tile's normaliser from its best id: lse_tile = z - lp (no second pass).
@@ -413,7 +426,7 @@ def fused_linear_topk(
                 best_v = cand_v.gather(1, order)
                 best_i = cand_i.gather(1, order)
             ids_out.append(best_i.to(torch.int32))
-            lp_out.append(best_v - lse[:, None])
+            lp_out.append(lp_whole if best_v is None else best_v - lse[:, None])
     if not ids_out:
         empty = hs.new_empty((0, k))
         return TopK(empty.to(torch.int32).reshape(*lead, k), empty.float().reshape(*lead, k))

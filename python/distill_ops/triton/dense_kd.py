@@ -310,10 +310,12 @@ def _device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def dense_kd_forward(student, teacher, valid, labels, sc, vocab: int, compute_grad: bool):
-    """Launch dense_kd_kernel: returns (loss [N] fp32, grad [N, V_s] or an empty tensor)."""
+def dense_kd_forward(student, teacher, valid, labels, sc, vocab: int, compute_grad: bool,
+                     grad_dtype: torch.dtype | None = None):
+    """Launch dense_kd_kernel: returns (loss [N] fp32, grad [N, V_s] in the student's dtype or
+    `grad_dtype`, or an empty tensor)."""
     n, grad_cols = student.shape
-    loss, grad = fused_outputs(student, False, compute_grad)
+    loss, grad = fused_outputs(student, False, compute_grad, grad_dtype)
     if n == 0:
         return loss, grad
     block, num_warps = launch_config(vocab)

@@ -216,11 +216,12 @@ def launch_config(vocab: int, k: int) -> tuple[int, int, int]:
 
 def sparse_kd_forward(student, indices, teacher_logprobs, valid, labels, divergence, tail,
                       temperature, source_temperature, beta, hard_weight, soft_coef,
-                      compute_grad):
-    """Launch sparse_kd_kernel: (loss [N] fp32, grad [N, V] in the student's dtype or empty)."""
+                      compute_grad, grad_dtype=None):
+    """Launch sparse_kd_kernel: (loss [N] fp32, grad [N, V] in the student's dtype or
+    `grad_dtype`, or an empty tensor)."""
     n, vocab = student.shape
     k = indices.shape[1]
-    loss, grad = fused_outputs(student, False, compute_grad)
+    loss, grad = fused_outputs(student, False, compute_grad, grad_dtype)
     if n == 0:
         return loss, grad
     block, kp, num_warps = launch_config(vocab, k)
