@@ -195,3 +195,18 @@ def test_budget_stops_new_cases_but_keeps_the_rows():
     for r in results:
         assert r.status == "missing" and r.total_ms is None
     assert any("--budget" in r.notes for r in results)
+
+
+def test_world_mode_reports_time_and_bytes_per_row(tmp_path):
+    """`bench --world 2` (gloo here): every vocab-parallel case, its time, the single-process
+    time beside it, and the bytes each rank sends per row (a few floats for dense)."""
+    argv = ["bench", "--world", "2", "--shape", "64x400", "--k", "8", "--reps", "1",
+            "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    (path,) = tmp_path.glob("cpu-world2-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["op"] for r in rows} == {"dense", "sparse", "topk"}
+    for r in rows:
+        assert r["world"] == 2 and r["fwd_bwd_ms"] > 0 and r["single_ms"] > 0
+    dense = [r for r in rows if r["op"] == "dense"]
+    assert all(r["bytes_per_row"] <= 9 * 4 + 1 for r in dense)

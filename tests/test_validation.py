@@ -39,7 +39,7 @@ def st():
         ({"backend": "jax"}, ValueError, "backend must be one of"),
         ({"backend": "cuda"}, ValueError, "backend='cuda' needs CUDA tensors"),
         ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
-        ({"process_group": object()}, NotImplementedError, "process_group"),
+        ({"process_group": object()}, ValueError, "torch.distributed is not initialised"),
     ],
 )
 def test_bad_options(st, kwargs, exc, match):

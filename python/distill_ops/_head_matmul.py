@@ -44,7 +44,7 @@ def matmul_mode(device: torch.device) -> str:
 def tile_rows(v: int, h: int, dtype: torch.dtype) -> int:
     """Vocabulary rows per fp32 tile of a head in fp32 mode: the whole head when it already
     is fp32 (no copy), else tiles of about 32 MiB."""
-    return v if dtype == torch.float32 else max(1, min(v, _TILE_BUDGET // (4 * h)))
+    return max(1, v) if dtype == torch.float32 else max(1, min(v, _TILE_BUDGET // (4 * h)))
 
 
 def _fp32(x: Tensor | None) -> Tensor | None:
@@ -135,4 +135,6 @@ def head_grads(g: Tensor, h: Tensor, w: Tensor, gw: Tensor | None, want_h: bool,
             gh = part if gh is None else gh.add_(part)
         if gw is not None:
             gw[v0:v0 + tile].addmm_(gt.t(), h32)
+    if want_h and gh is None:  # a head without rows (a vocab-parallel rank with no ids)
+        gh = h32.new_zeros(h32.shape)
     return gh

@@ -40,7 +40,9 @@ def check_tensor(name: str, t: object) -> Tensor:
     return t
 
 
-def check_float_tensor(name: str, t: object) -> Tensor:
+def check_float_tensor(name: str, t: object, *, allow_empty: bool = False) -> Tensor:
+    """A float tensor with a vocabulary dimension; `allow_empty`: that dimension may be 0 (a
+    vocab-parallel rank whose slice holds no ids)."""
     t = check_tensor(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
@@ -49,7 +51,7 @@ def check_float_tensor(name: str, t: object) -> Tensor:
         )
     if t.dim() < 1:
         raise ValueError(f"{name} must have a vocabulary dimension [..., V], got a 0-d tensor")
-    if t.shape[-1] < 1:
+    if t.shape[-1] < 1 and not allow_empty:
         raise ValueError(f"{name} has an empty vocabulary dimension: shape {tuple(t.shape)}")
     return t
 

@@ -52,10 +52,40 @@ def _shapes(args: argparse.Namespace, device: str) -> dict:
     return shapes
 
 
+def bench_world(args: argparse.Namespace) -> int:
+    """`bench --world N`: the vocab-parallel ops on N processes."""
+    import datetime
+
+    from . import bench_parallel as bp
+
+    n, v = (args.shape or [(2048, 32000)])[0]
+    k = (args.k or [64])[0]
+    dtype = args.dtype or "fp32"
+    print(f"distill-ops bench --world {args.world}: N={n} V={v} k={k} {dtype}", file=sys.stderr)
+    result = bp.run_world(args.world, n, v, k=k, dtype=dtype, temperature=args.temperature,
+                          divergences=args.divergence[:2], reps=args.reps or 5)
+    table = bp.format_world_table(result)
+    print(f"ranks on {result['device']} ({result['backend']})\n\n{table}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        kind = "cuda" if result["device"].startswith("cuda") else "cpu"
+        stem = f"{kind}-world{args.world}-{datetime.date.today().isoformat()}"
+        command = "distill-ops " + " ".join(shlex.quote(a) for a in args.argv)
+        result.update(command=command, git_commit=_git_commit(), torch=torch.__version__)
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{stem}.md").write_text(f"`{command}`\n\n{table}\n")
+        print(f"wrote {out / stem}.json and .md", file=sys.stderr)
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     import datetime
 
     from . import benchmark as bm
+
+    if args.world:
+        return bench_world(args)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shapes = _shapes(args, device)
@@ -202,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="start no new case after this long (the rest say so); results are "
                         "still written")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--world", type=int, default=None, metavar="N",
+                   help="time the vocab-parallel ops on N processes (gloo on CPUs, NCCL with "
+                        "a GPU per rank) and the bytes each sends per row; first --shape")
     b.set_defaults(func=bench)
 
     e = sub.add_parser("extract", help="store a local teacher's top-k or sampled targets")

@@ -124,6 +124,12 @@ def kd_loss(
         reduction: ``"mean"`` (over valid rows, or over ``num_items_in_batch``), ``"sum"``,
             ``"none"`` (shape ``[...]``).
         vocab_size: use only the first K columns of both sides (padded vocabularies).
+        process_group: vocab-parallel logits: each rank of the group holds a contiguous
+            slice ``[..., V_r]`` of the vocabulary (rank order, possibly uneven; student and
+            teacher sliced alike) and the same rows; the loss equals the unsharded one and
+            each rank's gradient is its slice of the unsharded gradient. Per row only a few
+            floats cross the group (see :mod:`distill_ops.vocab_parallel`); ``backend`` does
+            not apply (the vocab-parallel path runs in PyTorch on any device).
         student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap: the
             per-side logit transform f. A -inf logit stays -inf (masked vocabulary entry).
         backend: ``"auto"`` (cpu for CPU tensors, triton for CUDA), ``"cpu"``, ``"triton"``,
@@ -139,12 +145,8 @@ def kd_loss(
         >>> loss = kd_loss(s, t, divergence="jsd", beta=0.5, temperature=2.0)
         >>> loss.backward()
     """
-    if process_group is not None:
-        raise NotImplementedError(
-            "process_group (vocab-parallel logits) is not implemented yet in kd_loss"
-        )
-    check_float_tensor("student_logits", student_logits)
-    check_float_tensor("teacher_logits", teacher_logits)
+    check_float_tensor("student_logits", student_logits, allow_empty=process_group is not None)
+    check_float_tensor("teacher_logits", teacher_logits, allow_empty=process_group is not None)
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(
             "student_logits and teacher_logits must share their leading dims, got "
@@ -156,7 +158,12 @@ def kd_loss(
                                labels=labels, mask=mask)
     check_choice("reduction", reduction, REDUCTIONS)
     check_num_items(num_items_in_batch)
-    vocab = resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+    shard = None
+    if process_group is not None:
+        shard, vocab = _vocab_parallel_shard(process_group, student_logits, teacher_logits,
+                                             vocab_size)
+    else:
+        vocab = resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
     sc = loss_scalars(
         divergence=divergence, temperature=temperature, beta=beta, hard_weight=hard_weight,
         soft_weight=soft_weight, scale_by_t2=scale_by_t2,
@@ -166,6 +173,9 @@ def kd_loss(
     )
     if labels is not None and sc.hard_weight > 0:
         check_labels_in_range(labels, ignore_index, vocab)
+    if shard is not None:
+        return _vocab_parallel_kd(student_logits, teacher_logits, labels, ignore_index, mask,
+                                  sc, shard, vocab, reduction, num_items_in_batch)
     be = resolve_backend(backend, device)
     check_kernel_dtype(be, student_logits=student_logits, teacher_logits=teacher_logits)
 
@@ -189,6 +199,40 @@ def kd_loss(
         sc.student_scale, sc.student_softcap, sc.teacher_scale, sc.teacher_softcap,
         sc.hard_weight, sc.soft_coef, vocab, compute_grad, be,
     )
+    return reduce_rows(rows, valid, reduction, num_items_in_batch, lead)
+
+
+def _vocab_parallel_shard(group, student_logits: Tensor, teacher_logits: Tensor,
+                          vocab_size: object):
+    """The agreed vocabulary split of a vocab-parallel kd_loss, and the ids that count."""
+    from .distributed import vocab_shard
+
+    vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+    n = student_logits.shape[:-1].numel()
+    shard = vocab_shard(group, vs, [("the number of rows", n)],
+                        [("student_logits and teacher_logits slices differ in width (both "
+                          "must cover the same ids)", vs == vt)], device=student_logits.device)
+    if vocab_size is None:
+        return shard, shard.total
+    vocab = resolve_vocab(shard.total, shard.total, vocab_size)
+    return shard, vocab
+
+
+def _vocab_parallel_kd(student_logits, teacher_logits, labels, ignore_index, mask, sc, shard,
+                       vocab, reduction, num_items_in_batch):
+    from . import vocab_parallel as vp
+
+    lead = student_logits.shape[:-1]
+    n = lead.numel()
+    student = student_logits.reshape(n, student_logits.shape[-1])
+    teacher = teacher_logits.detach().reshape(n, teacher_logits.shape[-1])
+    valid = valid_rows(labels, mask, ignore_index)
+    flat_labels = labels.reshape(-1).to(torch.int64) if sc.hard_weight > 0 else None
+
+    def compute(x, want):
+        return vp.dense_rows(x, teacher, valid, flat_labels, sc, shard, vocab, want)
+
+    rows = vp.saved_grad_rows(student, compute)
     return reduce_rows(rows, valid, reduction, num_items_in_batch, lead)
 
 

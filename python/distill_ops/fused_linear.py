@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import _cpu, _cuda
 from . import _head_matmul as hm
+from . import vocab_parallel as vp
 from ._backend import resolve_backend
 from ._reduction import valid_rows
 from ._validation import (
@@ -72,6 +73,7 @@ class _Spec:
     chunk: int
     backend: str
     mode: str  # _head_matmul mode
+    shard: object = None  # distributed.VocabShard of a vocab-parallel head
 
 
 def _chunk_loss(spec: _Spec, logits: Tensor, teacher_rows, labels: Tensor | None,
@@ -79,6 +81,16 @@ def _chunk_loss(spec: _Spec, logits: Tensor, teacher_rows, labels: Tensor | None
     """The fused loss kernel on one chunk of fp32 logits: (rows [c], g [c, V] in grad_dtype).
     The launchers are called directly (no dispatcher: this runs inside our autograd)."""
     sc = spec.sc
+    if spec.shard is not None:
+        if spec.sparse:
+            r, g = vp.sparse_rows(logits, *teacher_rows, None, labels, sc.divergence,
+                                  TAILS[spec.tail], sc.temperature,
+                                  spec.source_temperature / sc.temperature, sc.beta,
+                                  sc.hard_weight, sc.soft_coef, spec.shard, grads)
+        else:
+            r, g = vp.dense_rows(logits, teacher_rows, None, labels, sc, spec.shard,
+                                 spec.vocab, grads)
+        return r, (g.to(grad_dtype) if grads else g)
     if spec.backend == "triton":
         from .triton import dense_kd as tdense
         from .triton import sparse_kd as tsparse
@@ -140,6 +152,11 @@ def _chunks(
                 gh[a:e] = part
             if gb is not None:
                 gb += g.sum(0, dtype=torch.float32)
+    if gh is not None and spec.shard is not None:
+        # Each rank's g W_r is its slice's share of grad_hidden: the sum is the gradient.
+        from .distributed import all_reduce
+
+        gh.copy_(all_reduce(gh.float(), torch.distributed.ReduceOp.SUM, spec.shard.group))
     return rows, gh, gw, gb
 
 
@@ -188,7 +205,7 @@ def _check_head(name_h: str, h: object, name_w: str, w: object, name_b: str,
         raise ValueError(f"{name_w} must be [V, H] with H = {name_h}.shape[-1] = "
                          f"{h.shape[-1]}, got {tuple(w.shape)}")
     if b is not None:
-        b = check_float_tensor(name_b, b)
+        b = check_float_tensor(name_b, b, allow_empty=w.shape[0] == 0)
         if b.shape != (w.shape[0],):
             raise ValueError(f"{name_b} must be [V] = [{w.shape[0]}], got {tuple(b.shape)}")
     return h, w, b
@@ -223,6 +240,7 @@ def fused_linear_kd_loss(
     teacher_softcap: float | None = None,
     tail: str = "bucket",
     source_temperature: float = 1.0,
+    process_group: object | None = None,
     backend: str = "auto",
 ) -> Tensor:
     r"""KD loss from the student's hidden states and LM head, without its [N, V] logits.
@@ -236,6 +254,13 @@ def fused_linear_kd_loss(
     ``ignore_index``, ``mask`` True) are projected, which costs one device-to-host read of
     their number. Gradients flow to ``student_hidden``, ``student_weight`` and
     ``student_bias``; the teacher gets none.
+
+    With ``process_group`` the heads are vocab-parallel: each rank holds a contiguous slice
+    of the rows of ``student_weight`` (and ``teacher_weight``, sliced alike; biases too) and
+    the same hidden states; ``teacher_indices`` are global ids. The loss equals the unsharded
+    one; each rank gets its slice of the weight and bias gradients, and the gradient of
+    ``student_hidden`` is all-reduced over the group (the head's input is replicated, so do
+    not all-reduce it again in a tensor-parallel region around this call).
 
     Example:
         >>> loss = fused_linear_kd_loss(h_s, lm_head_s.weight, h_t, lm_head_t.weight,
@@ -275,7 +300,8 @@ def fused_linear_kd_loss(
         if h_t.shape[:-1] != lead:
             raise ValueError(f"teacher_hidden must have student_hidden's leading dims "
                              f"{tuple(lead)}, got {tuple(h_t.shape)}")
-        vocab = resolve_vocab(v_s, w_t.shape[0], vocab_size)
+        if process_group is None:
+            vocab = resolve_vocab(v_s, w_t.shape[0], vocab_size)
         device = check_same_device(student_hidden=h_s, student_weight=w_s, student_bias=b_s,
                                    teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t,
                                    labels=labels, mask=mask)
@@ -283,14 +309,32 @@ def fused_linear_kd_loss(
     else:
         if teacher_indices is None or teacher_logprobs is None:
             raise ValueError("sparse targets need both teacher_indices and teacher_logprobs")
-        check_sparse_targets(lead, v_s, teacher_indices, teacher_logprobs)
+        if process_group is None:
+            check_sparse_targets(lead, v_s, teacher_indices, teacher_logprobs)
         check_choice("tail", tail, TAILS)
         source_t = check_positive("source_temperature", source_temperature)
         tail_code, vocab = TAIL_CODES[tail], v_s
         device = check_same_device(student_hidden=h_s, student_weight=w_s, student_bias=b_s,
                                    teacher_indices=teacher_indices,
                                    teacher_logprobs=teacher_logprobs, labels=labels, mask=mask)
+    shard = None
+    if process_group is not None:
+        from .distributed import vocab_shard
+
+        checks = [("student_weight and teacher_weight slices differ in rows (both must cover "
+                   "the same ids)", not dense or w_t.shape[0] == v_s)]
+        k_facts = [] if dense else [("k", teacher_indices.shape[-1]
+                                           if isinstance(teacher_indices, Tensor) else -1)]
+        shard = vocab_shard(process_group, v_s, [("the number of rows", lead.numel()),
+                                                 *k_facts], checks, device=device)
+        if dense:
+            vocab = resolve_vocab(shard.total, shard.total, vocab_size)
+        else:
+            check_sparse_targets(lead, shard.total, teacher_indices, teacher_logprobs)
+            vocab = shard.total
     be = resolve_backend(backend, device)
+    if be == "torch" and shard is not None:
+        be = "cpu" if device.type == "cpu" else "triton"
     if be == "torch":
         # The reference: materialised fp32 logits through reference.py (memory-hungry by
         # design; it is what the fused path is tested against).
@@ -333,7 +377,7 @@ def fused_linear_kd_loss(
         g_share = torch.empty((), dtype=hm.grad_dtype(w_s, mode)).element_size() / 4
         buffers = 3 if mode == "fp32" else (2 if dense else 1) + g_share
         chunk_size = default_chunk_size(max(m, 1), v_s, widest, w_s.dtype, buffers, device)
-    spec = _Spec(sparse, sc, tail_code, source_t, vocab, chunk_size, be, mode)
+    spec = _Spec(sparse, sc, tail_code, source_t, vocab, chunk_size, be, mode, shard)
     if reduction == "mean":
         denom = (torch.as_tensor(num_items_in_batch, device=device, dtype=torch.float32)
                  if num_items_in_batch is not None
@@ -360,6 +404,7 @@ def fused_linear_topk(
     softcap: float | None = None,
     chunk_size: int | None = None,
     vocab_chunk: int | None = None,
+    process_group: object | None = None,
     backend: str = "auto",
 ) -> TopK:
     r"""Teacher-side top-k straight from hidden states: ``topk_logprobs(hidden @ W.T + b, k)``
@@ -373,6 +418,10 @@ def fused_linear_topk(
     in their last bits once different vocabulary tiles go through different matmul kernels
     (a GPU picks kernels by shape), and then rank by those bits.
 
+    With ``process_group`` each rank holds a contiguous slice of the head's rows
+    (vocab-parallel, rank order) and the same hidden states: each takes its local top-k and
+    normaliser, and the k x world candidates are merged; every rank returns the global result.
+
     Example:
         >>> top = fused_linear_topk(teacher_hidden, teacher_lm_head.weight, 64)
     """
@@ -380,8 +429,17 @@ def fused_linear_topk(
     vocab = w.shape[0]
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if not 1 <= k <= vocab:
-        raise ValueError(f"k must lie in [1, V={vocab}], got {k}")
+    shard, offset = None, 0
+    if process_group is not None:
+        from .distributed import vocab_shard
+
+        shard = vocab_shard(process_group, vocab,
+                            [("the number of rows", h.shape[:-1].numel()),
+                             ("k", k)], device=h.device)
+        offset = shard.offset
+    total = shard.total if shard is not None else vocab
+    if not 1 <= k <= total:
+        raise ValueError(f"k must lie in [1, V={total}], got {k}")
     check_positive("temperature", temperature)
     mode = hm.matmul_mode(h.device)
     if vocab_chunk is None:
@@ -398,24 +456,24 @@ def fused_linear_topk(
     with torch.no_grad():
         for a in range(0, n, chunk):
             hc = hs[a:a + chunk]
-            best_v = best_i = lse = lp_whole = None
+            if shard is None and vocab_chunk >= vocab:  # one tile, one device: no merge
+                top = topk_logprobs(hm.project(hc, w, b, mode), k, temperature=temperature,
+                                    logit_scale=logit_scale, softcap=softcap, backend=backend)
+                ids_out.append(top.indices)
+                lp_out.append(top.logprobs)
+                continue
+            # A vocab-parallel rank whose slice holds no ids offers no candidates.
+            best_v = torch.full((hc.shape[0], k), float("-inf"), device=hc.device)
+            best_i = torch.full((hc.shape[0], k), -1, dtype=torch.int64, device=hc.device)
+            lse = torch.full((hc.shape[0],), float("-inf"), device=hc.device)
             for c0 in range(0, vocab, vocab_chunk):
                 c1 = min(vocab, c0 + vocab_chunk)
                 logits = hm.project(hc, w[c0:c1], b[c0:c1] if b is not None else None, mode)
-                kk = min(k, c1 - c0)
-                top = topk_logprobs(logits, kk, temperature=temperature,
-                                    logit_scale=logit_scale, softcap=softcap, backend=backend)
-                if c1 - c0 == vocab:  # one tile: nothing to merge
-                    best_i, lp_whole = top.indices, top.logprobs
-                    break
-                # The candidates' own z = f(x) / T, so that bitwise-equal logits give equal
-                # keys in every tile (lp + lse_tile would round differently per tile), and the
-                # tile's normaliser from its best id: lse_tile = z - lp (no second pass).
-                z = _z_at(logits, top.indices, temperature, logit_scale, softcap)
-                tile_lse = torch.where(z[:, 0] == float("-inf"), z[:, 0],
-                                       z[:, 0] - top.logprobs[:, 0])
-                ids = top.indices.long() + c0
-                if best_v is None:
+                # The candidates' own z = f(x) / T (bitwise-equal logits give equal keys in
+                # every tile) and the tile's normaliser, from its best id (no second pass).
+                z, ids, tile_lse = vp.local_topk_candidates(
+                    logits, k, temperature, logit_scale, softcap, c0 + offset, backend)
+                if c0 == 0:
                     best_v, best_i, lse = z, ids, tile_lse
                     continue
                 lse = torch.logaddexp(lse, tile_lse)
@@ -425,18 +483,13 @@ def fused_linear_topk(
                 order = torch.sort(cand_v, dim=1, descending=True, stable=True).indices[:, :k]
                 best_v = cand_v.gather(1, order)
                 best_i = cand_i.gather(1, order)
-            ids_out.append(best_i.to(torch.int32))
-            lp_out.append(lp_whole if best_v is None else best_v - lse[:, None])
+            if shard is not None:
+                idx, lp = vp.merge_topk(best_v, best_i, lse, k, shard)
+            else:
+                idx, lp = best_i.to(torch.int32), best_v - lse[:, None]
+            ids_out.append(idx)
+            lp_out.append(lp)
     if not ids_out:
         empty = hs.new_empty((0, k))
         return TopK(empty.to(torch.int32).reshape(*lead, k), empty.float().reshape(*lead, k))
     return TopK(torch.cat(ids_out).reshape(*lead, k), torch.cat(lp_out).reshape(*lead, k))
-
-
-def _z_at(logits: Tensor, ids: Tensor, temperature: float, logit_scale: float,
-          softcap: float | None) -> Tensor:
-    """z = f(x) / T of the logits at `ids` (per row), in fp32."""
-    from .reference import transform_logits
-
-    return transform_logits(logits.gather(1, ids.long()), logit_scale, softcap, temperature,
-                            torch.float32)

@@ -114,7 +114,9 @@ def sparse_kd_loss(
     Targets are re-tempered to ``temperature`` as p^(source_temperature / temperature),
     renormalised over the support (+ rest for bucket). ``divergence``, ``beta``, ``labels``,
     ``mask``, ``hard_weight``, ``soft_weight``, ``scale_by_t2``, ``reduction`` and
-    ``num_items_in_batch`` mean what they mean in :func:`kd_loss`.
+    ``num_items_in_batch`` mean what they mean in :func:`kd_loss`. With ``process_group``
+    the student logits are a vocab-parallel slice (as in :func:`kd_loss`) and ``indices``
+    are global ids; each rank handles the ids in its slice and the mass outside the support.
 
     Example:
         >>> s = torch.randn(4, 7, 32000, requires_grad=True)
@@ -122,13 +124,19 @@ def sparse_kd_loss(
         >>> loss = sparse_kd_loss(s, top.indices, top.logprobs, tail="bucket")
         >>> loss.backward()
     """
-    if process_group is not None:
-        raise NotImplementedError(
-            "process_group (vocab-parallel logits) is not implemented yet in sparse_kd_loss"
-        )
-    check_float_tensor("student_logits", student_logits)
+    check_float_tensor("student_logits", student_logits, allow_empty=process_group is not None)
     lead = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
+    shard = None
+    if process_group is not None:
+        from .distributed import vocab_shard
+
+        shard = vocab_shard(process_group, vocab,
+                            [("the number of rows", student_logits.shape[:-1].numel()),
+                             ("k (the last dim of indices)",
+                              indices.shape[-1] if isinstance(indices, Tensor) else -1)],
+                            device=student_logits.device)
+        vocab = shard.total
     k = check_sparse_targets(lead, vocab, indices, teacher_logprobs)
     check_row_tensors(lead, labels, mask, ignore_index)
     device = check_same_device(student_logits=student_logits, indices=indices,
@@ -146,6 +154,10 @@ def sparse_kd_loss(
     if labels is not None and sc.hard_weight > 0:
         check_labels_in_range(labels, ignore_index, vocab)
     check_indices_in_range(indices, vocab)
+    if shard is not None:
+        return _vocab_parallel_sparse(student_logits, indices, teacher_logprobs, labels,
+                                      ignore_index, mask, sc, tail, source_t, shard,
+                                      reduction, num_items_in_batch)
     be = resolve_backend(backend, device)
     if be == "torch":
         return reference.sparse_kd_loss(
@@ -171,4 +183,25 @@ def sparse_kd_loss(
         student, idx, tlp, valid, flat_labels, sc.divergence, TAIL_CODES[tail],
         sc.temperature, source_t, sc.beta, sc.hard_weight, sc.soft_coef, compute_grad, be,
     )
+    return reduce_rows(rows, valid, reduction, num_items_in_batch, lead)
+
+
+def _vocab_parallel_sparse(student_logits, indices, teacher_logprobs, labels, ignore_index,
+                           mask, sc, tail, source_t, shard, reduction, num_items_in_batch):
+    from . import vocab_parallel as vp
+
+    lead = student_logits.shape[:-1]
+    student = student_logits.reshape(lead.numel(), student_logits.shape[-1])
+    k = indices.shape[-1]
+    idx = indices.reshape(-1, k).to(torch.int64)
+    tlp = teacher_logprobs.detach().reshape(-1, k)
+    valid = valid_rows(labels, mask, ignore_index)
+    flat_labels = labels.reshape(-1).to(torch.int64) if sc.hard_weight > 0 else None
+
+    def compute(x, want):
+        return vp.sparse_rows(x, idx, tlp, valid, flat_labels, sc.divergence, tail,
+                              sc.temperature, source_t / sc.temperature, sc.beta,
+                              sc.hard_weight, sc.soft_coef, shard, want)
+
+    rows = vp.saved_grad_rows(student, compute)
     return reduce_rows(rows, valid, reduction, num_items_in_batch, lead)

@@ -49,6 +49,7 @@ def topk_logprobs(
     temperature: float = 1.0,
     logit_scale: float = 1.0,
     softcap: float | None = None,
+    process_group: object | None = None,
     backend: str = "auto",
 ) -> TopK:
     r"""The k most probable next tokens of the teacher and their log-probabilities at T.
@@ -61,15 +62,27 @@ def topk_logprobs(
     Top-k targets are biased: the mass outside the top-k is dropped or lumped (see the
     ``tail`` of :func:`sparse_kd_loss`); :func:`sample_targets` gives unbiased ones.
 
+    With ``process_group`` the logits are a vocab-parallel slice (as in :func:`kd_loss`):
+    each rank takes its local top-k, the k x world candidates and local normalisers are
+    gathered and merged, and every rank returns the same global ids and log-probabilities.
+
     Example:
         >>> top = topk_logprobs(teacher_logits, 64, temperature=2.0)   # [B, T, 64] each
         >>> loss = sparse_kd_loss(student_logits, top.indices, top.logprobs,
         ...                       temperature=2.0, source_temperature=2.0)
     """
-    check_float_tensor("teacher_logits", teacher_logits)
+    check_float_tensor("teacher_logits", teacher_logits, allow_empty=process_group is not None)
     vocab = teacher_logits.shape[-1]
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
+    shard = None
+    if process_group is not None:
+        from .distributed import vocab_shard
+
+        shard = vocab_shard(process_group, vocab,
+                            [("the number of rows", teacher_logits.shape[:-1].numel()),
+                             ("k", k)], device=teacher_logits.device)
+        vocab = shard.total
     if not 1 <= k <= vocab:
         raise ValueError(f"k must lie in [1, V={vocab}], got {k}")
     t = check_positive("temperature", temperature)
@@ -77,6 +90,16 @@ def topk_logprobs(
     cap = check_positive("softcap", softcap, allow_none=True)
     be = resolve_backend(backend, teacher_logits.device)
     lead = teacher_logits.shape[:-1]
+    if shard is not None:
+        from . import vocab_parallel as vp
+
+        x = teacher_logits.detach().reshape(lead.numel(), teacher_logits.shape[-1])
+        if be != "torch":
+            check_kernel_dtype(be, teacher_logits=teacher_logits)
+            x = x if x.stride(-1) == 1 else x.contiguous()
+        z, ids, lse = vp.local_topk_candidates(x, k, t, scale, softcap, shard.offset, be)
+        idx, lp = vp.merge_topk(z, ids, lse, k, shard)
+        return TopK(idx.reshape(*lead, k), lp.reshape(*lead, k))
     if be == "torch":
         idx, lp = reference.topk_logprobs(teacher_logits, k, temperature=t, logit_scale=scale,
                                           softcap=softcap)

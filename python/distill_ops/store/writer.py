@@ -33,13 +33,17 @@ from ._format import (
 _FIXED = ("vocab_size", "k", "value_encoding", "kind", "temperature", "compact")
 
 
-def _dist() -> tuple[int, int, Any]:
+def _dist(group: Any = None) -> tuple[int, int, Any]:
+    """(rank, world size, a barrier over `group` or None) of the writers."""
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover - torch without distributed
         return 0, 1, None
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), dist
+        return (dist.get_rank(group), dist.get_world_size(group),
+                lambda: dist.barrier(group=group))
+    if group is not None:
+        raise ValueError("process_group was given but torch.distributed is not initialised")
     return 0, 1, None
 
 
@@ -65,6 +69,8 @@ class TopKWriter:
 
     Under ``torch.distributed`` (or with explicit `rank` / `world_size`) each rank writes its
     own shards and rank files; closing joins them in the manifest (rank 0, after a barrier).
+    `process_group` makes the writers the members of that group (ranks and barriers within
+    it), e.g. one rank per data-parallel replica of a tensor-parallel teacher.
 
     Example:
         >>> with TopKWriter("targets/", vocab_size=151936, k=64, temperature=1.0,
@@ -94,6 +100,7 @@ class TopKWriter:
         fsync: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        process_group: Any = None,
     ) -> None:
         for name, v in (("vocab_size", vocab_size), ("k", k), ("head", head),
                         ("shard_bytes", shard_bytes), ("commit_every", commit_every)):
@@ -112,7 +119,7 @@ class TopKWriter:
                         ("tail_error", tail_error)):
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-        d_rank, d_world, self._dist = _dist()
+        d_rank, d_world, self._barrier = _dist(process_group)
         self.rank = d_rank if rank is None else int(rank)
         self.world_size = d_world if world_size is None else int(world_size)
         if not 0 <= self.rank < self.world_size:
@@ -151,8 +158,8 @@ class TopKWriter:
                          created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                          world_size=self.world_size)
                 write_json_atomic(self.root / MANIFEST, m, self.fsync)
-        if self._dist is not None:
-            self._dist.barrier()
+        if self._barrier is not None:
+            self._barrier()
         try:
             m = read_manifest(self.root)
         except FileNotFoundError:
@@ -281,8 +288,8 @@ class TopKWriter:
         self._bin.close()
         self._idx.close()
         self._closed = True
-        if self._dist is not None:
-            self._dist.barrier()
+        if self._barrier is not None:
+            self._barrier()
         if self.rank == 0:
             self._join()
 

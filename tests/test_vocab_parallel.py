@@ -1,0 +1,355 @@
+"""Vocab-parallel ops on 2 and 4 gloo processes against the single-process results.
+
+Every rank builds the same full logits (same seed), keeps its slice of the vocabulary (uneven
+widths, one rank with a single id, one with none), and compares what the sharded op returns
+with the unsharded op on the full logits: loss and its slice of the gradient within 1e-6
+relative in fp32, for every divergence, tail and option (JSD and TVD gradients: 2e-6, since
+the unsharded fp32 kernel's own error there is 5e-7 to 1e-6 against float64, and two
+independent fp32 computations differ by the sum), and within 1e-12 in float64, which shows
+the algorithm itself exact. Bad slices raise the same error on every rank without a hang;
+the dense loss sends a few floats a row whatever V is.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dist_helpers import run_ranks
+
+import distill_ops
+from distill_ops.distributed import comm_stats, reset_comm_stats
+
+SPLITS = {2: [120, 181], 4: [50, 1, 0, 250]}  # V = 301
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd"]
+TAILS = ["bucket", "renorm", "support", "none"]
+BAR = 1e-6
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-2) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / max(b.norm().item(), floor)).item()
+
+
+def _slice(rank: int, widths: list[int]) -> slice:
+    off = sum(widths[:rank])
+    return slice(off, off + widths[rank])
+
+
+def _loss_and_grad(fn, x: torch.Tensor, go: torch.Tensor | None = None):
+    x = x.detach().clone().requires_grad_()
+    loss = fn(x)
+    loss.backward(go if go is not None else torch.ones_like(loss))
+    return loss.detach(), x.grad
+
+
+def _check(errs: dict, dtype: torch.dtype) -> dict:
+    """The failing entries of {case: (sharded vs unsharded, sharded vs float64, unsharded vs
+    float64)}. float64: equal to 1e-12 (the algorithm is exact). fp32: losses within 1e-6 of
+    the unsharded ones; gradients within 1e-6 of them, or, where the unsharded fp32 kernel
+    itself is that far from float64 (reverse KL and JSD of near one-hot rows, TVD's sign at
+    q = p), no further from float64 than twice its error."""
+    bad = {}
+    for key, (diff, ours, theirs) in errs.items():
+        if dtype == torch.float64:
+            ok = diff <= 1e-12
+        elif key.endswith("loss"):
+            ok = diff <= BAR
+        else:
+            ok = diff <= BAR or ours <= 2 * theirs
+        if not ok:
+            bad[key] = (diff, ours, theirs)
+    return bad
+
+
+def _errs(got: torch.Tensor, unsharded: torch.Tensor, ref: torch.Tensor,
+          floor: float = 1e-2) -> tuple[float, float, float]:
+    return _rel(got, unsharded, floor), _rel(got, ref, floor), _rel(unsharded, ref, floor)
+
+
+def _dense_case(rank, world, widths, seed, dtype, extreme):
+    import torch.distributed as dist
+
+    from distill_ops import reference
+
+    group = dist.group.WORLD
+    torch.manual_seed(seed)
+    n, v = 9, sum(widths)
+    s, t = (torch.randn(n, v, dtype=dtype) * 2, torch.randn(n, v, dtype=dtype) * 2)
+    s[0, :7] = t[0, :7] = float("-inf")  # masked ids (on rank 0's slice)
+    if extreme:
+        s[4] *= 300  # a near one-hot student row
+    labels = torch.randint(0, v, (n,))
+    labels[::4] = -100
+    mask = torch.rand(n) > 0.3
+    go = torch.rand(n, dtype=dtype) + 0.5
+    sl = _slice(rank, widths)
+    errs = {}
+    for div in DIVERGENCES:
+        for name, kw in {
+            "T0.7": dict(temperature=0.7, beta=0.3),
+            "hard": dict(temperature=2.0, labels=labels, hard_weight=0.4, soft_weight=0.6,
+                         scale_by_t2=True),
+            "mask-sum": dict(temperature=1.0, mask=mask, reduction="sum"),
+            "none": dict(temperature=1.5, labels=labels, reduction="none"),
+            "softcap": dict(temperature=2.0, student_softcap=5.0, teacher_softcap=4.0,
+                            student_logit_scale=0.8, teacher_logit_scale=1.2),
+            "vocab_size": dict(vocab_size=v - 60, hard_weight=0.2,
+                               labels=torch.where(labels >= 0, labels % (v - 60), labels)),
+        }.items():
+            g_out = go if kw.get("reduction") == "none" else None
+            kw = dict(kw, divergence=div)
+            lu, gu = _loss_and_grad(lambda x, kw=kw: distill_ops.kd_loss(x, t, **kw), s, g_out)
+            ls, gs = _loss_and_grad(lambda x, kw=kw: distill_ops.kd_loss(
+                x, t[:, sl], process_group=group, **kw), s[:, sl], g_out)
+            lr, gr = _loss_and_grad(lambda x, kw=kw: reference.kd_loss(
+                x, t.double(), **kw), s.double(),
+                None if g_out is None else g_out.double())
+            errs[f"{div}/{name}/loss"] = _errs(ls, lu, lr, 1e-6)
+            errs[f"{div}/{name}/grad"] = _errs(gs, gu[:, sl], gr[:, sl])
+    return errs
+
+
+def _sparse_case(rank, world, widths, seed, dtype):
+    import torch.distributed as dist
+
+    from distill_ops import reference
+
+    group = dist.group.WORLD
+    torch.manual_seed(seed)
+    n, v = 8, sum(widths)
+    s, t = torch.randn(n, v, dtype=dtype) * 2, torch.randn(n, v, dtype=dtype) * 2
+    top = distill_ops.topk_logprobs(t, 24, temperature=1.0)
+    idx, lp = top.indices.clone(), top.logprobs.clone()
+    idx[1, 20:] = -1  # padding slots
+    lp[1, 20:] = 0.0
+    labels = torch.randint(0, v, (n,))
+    labels[2] = -100
+    sl = _slice(rank, widths)
+    errs = {}
+    for div in DIVERGENCES:
+        for tail in TAILS:
+            kw = dict(divergence=div, tail=tail, temperature=2.0, source_temperature=1.0,
+                      labels=labels, hard_weight=0.3)
+            lu, gu = _loss_and_grad(lambda x, kw=kw: distill_ops.sparse_kd_loss(
+                x, idx, lp, **kw), s)
+            ls, gs = _loss_and_grad(lambda x, kw=kw: distill_ops.sparse_kd_loss(
+                x, idx, lp, process_group=group, **kw), s[:, sl])
+            lr, gr = _loss_and_grad(lambda x, kw=kw: reference.sparse_kd_loss(
+                x, idx, lp.double(), **kw), s.double())
+            errs[f"{div}/{tail}/loss"] = _errs(ls, lu, lr, 1e-6)
+            errs[f"{div}/{tail}/grad"] = _errs(gs, gu[:, sl], gr[:, sl])
+    # The whole vocabulary as the support: no rest class, the dense loss.
+    full = distill_ops.topk_logprobs(t, v)
+    lu, gu = _loss_and_grad(lambda x: distill_ops.sparse_kd_loss(x, full.indices,
+                                                                 full.logprobs), s)
+    ls, gs = _loss_and_grad(lambda x: distill_ops.sparse_kd_loss(
+        x, full.indices, full.logprobs, process_group=group), s[:, sl])
+    lr, gr = _loss_and_grad(lambda x: reference.sparse_kd_loss(
+        x, full.indices, full.logprobs.double()), s.double())
+    errs["k=V/loss"] = _errs(ls, lu, lr, 1e-6)
+    errs["k=V/grad"] = _errs(gs, gu[:, sl], gr[:, sl])
+    return errs
+
+
+@pytest.mark.parametrize(("dtype", "extreme"), [(torch.float32, False), (torch.float32, True),
+                                               (torch.float64, True)], ids=str)
+@pytest.mark.parametrize("world", [2, 4])
+def test_dense_loss_and_gradient_equal_the_unsharded_ones(seed, world, dtype, extreme):
+    for rank, errs in enumerate(run_ranks(_dense_case, world, SPLITS[world], seed, dtype,
+                                          extreme)):
+        bad = _check(errs, dtype)
+        assert not bad, f"rank {rank}: {bad}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("world", [2, 4])
+def test_sparse_loss_every_tail_and_divergence_equals_the_unsharded_one(seed, world, dtype):
+    for rank, errs in enumerate(run_ranks(_sparse_case, world, SPLITS[world], seed, dtype)):
+        bad = _check(errs, dtype)
+        assert not bad, f"rank {rank}: {bad}"
+
+
+def _topk_case(rank, world, widths, seed):
+    import torch.distributed as dist
+
+    torch.manual_seed(seed)
+    n, v = 6, sum(widths)
+    t = torch.randn(n, v) * 2
+    t[0, :] = 1.0  # every id ties: the lowest ids win, across ranks
+    t[1, [3, 130, 200]] = 9.0  # ties across slices
+    sl = _slice(rank, widths)
+    out = []
+    for kw in (dict(temperature=1.3), dict(temperature=0.8, softcap=3.0, logit_scale=1.5)):
+        ref = distill_ops.topk_logprobs(t, 40, **kw)
+        got = distill_ops.topk_logprobs(t[:, sl], 40, process_group=dist.group.WORLD, **kw)
+        out.append((torch.equal(ref.indices, got.indices), _rel(got.logprobs, ref.logprobs)))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_topk_merges_to_the_unsharded_result_with_ties_by_id(seed, world):
+    for rank, res in enumerate(run_ranks(_topk_case, world, SPLITS[world], seed)):
+        for same_ids, err in res:
+            assert same_ids and err <= BAR, (rank, res)
+
+
+def _fused_case(rank, world, widths, seed):
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    torch.manual_seed(seed)
+    n, h_dim, v = 10, 12, sum(widths)
+    hs, ht = torch.randn(n, h_dim), torch.randn(n, 16)
+    ws, wt = torch.randn(v, h_dim) / 3, torch.randn(v, 16) / 4
+    bs = torch.randn(v) * 0.1
+    labels = torch.randint(0, v, (n,))
+    labels[3] = -100
+    sl = _slice(rank, widths)
+    errs = {}
+
+    def run(fn, parts):
+        parts = [p.detach().clone().requires_grad_() for p in parts]
+        loss = fn(*parts)
+        loss.backward()
+        return loss.detach(), [p.grad for p in parts]
+
+    for div in ("forward_kl", "jsd"):
+        kw = dict(divergence=div, temperature=2.0, labels=labels, hard_weight=0.2, chunk_size=4)
+        lu, gu = run(lambda h, w, b, kw=kw: distill_ops.fused_linear_kd_loss(
+            h, w, ht, wt, student_bias=b, **kw), [hs, ws, bs])
+        ls, gs = run(lambda h, w, b, kw=kw: distill_ops.fused_linear_kd_loss(
+            h, w, ht, wt[sl], student_bias=b, process_group=group, **kw),
+            [hs, ws[sl], bs[sl]])
+        errs[f"dense-{div}/loss"] = _rel(ls, lu, 1e-6)
+        errs[f"dense-{div}/grad_h"] = _rel(gs[0], gu[0])
+        errs[f"dense-{div}/grad_w"] = _rel(gs[1], gu[1][sl])
+        errs[f"dense-{div}/grad_b"] = _rel(gs[2], gu[2][sl])
+    top = distill_ops.topk_logprobs(ht @ wt.T, 20)
+    kw = dict(teacher_indices=top.indices, teacher_logprobs=top.logprobs, tail="bucket",
+              temperature=1.5, chunk_size=3)
+    lu, gu = run(lambda h, w: distill_ops.fused_linear_kd_loss(h, w, **kw), [hs, ws])
+    ls, gs = run(lambda h, w: distill_ops.fused_linear_kd_loss(h, w, process_group=group, **kw),
+                 [hs, ws[sl]])
+    errs["sparse/loss"] = _rel(ls, lu, 1e-6)
+    errs["sparse/grad_h"] = _rel(gs[0], gu[0])
+    errs["sparse/grad_w"] = _rel(gs[1], gu[1][sl])
+    ref = distill_ops.fused_linear_topk(ht, wt, 15, temperature=1.2)
+    got = distill_ops.fused_linear_topk(ht, wt[sl], 15, temperature=1.2, vocab_chunk=64,
+                                        process_group=group)
+    errs["topk/ids"] = 0.0 if torch.equal(ref.indices, got.indices) else 1.0
+    errs["topk/logprobs"] = _rel(got.logprobs, ref.logprobs)
+    return errs
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_lm_head_losses_and_topk_equal_the_unsharded_ones(seed, world):
+    for rank, errs in enumerate(run_ranks(_fused_case, world, SPLITS[world], seed)):
+        bad = {k: e for k, e in errs.items() if e > BAR}
+        assert not bad, f"rank {rank}: {bad}"
+
+
+def _ignored_case(rank, world, widths):
+    import torch.distributed as dist
+
+    n, v = 4, sum(widths)
+    sl = _slice(rank, widths)
+    s = torch.randn(n, v)[:, sl].requires_grad_()
+    labels = torch.full((n,), -100)
+    loss = distill_ops.kd_loss(s, torch.randn(n, v)[:, sl], labels=labels, reduction="sum",
+                               process_group=dist.group.WORLD)
+    loss.backward()
+    return loss.item(), s.grad.abs().max().item() if s.numel() else 0.0
+
+
+def test_rows_all_ignored_give_zero_loss_and_grad_on_every_rank():
+    for loss, g in run_ranks(_ignored_case, 4, SPLITS[4]):
+        assert loss == 0.0 and g == 0.0
+
+
+def _bad_case(rank, world, what):
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    n = 5 if (what == "rows" and rank == 1) else 4
+    s = torch.randn(n, 30)
+    t = torch.randn(n, 31 if (what == "slice" and rank == 1) else 30)
+    try:
+        distill_ops.kd_loss(s, t, process_group=group)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize(("what", "match"), [
+    ("slice", "slices differ in width (both must cover the same ids) (on rank 1)"),
+    ("rows", "number of rows differs across ranks")])
+def test_bad_slices_raise_the_same_error_on_every_rank_without_a_hang(what, match):
+    messages = run_ranks(_bad_case, 2, what, timeout=60)
+    assert all(match in m for m in messages), messages
+    assert messages[0] == messages[1]
+
+
+def _bytes_case(rank, world, v, div):
+    import torch.distributed as dist
+
+    n = 64
+    width = v // world
+    s, t = torch.randn(n, width, requires_grad=True), torch.randn(n, width)
+    labels = torch.randint(0, v, (n,)) // world  # any ids: only the count matters here
+    distill_ops.kd_loss(s, t, divergence=div, labels=labels, hard_weight=0.5,
+                        process_group=dist.group.WORLD)  # warm: nothing cached either way
+    reset_comm_stats()
+    loss = distill_ops.kd_loss(s, t, divergence=div, labels=labels, hard_weight=0.5,
+                               process_group=dist.group.WORLD)
+    loss.backward()
+    return comm_stats()
+
+
+@pytest.mark.parametrize("div", ["forward_kl", "jsd"])
+def test_dense_loss_sends_a_few_floats_per_row_whatever_v(div):
+    """Bytes this rank contributes to all-reduces per row: the same at V = 400 and 40000, and
+    at most 9 floats (+ the one all-gather of shapes per call)."""
+    small = run_ranks(_bytes_case, 2, 400, div)
+    large = run_ranks(_bytes_case, 2, 40000, div)
+    assert small == large
+    shapes = 8 * 2  # one all-gather of 2 int64 facts
+    per_row = (small[0]["bytes"] - shapes) / 64
+    assert per_row <= 9 * 4, small
+
+
+def _dp_case(rank, world, seed):
+    """Data parallel: DDP over two ranks with two micro-batches each, counted globally, equals
+    one process over all the data."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from distill_ops.distributed import global_num_items
+
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(8, 50, bias=False)
+    xs = torch.randn(4, 6, 8)  # 4 micro-batches of 6 tokens: ranks take 2 each
+    ts = torch.randn(4, 6, 50)
+    labels = torch.randint(0, 50, (4, 6))
+    labels[labels % 3 == 0] = -100  # uneven valid counts per micro-batch
+    single = torch.nn.Linear(8, 50, bias=False)
+    single.load_state_dict(head.state_dict())
+    total = (labels != -100).sum()
+    for i in range(4):
+        loss = distill_ops.kd_loss(single(xs[i]), ts[i], labels=labels[i],
+                                   num_items_in_batch=total)
+        loss.backward()
+    model = DDP(head)
+    mine = [2 * rank, 2 * rank + 1]
+    n = global_num_items(torch.cat([labels[i] for i in mine]))
+    for j, i in enumerate(mine):
+        ctx = model.no_sync() if j == 0 else torch.enable_grad()
+        with ctx:
+            loss = distill_ops.kd_loss(model(xs[i]), ts[i], labels=labels[i],
+                                       num_items_in_batch=n)
+            (loss * dist.get_world_size()).backward()
+    return int(n.item()), int(total), _rel(head.weight.grad, single.weight.grad, 1e-6)
+
+
+def test_global_num_items_makes_ddp_with_accumulation_equal_one_process(seed):
+    for n, total, err in run_ranks(_dp_case, 2, seed):
+        assert n == total and err <= BAR
