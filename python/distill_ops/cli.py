@@ -79,6 +79,33 @@ def bench_world(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_trl_step(args: argparse.Namespace) -> int:
+    """`bench --trl-step`: one training step of TRL's DistillationTrainer against ours."""
+    import datetime
+
+    from . import bench_trl
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    hs, ht = args.hidden or (256, 512)
+    v = (args.shape or [(0, 32000)])[0][1]
+    rows = bench_trl.run_trl_step(hs, ht, v, reps=args.reps or 3, device=device)
+    table = bench_trl.format_trl_table(rows)
+    head = (f"one DistillationTrainer step: student hidden {hs}, teacher {ht}, V={v}, "
+            f"{rows[0]['completion_tokens']} completion tokens, {device}")
+    print(f"{head}\n\n{table}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"{device}-trl-step-{datetime.date.today().isoformat()}"
+        command = "distill-ops " + " ".join(shlex.quote(a) for a in args.argv)
+        (out / f"{stem}.json").write_text(json.dumps(
+            {"command": command, "git_commit": _git_commit(), "torch": torch.__version__,
+             "rows": rows}, indent=1))
+        (out / f"{stem}.md").write_text(f"`{command}`\n\n{head}\n\n{table}\n")
+        print(f"wrote {out / stem}.json and .md", file=sys.stderr)
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     import datetime
 
@@ -86,6 +113,8 @@ def bench(args: argparse.Namespace) -> int:
 
     if args.world:
         return bench_world(args)
+    if args.trl_step:
+        return bench_trl_step(args)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shapes = _shapes(args, device)
@@ -232,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="start no new case after this long (the rest say so); results are "
                         "still written")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--trl-step", action="store_true",
+                   help="one training step of TRL's DistillationTrainer against "
+                        "distill_ops.integrations.trl's (--hidden HS HT, V from --shape)")
     b.add_argument("--world", type=int, default=None, metavar="N",
                    help="time the vocab-parallel ops on N processes (gloo on CPUs, NCCL with "
                         "a GPU per rank) and the bytes each sends per row; first --shape")

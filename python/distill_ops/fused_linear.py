@@ -74,6 +74,7 @@ class _Spec:
     backend: str
     mode: str  # _head_matmul mode
     shard: object = None  # distributed.VocabShard of a vocab-parallel head
+    entropy: Tensor | None = None  # [rows]: filled with the student's entropy at T when given
 
 
 def _chunk_loss(spec: _Spec, logits: Tensor, teacher_rows, labels: Tensor | None,
@@ -134,6 +135,8 @@ def _chunks(
     for a in range(0, n, spec.chunk):
         e = min(n, a + spec.chunk)
         logits = hm.project(h_s[a:e], w_s, b_s, mode)
+        if spec.entropy is not None:
+            spec.entropy[a:e] = _entropy_rows(logits, spec)
         lab = labels[a:e] if labels is not None else None
         if spec.sparse:
             idx, tlp = teacher
@@ -158,6 +161,28 @@ def _chunks(
 
         gh.copy_(all_reduce(gh.float(), torch.distributed.ReduceOp.SUM, spec.shard.group))
     return rows, gh, gw, gb
+
+
+def _entropy_rows(logits: Tensor, spec: _Spec) -> Tensor:
+    """H(q) = log sum_j e^{z_j} - sum_j q_j z_j of the student's z = f(x) / T per row, over
+    the ids that count (the whole row over the group when vocab-parallel)."""
+    from .reference import transform_logits
+
+    sc = spec.sc
+    lim = spec.vocab - (spec.shard.offset if spec.shard is not None else 0)
+    z = transform_logits(logits[:, :max(0, lim)], sc.student_scale, sc.student_softcap or None,
+                         sc.temperature, torch.float32)
+    m = vp._row_max(z)
+    if spec.shard is not None:
+        from .distributed import all_reduce
+
+        m = all_reduce(m.contiguous(), torch.distributed.ReduceOp.MAX, spec.shard.group)
+    e = vp._exp_shifted(z, m)
+    zc = torch.where(e > 0, z - m[:, None], torch.zeros((), device=z.device))
+    sums = torch.stack([e.sum(1), torch.linalg.vecdot(e, zc)], 1)
+    if spec.shard is not None:
+        sums = all_reduce(sums, torch.distributed.ReduceOp.SUM, spec.shard.group)
+    return torch.log(sums[:, 0]) - sums[:, 1] / sums[:, 0]
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -241,8 +266,9 @@ def fused_linear_kd_loss(
     tail: str = "bucket",
     source_temperature: float = 1.0,
     process_group: object | None = None,
+    return_entropy: bool = False,
     backend: str = "auto",
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     r"""KD loss from the student's hidden states and LM head, without its [N, V] logits.
 
     Equals ``kd_loss(h_s @ W_s.T + b_s, h_t @ W_t.T + b_t, ...)`` with a dense teacher
@@ -261,6 +287,10 @@ def fused_linear_kd_loss(
     one; each rank gets its slice of the weight and bias gradients, and the gradient of
     ``student_hidden`` is all-reduced over the group (the head's input is replicated, so do
     not all-reduce it again in a tensor-parallel region around this call).
+
+    ``return_entropy=True`` also returns the student's entropy at T per token (shape of the
+    leading dims, no gradient, 0 where the row does not count), from the chunk's logits: the
+    quantity TRL logs, at the cost of one more read of each chunk.
 
     Example:
         >>> loss = fused_linear_kd_loss(h_s, lm_head_s.weight, h_t, lm_head_t.weight,
@@ -347,12 +377,26 @@ def fused_linear_kd_loss(
                       num_items_in_batch=num_items_in_batch)
         if dense:
             t_logits = hm.project(h_t.detach(), w_t.detach(), b_t, "fp32")
-            return reference.kd_loss(
+            loss = reference.kd_loss(
                 logits, t_logits, vocab_size=vocab_size, student_logit_scale=student_logit_scale,
                 teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
                 teacher_softcap=teacher_softcap, **common)
-        return reference.sparse_kd_loss(logits, teacher_indices, teacher_logprobs, tail=tail,
-                                        source_temperature=source_temperature, **common)
+        else:
+            loss = reference.sparse_kd_loss(logits, teacher_indices, teacher_logprobs,
+                                            tail=tail, source_temperature=source_temperature,
+                                            **common)
+        if not return_entropy:
+            return loss
+        with torch.no_grad():
+            z = reference.transform_logits(logits[..., :vocab], sc.student_scale,
+                                           student_softcap if dense else None, temperature,
+                                           torch.float32)
+            lq = torch.log_softmax(z, -1)
+            ent = -(lq.exp() * torch.where(lq.exp() > 0, lq, 0.0)).sum(-1)
+            counted = valid_rows(labels, mask, ignore_index)
+            if counted is not None:
+                ent = torch.where(counted.reshape(lead), ent, 0.0)
+        return loss, ent
 
     n = h_s.reshape(-1, h_s.shape[-1]).shape[0]
     valid = valid_rows(labels, mask, ignore_index)
@@ -377,7 +421,8 @@ def fused_linear_kd_loss(
         g_share = torch.empty((), dtype=hm.grad_dtype(w_s, mode)).element_size() / 4
         buffers = 3 if mode == "fp32" else (2 if dense else 1) + g_share
         chunk_size = default_chunk_size(max(m, 1), v_s, widest, w_s.dtype, buffers, device)
-    spec = _Spec(sparse, sc, tail_code, source_t, vocab, chunk_size, be, mode, shard)
+    spec = _Spec(sparse, sc, tail_code, source_t, vocab, chunk_size, be, mode, shard,
+                 hs.new_zeros(m, dtype=torch.float32) if return_entropy else None)
     if reduction == "mean":
         denom = (torch.as_tensor(num_items_in_batch, device=device, dtype=torch.float32)
                  if num_items_in_batch is not None
@@ -386,11 +431,14 @@ def fused_linear_kd_loss(
     else:
         weight = torch.ones((), dtype=torch.float32, device=device)
     out = _FusedLinearKD.apply(hs, w_s, b_s, *teacher, lab, weight, spec, reduction)
-    if reduction != "none":
-        return out
-    full = out.new_zeros(n)
-    full = full if keep is None else full.index_copy(0, keep, out)
-    return (out if keep is None else full).reshape(lead)
+
+    def per_token(rows: Tensor) -> Tensor:
+        full = rows if keep is None else rows.new_zeros(n).index_copy(0, keep, rows)
+        return full.reshape(lead)
+
+    if reduction == "none":
+        out = per_token(out)
+    return (out, per_token(spec.entropy)) if return_entropy else out
 
 
 def fused_linear_topk(
