@@ -333,6 +333,7 @@ def test_kl_of_huge_logits_has_no_cancellation(seed, backend, divergence, extrem
         row_err = (loss.double().cpu() - ref.cpu()).abs() / ref.abs().cpu().clamp_min(1.0)
         assert row_err.max().item() <= 4e-6, row_err
         # Row gradients are tiny where q is near one-hot (the floor makes rel_err absolute
-        # there): fp32 noise reaches ~2e-5 in rare rows; the cancellation gave 1e-2 to 0.3.
+        # there: 1e-6 of absolute fp32 noise in q (lq - lp - KL), terms of size ~7, reads as
+        # 1e-4); the cancellation gave 1e-2 to 0.3.
         for r in range(5):
-            assert_close(g[r], g64[r], 1e-4, f"grad of row {r}")
+            assert_close(g[r], g64[r], 1e-3, f"grad of row {r}")

@@ -47,7 +47,7 @@ def _check(errs: dict, dtype: torch.dtype) -> dict:
     float64)}. float64: equal to 1e-12 (the algorithm is exact). fp32: losses within 1e-6 of
     the unsharded ones; gradients within 1e-6 of them, or, where the unsharded fp32 kernel
     itself is that far from float64 (reverse KL and JSD of near one-hot rows, TVD's sign at
-    q = p), no further from float64 than twice its error."""
+    q = p), no further from float64 than twice its error plus 1e-6."""
     bad = {}
     for key, (diff, ours, theirs) in errs.items():
         if dtype == torch.float64:
@@ -55,7 +55,7 @@ def _check(errs: dict, dtype: torch.dtype) -> dict:
         elif key.endswith("loss"):
             ok = diff <= BAR
         else:
-            ok = diff <= BAR or ours <= 2 * theirs
+            ok = diff <= BAR or ours <= 2 * theirs + BAR
         if not ok:
             bad[key] = (diff, ours, theirs)
     return bad
