@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/logprob_scan.h"
 #include "cpu/store_codec.h"
 #ifdef DISTILL_OPS_WITH_CUDA
 #include "cuda/kernels.cuh"
@@ -96,6 +97,44 @@ bool store_decode(uintptr_t data_ptr, int64_t nbytes, int64_t T,
                                     as_ptr<int32_t>(ids_ptr), as_ptr<float>(lp_ptr));
 }
 
+using distill_ops::ingest::TokenMap;
+
+// The student vocabulary as a TokenMap: item i is token i's bytes, or None (no bytes).
+TokenMap make_token_map(const py::list& tokens) {
+  std::vector<std::string> bytes(tokens.size());
+  std::vector<bool> present(tokens.size(), false);
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i].is_none()) continue;
+    bytes[i] = tokens[i].cast<std::string>();
+    present[i] = true;
+  }
+  return TokenMap(bytes, present);
+}
+
+py::object str_or_none(bool has, const std::string& s) {
+  return has ? py::object(py::str(s)) : py::object(py::none());
+}
+
+// One JSONL record of OpenAI-style logprobs: (status, custom_id, id, temperature, rows,
+// ids bytes (int32 rows x k), logprobs bytes (float32), tokens bytes (int64), unmapped
+// alternatives, dropped alternatives, cut positions, most alternatives at a position).
+py::tuple scan_openai(const py::bytes& line, const TokenMap& map, int k, bool skip_unmappable) {
+  const std::string_view view = line;
+  distill_ops::ingest::ScanResult r;
+  {
+    py::gil_scoped_release release;
+    r = distill_ops::ingest::scan_openai(view.data(), view.size(), map, k, skip_unmappable);
+  }
+  auto raw = [](const auto& v) {
+    return py::bytes(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(v[0]));
+  };
+  return py::make_tuple(
+      int(r.status), str_or_none(r.has_custom_id, r.custom_id), str_or_none(r.has_id, r.id),
+      r.has_temperature ? py::object(py::float_(r.temperature)) : py::object(py::none()),
+      r.rows, raw(r.ids), raw(r.lps), raw(r.tokens), r.unmapped_alternatives,
+      r.dropped_alternatives, r.cut_positions, r.max_alternatives);
+}
+
 #ifdef DISTILL_OPS_WITH_CUDA
 void dense_kd_cuda(uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t t_ptr, int t_dtype,
                    int64_t t_stride, uintptr_t valid_ptr, uintptr_t labels_ptr,
@@ -179,6 +218,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("store_decode", &store_decode, py::call_guard<py::gil_scoped_release>(),
         "Decodes one sequence's payload into ids [T, k] int32 and logprobs [T, k] float32.");
   m.def("store_id_bits", &distill_ops::store::id_bits, "ceil(log2(V)) bits, at least 1.");
+  py::class_<TokenMap>(m, "TokenMap")
+      .def(py::init(&make_token_map), "Token bytes -> id; item i is bytes or None.")
+      .def_property_readonly("size", &TokenMap::size);
+  m.def("scan_openai", &scan_openai, py::arg("line"), py::arg("map"), py::arg("k"),
+        py::arg("skip_unmappable"),
+        "One JSON Lines record of OpenAI-style logprobs into target rows (see logprob_scan.h).");
   m.def("sparse_kd_cpu", &sparse_kd_cpu, py::call_guard<py::gil_scoped_release>(),
         "Fused sparse (top-k / sampled targets) KD loss and student gradient, per row (CPU).");
   m.def("topk_logprobs_cpu", &topk_logprobs_cpu, py::call_guard<py::gil_scoped_release>(),

@@ -248,8 +248,12 @@ def test_bad_appends(tmp_path):
             w.append(0, torch.tensor([[1, 1, 2]]), ok_lp)
         with pytest.raises(ValueError, match="NaN"):
             w.append(0, ok_i, torch.tensor([[-1.0, float("nan"), -2.0]]))
-        with pytest.raises(TypeError, match="seq_id must be an int"):
-            w.append("a", ok_i, ok_lp)
+        with pytest.raises(TypeError, match="seq_id must be an int or a str"):
+            w.append(1.5, ok_i, ok_lp)
+        with pytest.raises(ValueError, match="at least the 1 tokens"):
+            w.append("a", ok_i, ok_lp, tokens=torch.tensor([], dtype=torch.long))
+        with pytest.raises(ValueError, match=r"tokens must lie in \[0, vocab_size=10\)"):
+            w.append("a", ok_i, ok_lp, tokens=torch.tensor([3, 10]))
         with pytest.raises(TypeError, match="indices must be integers"):
             w.append(0, ok_i.float(), ok_lp)
         with pytest.raises(TypeError, match=r"torch\.Tensor or a numpy array"):
@@ -467,3 +471,73 @@ def test_dataset_collate_and_pickling(tmp_path, seed):
     assert idx.shape == (2, 20, 6) and lp[0, 7:].eq(float("-inf")).all()
     with pytest.raises(ValueError, match="more than length"):
         pad_targets([r[4]], length=3)
+
+
+@pytest.mark.parametrize("encoding", ["compact", "fp16", "bf16"])
+@pytest.mark.parametrize("vocab", [300, 65536, 65537, 151936])
+def test_string_keys_and_token_ids_round_trip(tmp_path, encoding, vocab):
+    """Keys may be strings (kept verbatim, indexed by a 64-bit hash) and a sequence may carry
+    its token ids: slot-coded when every predicted token is among its row's targets (a few
+    bits each), stored whole otherwise; token widths 2, 3 bytes at the 2^16 boundary."""
+    rng = np.random.default_rng(0)
+    k = 6
+    with TopKWriter(tmp_path, vocab_size=vocab, k=k, temperature=1.0,
+                    value_encoding=encoding) as w:
+        want = {}
+        for n, key in enumerate(["custom-0", "req_1", 42, "ünïcode-key", 7]):
+            t = 5 + n
+            ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(t)])
+            ids[0, k - 1] = -1  # padding
+            lp = -rng.uniform(0.1, 8, (t, k)).astype(np.float32)
+            tokens = None
+            if n % 2 == 0:  # tokens the targets predict, after a two-token prefix
+                tokens = np.concatenate([rng.integers(0, vocab, 2), ids[:, 1]])
+            elif n == 1:  # a token outside its row: stored whole
+                tokens = rng.integers(0, vocab, t)
+            w.append(key, torch.from_numpy(ids), torch.from_numpy(lp), tokens=tokens)
+            want[key] = (ids, tokens)
+        assert "req_1" in w and 42 in w and "nope" not in w
+    reader = TopKReader(tmp_path)
+    assert sorted(map(str, (reader.seq_id(i) for i in range(len(reader))))) == \
+        sorted(map(str, want))
+    for key, (ids, tokens) in want.items():
+        got = reader.tokens(key)
+        assert (got is None) == (tokens is None)
+        if tokens is not None:
+            assert got.tolist() == tokens.tolist()
+        assert sorted(reader.get(key)[0][2].tolist()) == sorted(ids[2].tolist())
+        assert key in reader
+    assert "missing" not in reader
+    with pytest.raises(KeyError, match="missing"):
+        reader.get("missing")
+
+
+def test_a_corrupt_token_block_is_a_store_error(tmp_path):
+    with TopKWriter(tmp_path, vocab_size=50, k=2, temperature=1.0, value_encoding="fp16") as w:
+        w.append("a", torch.tensor([[1, 2]]), torch.tensor([[-0.5, -1.0]]),
+                 tokens=torch.tensor([9, 1]))
+    shard = next(tmp_path.glob("*.bin"))
+    raw = bytearray(shard.read_bytes())
+    # The block's tail: ... u32 token count, mode, u32 prefix, one 2-byte token, one slot
+    # byte. Its token count corrupted: the CRC catches it, and unchecked the layout does.
+    raw[-12] ^= 0x10
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="checksum"):
+        TopKReader(tmp_path).tokens("a")
+    with pytest.raises(StoreError, match="malformed key/token block"):
+        TopKReader(tmp_path, verify=False).tokens("a")
+
+
+def test_version_1_stores_are_read_and_refuse_keys_and_tokens(tmp_path):
+    with TopKWriter(tmp_path, vocab_size=50, k=2, temperature=1.0) as w:
+        w.append(3, torch.tensor([[1, 2]]), torch.tensor([[-0.5, -1.0]]))
+    manifest = tmp_path / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["version"] = 1
+    manifest.write_text(json.dumps(m))
+    reader = TopKReader(tmp_path)
+    assert reader.tokens(3) is None and reader.seq_id(0) == 3
+    with TopKWriter(tmp_path, vocab_size=50, k=2, temperature=1.0, resume=True) as w:
+        w.append(4, torch.tensor([[1, 2]]), torch.tensor([[-0.5, -1.0]]))
+        with pytest.raises(ValueError, match="format version 1"):
+            w.append("x", torch.tensor([[1, 2]]), torch.tensor([[-0.5, -1.0]]))

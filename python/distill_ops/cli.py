@@ -106,10 +106,36 @@ def bench_trl_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_ingest(args: argparse.Namespace) -> int:
+    """`bench --ingest`: API logprobs into a compact store, positions/s and bytes/position."""
+    import datetime
+
+    from . import bench_ingest
+
+    k = (args.k or [20])[0]
+    v = (args.shape or [(0, 151936)])[0][1]
+    r = bench_ingest.run_ingest_bench(k=k, vocab=v, reps=args.reps or 3)
+    table = bench_ingest.format_ingest_table(r)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"cpu-ingest-{datetime.date.today().isoformat()}"
+        command = "distill-ops " + " ".join(shlex.quote(a) for a in args.argv)
+        (out / f"{stem}.json").write_text(json.dumps(
+            {"command": command, "git_commit": _git_commit(), "result": r}, indent=1))
+        (out / f"{stem}.md").write_text(f"`{command}`\n\n{table}\n")
+        print(f"wrote {out / stem}.json and .md", file=sys.stderr)
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     import datetime
 
     from . import benchmark as bm
+
+    if args.ingest:
+        return bench_ingest(args)
 
     if args.world:
         return bench_world(args)
@@ -214,6 +240,28 @@ def extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def ingest(args: argparse.Namespace) -> int:
+    from .store.ingest import ingest as run_ingest
+
+    r = run_ingest(args.files, args.out, format=args.format, tokenizer=args.tokenizer, k=args.k,
+                   temperature=args.temperature, value_encoding=args.encoding,
+                   on_unmappable=args.on_unmappable, progress=not args.no_progress)
+    print(f"ingested {r.lines} lines of {r.files} file(s) into {args.out}: {r.written} "
+          f"sequences ({r.positions} positions, {r.positions_per_second:,.0f} positions/s, "
+          f"{r.bytes_per_position:.1f} bytes/position, k={r.k}, T={r.temperature}), "
+          f"{r.already_stored} already stored")
+    if r.cut_sequences:
+        print(f"  cut {r.cut_sequences} sequences at an unmappable token ({r.cut_positions} "
+              "positions dropped)")
+    for what, count in sorted(r.skipped.items()):
+        print(f"  skipped {count} lines ({what}), e.g. {', '.join(r.examples[what])}")
+    for what, count in (("alternatives without an id", r.unmapped_alternatives),
+                        ("alternatives past k", r.dropped_alternatives)):
+        if count:
+            print(f"  left out {count} {what}")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -261,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="start no new case after this long (the rest say so); results are "
                         "still written")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--ingest", action="store_true",
+                   help="time API-logprobs ingest into a compact store (k from --k, V from "
+                        "--shape): positions/s and bytes/position")
     b.add_argument("--trl-step", action="store_true",
                    help="one training step of TRL's DistillationTrainer against "
                         "distill_ops.integrations.trl's (--hidden HS HT, V from --shape)")
@@ -293,6 +344,21 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--k", type=int, default=64)
     d.add_argument("--steps", type=int, default=60)
     d.set_defaults(func=demo)
+
+    g = sub.add_parser("ingest", help="API / inference-server logprobs (JSONL) into a store")
+    g.add_argument("files", nargs="+", help="JSONL files (.gz too)")
+    g.add_argument("--format", required=True, choices=["openai", "vllm"])
+    g.add_argument("--tokenizer", required=True,
+                   help="the student's tokenizer: a directory with tokenizer.json, or the file")
+    g.add_argument("--out", required=True, help="the store directory (continued if it exists)")
+    g.add_argument("--k", type=int, default=None, help="targets per position (default: from "
+                   "the first response, or the existing store's)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="the teacher's sampling temperature (recorded in the manifest)")
+    g.add_argument("--encoding", default="compact", choices=["compact", "fp16", "bf16"])
+    g.add_argument("--on-unmappable", default="cut", choices=["cut", "skip"])
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(func=ingest)
 
     i = sub.add_parser("inspect", help="what a target store holds, checksums verified")
     i.add_argument("store")

@@ -35,7 +35,9 @@ class DistillTrainer(Trainer):
     Args:
         teacher: a causal LM for a dense teacher, or None when batches carry sparse targets.
         distill: options of `fused_linear_kd_loss` (divergence, temperature, tail,
-            source_temperature, ...).
+            source_temperature, hard_weight, ...).
+        store: the target store the batches come from (a path or a TopKReader): its
+            recorded temperature is the default ``source_temperature``.
 
     Example:
         >>> trainer = DistillTrainer(model=student, args=args, train_dataset=ds,
@@ -44,10 +46,17 @@ class DistillTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, teacher: torch.nn.Module | None = None,
-                 distill: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 distill: dict[str, Any] | None = None, store: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval() if teacher is not None else None
-        self.distill = distill or {}
+        self.distill = dict(distill or {})
+        if store is not None:
+            # The targets were recorded at the store's temperature: re-temper from there.
+            from ..store import TopKReader
+
+            reader = store if isinstance(store, TopKReader) else TopKReader(store)
+            self.distill.setdefault("source_temperature", reader.temperature)
 
     @staticmethod
     def _hidden_and_head(model: torch.nn.Module, inputs: dict[str, Tensor]):

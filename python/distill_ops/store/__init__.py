@@ -48,24 +48,54 @@ class TargetDataset(torch.utils.data.Dataset):
     store's i-th sequence. With `base` (any indexable of mappings, e.g. a tokenised Hugging
     Face dataset), item i is ``base[i]`` plus the targets of the sequence ``base[i][id_key]``
     (a KeyError when the store lacks it).
+
+    Sequences stored with their own token ids (ingested API / server responses) become
+    training rows: ``input_ids`` = the prompt (``base[i][prompt_key]``, when given) followed
+    by the stored tokens; ``labels`` = the tokens the targets predict (-100 elsewhere); and
+    the targets moved to the positions that predict them (position t predicts token t + 1,
+    as causal LMs and DistillTrainer read a batch), -1 / -inf elsewhere.
     """
 
     def __init__(self, store: TopKReader | str, *, base: Sequence[Mapping[str, Any]] | None = None,
-                 id_key: str = "seq_id") -> None:
+                 id_key: str = "seq_id", prompt_key: str | None = None) -> None:
         self.store = store if isinstance(store, TopKReader) else TopKReader(store)
         self.base = base
         self.id_key = id_key
+        self.prompt_key = prompt_key
+        if prompt_key is not None and base is None:
+            raise ValueError("prompt_key needs a base dataset that holds the prompts")
 
     def __len__(self) -> int:
         return len(self.base) if self.base is not None else len(self.store)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self.base is None:
+            key = self.store.seq_id(i)
+            item: dict[str, Any] = {"seq_id": key}
             ids, lp = self.store[i]
-            return {"seq_id": self.store.seq_id(i), INDEX_KEY: ids, LOGPROB_KEY: lp}
-        item = dict(self.base[i])
-        ids, lp = self.store.get(int(item[self.id_key]))
-        item[INDEX_KEY], item[LOGPROB_KEY] = ids, lp
+        else:
+            item = dict(self.base[i])
+            key = item[self.id_key]
+            ids, lp = self.store.get(key if isinstance(key, str) else int(key))
+        tokens = self.store.tokens(key)
+        if tokens is None:
+            item[INDEX_KEY], item[LOGPROB_KEY] = ids, lp
+            return item
+        prompt = torch.as_tensor(item[self.prompt_key] if self.prompt_key else [],
+                                 dtype=torch.long)
+        full = torch.cat([prompt, tokens])
+        t = ids.shape[0]
+        first = full.shape[0] - t  # the first predicted token's position
+        rows = torch.arange(t)
+        keep = rows + first - 1 >= 0  # a first token with nothing before it is not predicted
+        aligned_i = torch.full((full.shape[0], ids.shape[1]), -1, dtype=ids.dtype)
+        aligned_l = torch.full((full.shape[0], ids.shape[1]), float("-inf"), dtype=lp.dtype)
+        aligned_i[rows[keep] + first - 1] = ids[keep]
+        aligned_l[rows[keep] + first - 1] = lp[keep]
+        labels = torch.full_like(full, -100)
+        labels[first:][keep] = full[first:][keep]
+        item.update(input_ids=full, labels=labels, attention_mask=torch.ones_like(full))
+        item[INDEX_KEY], item[LOGPROB_KEY] = aligned_i, aligned_l
         return item
 
 

@@ -8,6 +8,9 @@ A store is a directory::
     r00000-00000.bin         a shard's payloads, one per sequence, back to back
     r00000-00000.idx         a shard's index: one 32-byte entry per sequence (INDEX_DTYPE)
 
+A sequence's payload is its encoded targets, followed (version 2) by an optional extra
+block of `extra` bytes: the sequence's string key and/or its token ids (see pack_extra).
+
 A rank file is replaced atomically (temporary file + rename) after the payload and index
 bytes it counts have been written, so a writer killed at any instant leaves a store whose
 rank files describe only complete sequences; bytes past the committed lengths are partial
@@ -16,24 +19,147 @@ appends, cut off when the store is resumed and never read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 FORMAT = "distill_ops.store"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no extra blocks (its index field was always 0)
 MANIFEST = "manifest.json"
 ENCODINGS = {"fp16": 0, "bf16": 1, "compact": 2}
 KINDS = ("topk", "sampled")
 
 # One index entry per sequence: its id, where its payload lies in the shard's .bin file,
-# its number of tokens and the payload's CRC-32.
+# its number of target rows, the payload's size and CRC-32 (extra block included) and the
+# size of the extra block at the payload's end.
 INDEX_DTYPE = np.dtype([("seq_id", "<i8"), ("offset", "<u8"), ("tokens", "<u4"),
-                        ("nbytes", "<u4"), ("crc32", "<u4"), ("reserved", "<u4")])
+                        ("nbytes", "<u4"), ("crc32", "<u4"), ("extra", "<u4")])
+_NO_TOKENS = 0xFFFFFFFF
+
+
+def key_id(key: str) -> int:
+    """The int64 id a string key is indexed by: the first 8 bytes of its BLAKE2b digest. The
+    key itself is stored with the sequence and checked on every lookup."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def token_width(vocab: int) -> int:
+    """Bytes per stored token id: 2 up to 65536 ids, 3 up to 2^24, else 4."""
+    return 2 if vocab <= 1 << 16 else (3 if vocab <= 1 << 24 else 4)
+
+
+def _pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Unsigned `values` at `bits` bits each, LSB first (bits <= 32)."""
+    if bits == 0 or values.size == 0:
+        return b""
+    shifts = np.arange(bits, dtype=np.uint64)
+    flat = ((values.astype(np.uint64)[:, None] >> shifts) & 1).astype(np.uint8).ravel()
+    return np.packbits(flat, bitorder="little").tobytes()
+
+
+def _unpack_bits(buf: bytes, count: int, bits: int) -> np.ndarray:
+    if bits == 0 or count == 0:
+        return np.zeros(count, np.int64)
+    need = (count * bits + 7) // 8
+    if len(buf) < need:
+        raise ValueError("bit field overruns its block")
+    flat = np.unpackbits(np.frombuffer(buf, np.uint8, count=need), bitorder="little")
+    weights = np.uint64(1) << np.arange(bits, dtype=np.uint64)
+    return (flat[:count * bits].reshape(count, bits).astype(np.uint64) * weights).sum(1) \
+        .astype(np.int64)
+
+
+def slot_bits(k: int) -> int:
+    return max(0, int(k - 1).bit_length())
+
+
+def pack_extra(key: str | None, tokens: np.ndarray | None, vocab: int,
+               slots: np.ndarray | None = None, k: int = 0) -> bytes:
+    """The extra block: u32 key length and the key (UTF-8); u32 token count L (all ones:
+    none); then a mode byte. Mode 0: the L ids at token_width(vocab) bytes each. Mode 1 (the
+    tokens the targets predict are among them): u32 P, the first P ids as in mode 0, then for
+    each of the L - P others its slot in its target row as decoded, at slot_bits(k) bits
+    (about 5 bits a token at k = 20 instead of 18). Empty when there is neither."""
+    if key is None and tokens is None:
+        return b""
+    kb = b"" if key is None else key.encode("utf-8")
+    head = struct.pack("<I", len(kb)) + kb
+    if tokens is None:
+        return head + struct.pack("<I", _NO_TOKENS)
+    w = token_width(vocab)
+
+    def explicit(t: np.ndarray) -> bytes:
+        return np.ascontiguousarray(t, dtype="<u4").view(np.uint8).reshape(-1, 4)[:, :w].tobytes()
+
+    head += struct.pack("<I", len(tokens))
+    if slots is None:
+        return head + b"\x00" + explicit(tokens)
+    prefix = len(tokens) - len(slots)
+    return (head + b"\x01" + struct.pack("<I", prefix) + explicit(tokens[:prefix])
+            + _pack_bits(np.asarray(slots), slot_bits(k)))
+
+
+def unpack_extra(block: np.ndarray | bytes, vocab: int, k: int = 0,
+                 ids: Callable[[], np.ndarray] | None = None
+                 ) -> tuple[str | None, np.ndarray | None]:
+    """(key or None, token ids int64 or None) of an extra block (StoreError if malformed).
+    `ids` gives the sequence's decoded target ids [T, k], needed by slot-coded tokens."""
+    buf = bytes(block)
+    if not buf:
+        return None, None
+    w = token_width(vocab)
+
+    def explicit(at: int, count: int) -> np.ndarray:
+        body = np.frombuffer(buf, np.uint8, count=count * w, offset=at)
+        full = np.zeros((count, 4), np.uint8)
+        full[:, :w] = body.reshape(count, w)
+        return full.view("<u4")[:, 0].astype(np.int64)
+
+    try:
+        (n,) = struct.unpack_from("<I", buf, 0)
+        key = buf[4:4 + n].decode("utf-8") if n else None
+        (t,) = struct.unpack_from("<I", buf, 4 + n)
+        at = 8 + n
+        if t == _NO_TOKENS:
+            if len(buf) != at:
+                raise ValueError("trailing bytes")
+            return key, None
+        mode = buf[at]
+        at += 1
+        if mode == 0:
+            if len(buf) != at + t * w:
+                raise ValueError("length mismatch")
+            return key, explicit(at, t)
+        if mode != 1 or ids is None:
+            raise ValueError(f"unknown token mode {mode}")
+        (prefix,) = struct.unpack_from("<I", buf, at)
+        at += 4
+        if prefix > t:
+            raise ValueError("prefix longer than the tokens")
+        head = explicit(at, prefix)
+        at += prefix * w
+        bits = slot_bits(k)
+        if len(buf) != at + ((t - prefix) * bits + 7) // 8:
+            raise ValueError("length mismatch")
+        slots = _unpack_bits(buf[at:], t - prefix, bits)
+        rows = ids()
+        if rows.shape[0] != t - prefix or (slots.size and slots.max() >= rows.shape[1]):
+            raise ValueError("slots do not fit the targets")
+        tail = rows[np.arange(t - prefix), slots].astype(np.int64)
+        if tail.size and tail.min() < 0:
+            raise ValueError("a slot points at padding")
+        return key, np.concatenate([head, tail])
+    except (struct.error, ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise StoreError(f"malformed key/token block: {exc}") from exc
 
 
 class StoreError(ValueError):
@@ -86,9 +212,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
     m = read_json(path, "manifest")
     if m.get("format") != FORMAT:
         raise StoreError(f"{path} is not a distill_ops store manifest (format={m.get('format')!r})")
-    if m.get("version") != VERSION:
+    if m.get("version") not in READABLE_VERSIONS:
         raise StoreError(f"{path} has format version {m.get('version')}; this distill_ops reads "
-                         f"version {VERSION}")
+                         f"versions {READABLE_VERSIONS}")
     return m
 
 

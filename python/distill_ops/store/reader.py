@@ -16,10 +16,12 @@ from . import _codec
 from ._format import (
     INDEX_DTYPE,
     StoreError,
+    key_id,
     rank_files,
     read_index,
     read_json,
     read_manifest,
+    unpack_extra,
 )
 
 
@@ -29,7 +31,9 @@ class TopKReader:
 
     ``reader[i]`` gives the ``(indices int32 [T, k], logprobs float32 [T, k])`` of the i-th
     sequence (ranks, then shards, then order of writing); padding is -1 / -inf. ``get(seq_id)``
-    finds a sequence by its id. Each payload's CRC-32 is checked before decoding (``verify``);
+    finds a sequence by its id (an int, or the string key it was written under);
+    ``tokens(seq_id)`` gives the token ids stored with it. Each payload's CRC-32 is checked
+    before decoding (``verify``);
     a corrupt or truncated shard raises :class:`StoreError` naming the shard and sequence.
     The reader pickles as its path, so `DataLoader` workers reopen it.
 
@@ -93,30 +97,73 @@ class TopKReader:
     def __len__(self) -> int:
         return len(self._index)
 
-    def seq_id(self, i: int) -> int:
-        """The id of the i-th sequence."""
-        return int(self._index["seq_id"][self._position(i)])
+    def seq_id(self, i: int) -> int | str:
+        """The id of the i-th sequence: its string key if it was written under one."""
+        j = self._position(i)
+        if self._index["extra"][j]:
+            key, _ = self._extra(j)
+            if key is not None:
+                return key
+        return int(self._index["seq_id"][j])
 
     def seq_ids(self) -> np.ndarray:
-        """Every sequence's id, in position order."""
+        """Every sequence's int64 id (a string key's hash, see `seq_id`), in position order."""
         return self._index["seq_id"].copy()
 
-    def tokens(self, i: int) -> int:
+    def length(self, i: int) -> int:
+        """The number of target rows of the i-th sequence."""
         return int(self._index["tokens"][self._position(i)])
 
-    def position(self, seq_id: int) -> int:
+    def position(self, seq_id: int | str) -> int:
         """The position of `seq_id`; KeyError when the store does not hold it."""
-        j = int(np.searchsorted(self._sorted, seq_id))
-        if j >= len(self._sorted) or self._sorted[j] != seq_id:
-            raise KeyError(f"seq_id {seq_id} is not in the store at {self.root}")
-        return int(self._order[j])
+        key = seq_id if isinstance(seq_id, str) else None
+        sid = key_id(seq_id) if key is not None else int(seq_id)
+        j = int(np.searchsorted(self._sorted, sid))
+        if j >= len(self._sorted) or self._sorted[j] != sid:
+            raise KeyError(f"seq_id {seq_id!r} is not in the store at {self.root}")
+        pos = int(self._order[j])
+        if key is not None and self._extra(pos)[0] != key:
+            raise KeyError(f"seq_id {seq_id!r} is not in the store at {self.root} (another key "
+                           "shares its 64-bit hash)")
+        return pos
 
     def __contains__(self, seq_id: object) -> bool:
         try:
-            self.position(int(seq_id))  # type: ignore[call-overload]
+            self.position(seq_id if isinstance(seq_id, str) else int(seq_id))  # type: ignore
         except (KeyError, TypeError, ValueError):
             return False
         return True
+
+    def tokens(self, seq_id: int | str) -> Tensor | None:
+        """The token ids stored with the sequence `seq_id` (int64 ``[L]``), or None. Row i of
+        its targets is the teacher's distribution over token ``L - T + i``."""
+        _, toks = self._extra(self.position(seq_id))
+        return None if toks is None else torch.from_numpy(toks)
+
+    def _payload(self, j: int) -> tuple[np.ndarray, str]:
+        e = self._index[j]
+        shard = int(self._shard[j])
+        start, nbytes = int(e["offset"]), int(e["nbytes"])
+        payload = self._map(shard)[start:start + nbytes]
+        where = f"shard {self._names[shard]}, sequence {int(e['seq_id'])} (position {j})"
+        if payload.size != nbytes:
+            raise StoreError(f"{where}: truncated payload ({payload.size} of {nbytes} bytes)")
+        if self.verify and zlib.crc32(payload) != int(e["crc32"]):
+            raise StoreError(f"{where}: checksum mismatch, the payload is corrupt")
+        return payload, where
+
+    def _extra(self, j: int) -> tuple[str | None, np.ndarray | None]:
+        n = int(self._index["extra"][j])
+        if not n:
+            return None, None
+        payload, where = self._payload(j)
+        if n > payload.size:
+            raise StoreError(f"{where}: its key/token block overruns the payload")
+        try:
+            return unpack_extra(payload[payload.size - n:], self.vocab_size, self.k,
+                                lambda: self[j][0].numpy())
+        except StoreError as exc:
+            raise StoreError(f"{where}: {exc}") from None
 
     # -- data --------------------------------------------------------------------------
 
@@ -141,15 +188,11 @@ class TopKReader:
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         j = self._position(i)
-        e = self._index[j]
-        shard = int(self._shard[j])
-        start, nbytes, tokens = int(e["offset"]), int(e["nbytes"]), int(e["tokens"])
-        payload = self._map(shard)[start:start + nbytes]
-        where = f"shard {self._names[shard]}, sequence {int(e['seq_id'])} (position {j})"
-        if payload.size != nbytes:
-            raise StoreError(f"{where}: truncated payload ({payload.size} of {nbytes} bytes)")
-        if self.verify and zlib.crc32(payload) != int(e["crc32"]):
-            raise StoreError(f"{where}: checksum mismatch, the payload is corrupt")
+        payload, where = self._payload(j)
+        tokens, extra = int(self._index["tokens"][j]), int(self._index["extra"][j])
+        if extra > payload.size:
+            raise StoreError(f"{where}: its key/token block overruns the payload")
+        payload = payload[:payload.size - extra]
         k = self.k
         ids = torch.empty((tokens, k), dtype=torch.int32)
         lp = torch.empty((tokens, k), dtype=torch.float32)
@@ -157,7 +200,7 @@ class TopKReader:
             raise StoreError(f"{where}: the payload does not decode (corrupt)")
         return ids, lp
 
-    def get(self, seq_id: int) -> tuple[Tensor, Tensor]:
+    def get(self, seq_id: int | str) -> tuple[Tensor, Tensor]:
         """The targets of the sequence `seq_id`."""
         return self[self.position(seq_id)]
 
@@ -165,7 +208,7 @@ class TopKReader:
         for i in range(len(self)):
             yield self[i]
 
-    def items(self) -> Iterator[tuple[int, Tensor, Tensor]]:
+    def items(self) -> Iterator[tuple[int | str, Tensor, Tensor]]:
         """``(seq_id, indices, logprobs)`` for every sequence, in position order."""
         for i in range(len(self)):
             yield (self.seq_id(i), *self[i])

@@ -21,6 +21,8 @@ from ._format import (
     MANIFEST,
     VERSION,
     StoreError,
+    key_id,
+    pack_extra,
     rank_file,
     rank_files,
     read_index,
@@ -139,6 +141,7 @@ class TopKWriter:
         }
         self.manifest = self._open_manifest(header, metadata, resume)
         self._params = _codec.codec_params(self.manifest)
+        self._sorted = value_encoding == "compact"  # the order a reader gets each row in
         self._closed = False
         self._pending = 0
         self._load(resume)
@@ -215,23 +218,47 @@ class TopKWriter:
 
     # -- writing --------------------------------------------------------------------------
 
-    def append(self, seq_id: int, indices: Any, logprobs: Any) -> bool:
+    def __contains__(self, seq_id: object) -> bool:
+        """Whether `seq_id` (an int or a string key) is stored, by any rank."""
+        if isinstance(seq_id, str):
+            return key_id(seq_id) in self.seq_ids
+        return isinstance(seq_id, (int, np.integer)) and int(seq_id) in self.seq_ids
+
+    def append(self, seq_id: int | str, indices: Any, logprobs: Any,
+               tokens: Any = None) -> bool:
         """Stores one sequence's targets ``[T, k]``; returns False when `seq_id` was already
-        stored and the writer skips existing ids (else that is a ValueError)."""
+        stored and the writer skips existing ids (else that is a ValueError).
+
+        `seq_id` is an int or a string (a Batch API ``custom_id``, a response id): strings are
+        kept verbatim and indexed by a 64-bit hash (:func:`key_id`). `tokens` (optional,
+        ``[L]`` ids, L >= T) are the sequence's own token ids, kept beside the targets; row i
+        of the targets is the teacher's distribution over token ``L - T + i``."""
         if self._closed:
             raise ValueError("append on a closed TopKWriter")
-        if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)):
-            raise TypeError(f"seq_id must be an int, got {type(seq_id).__name__}")
+        key = None
+        if isinstance(seq_id, str):
+            key, seq_id = seq_id, key_id(seq_id)
+        elif isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)):
+            raise TypeError(f"seq_id must be an int or a str, got {type(seq_id).__name__}")
         seq_id = int(seq_id)
         if not -(2**63) <= seq_id < 2**63:
             raise ValueError(f"seq_id must fit in int64, got {seq_id}")
         if seq_id in self.seq_ids:
             if self.skip_existing:
                 return False
-            raise ValueError(f"seq_id {seq_id} is already in the store at {self.root} (pass "
-                             "skip_existing=True to skip sequences already written)")
+            raise ValueError(f"seq_id {key if key is not None else seq_id!r} is already in the "
+                             f"store at {self.root} (pass skip_existing=True to skip sequences "
+                             "already written)")
         ids, lp = _codec.check_targets(indices, logprobs, self._params.vocab, self._params.k)
+        toks = None if tokens is None else _check_tokens(tokens, ids.shape[0],
+                                                         self._params.vocab)
+        if (key is not None or toks is not None) and self.manifest.get("version", 1) < 2:
+            raise ValueError(f"the store at {self.root} has format version 1, which holds "
+                             "neither string keys nor token ids: write a new store")
         payload, err_head, err_tail = _codec.encode(self._params, ids, lp)
+        extra = pack_extra(key, toks, self._params.vocab, _slots(ids, toks, self._sorted),
+                           self._params.k)
+        payload += extra
         if len(payload) >= 2**32:
             raise ValueError(f"sequence {seq_id} encodes to {len(payload)} bytes; split it "
                              "(one payload must stay under 4 GiB)")
@@ -239,6 +266,7 @@ class TopKWriter:
         entry = np.zeros(1, dtype=INDEX_DTYPE)
         entry["seq_id"], entry["offset"], entry["tokens"] = seq_id, cur["bytes"], ids.shape[0]
         entry["nbytes"], entry["crc32"] = len(payload), zlib.crc32(payload)
+        entry["extra"] = len(extra)
         raw = entry.tobytes()
         self._bin.write(payload)
         self._idx.write(raw)
@@ -261,8 +289,9 @@ class TopKWriter:
             self._new_shard()
         return True
 
-    def extend(self, items: Iterable[tuple[int, Any, Any]]) -> int:
-        """Appends `(seq_id, indices, logprobs)` triples; returns how many were written."""
+    def extend(self, items: Iterable[tuple]) -> int:
+        """Appends `(seq_id, indices, logprobs[, tokens])` tuples; returns how many were
+        written."""
         return sum(self.append(*item) for item in items)
 
     def flush(self) -> None:
@@ -319,6 +348,36 @@ class TopKWriter:
                 self._commit()
             except Exception:
                 pass
+
+
+def _slots(ids: np.ndarray, tokens: np.ndarray | None, sorted_rows: bool) -> np.ndarray | None:
+    """Where each token the targets predict sits in its row as a reader decodes it (ids in
+    ascending order for the compact encoding, as given otherwise), or None when some token
+    is not among its row's ids (then the tokens are stored as they are)."""
+    if tokens is None or ids.shape[0] == 0:
+        return None
+    t = ids.shape[0]
+    rows = np.where(ids < 0, np.iinfo(np.int32).max, ids)
+    if sorted_rows:
+        rows = np.sort(rows, axis=1)
+    want = tokens[len(tokens) - t:].astype(np.int64)[:, None]
+    hit = rows == want
+    if not hit.any(axis=1).all():
+        return None
+    return hit.argmax(axis=1)
+
+
+def _check_tokens(tokens: Any, rows: int, vocab: int) -> np.ndarray:
+    t = _codec._as_numpy("tokens", tokens)
+    if t.ndim != 1 or t.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be a 1-D integer array, got {t.dtype} {tuple(t.shape)}")
+    if t.shape[0] < rows:
+        raise ValueError(f"tokens must hold at least the {rows} tokens the targets predict, "
+                         f"got {t.shape[0]}")
+    if t.size and (int(t.min()) < 0 or int(t.max()) >= vocab):
+        raise ValueError(f"tokens must lie in [0, vocab_size={vocab}), got values in "
+                         f"[{int(t.min())}, {int(t.max())}]")
+    return t
 
 
 __all__ = ["StoreError", "TopKWriter"]
