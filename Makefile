@@ -1,5 +1,7 @@
-# Quick start on a fresh machine: `make run` (build, then the benchmark at quick sizes: a
-# table on the terminal, JSON, markdown and plots under bench/out) and
+# Quick start on a fresh machine: `make run` (build; the demo at quick size: a teacher
+# distilled into students through CE, dense, top-12 and sampled targets, measured; then the
+# benchmark at quick sizes: tables on the terminal, JSON, markdown and plots under bench/out)
+# and
 # `make test` (the whole suite). Both create .venv and install torch==2.13.0 first: on the
 # development machines that pin is a CPU wheel already on disk, where a bare `torch` would
 # pull a several-GB CUDA build.
@@ -25,7 +27,8 @@ $(VENV)/.installed: $(VENV)/.torch $(SOURCES)
 	touch $@
 
 run: $(VENV)/.installed
-	$(BIN)/distill-ops bench --quick --out bench/out
+	$(BIN)/distill-ops demo --quick --no-progress --out bench/out/demo
+	$(BIN)/distill-ops bench --quick --no-progress --out bench/out
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .

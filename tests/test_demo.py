@@ -1,20 +1,81 @@
-"""`distill-ops demo`: teacher top-k -> compact store -> students, on synthetic models."""
+"""`distill-ops demo` at a tiny size (seconds): the whole pipeline on the embedded default (a
+slice of the standard library's source), the JSON it writes, determinism with a fixed seed,
+the cache, a user corpus, and the CLI."""
 
 from __future__ import annotations
 
-from distill_ops import cli
-from distill_ops.demo import run_demo
+import dataclasses
+import json
+
+import pytest
+
+pytest.importorskip("tokenizers")
+
+from distill_ops import cli  # noqa: E402
+from distill_ops.demo import QUICK, RUNS, run_demo  # noqa: E402
+
+TINY = dataclasses.replace(QUICK, corpus_bytes=80_000, vocab=300, context=16, batch=4,
+                           teacher=(32, 1, 2), student=(16, 1, 2), teacher_steps=30,
+                           student_steps=12, eval_every=6, eval_windows=8, angle_windows=4,
+                           final_windows=16)
+RUN_FIELDS = {"name": str, "targets": str, "heldout_loss": float, "perplexity": float,
+              "ece": float, "grad_angle_deg": float, "tokens_per_s": float}
 
 
-def test_demo_students_approach_the_teacher():
-    lines: list[str] = []
-    out = run_demo(vocab=512, hidden=16, tokens=1024, k=32, steps=40, log=lines.append)
-    assert out["kl_sparse"] < 0.25 * out["kl_initial"]
-    assert out["kl_dense"] < 0.25 * out["kl_initial"]
-    assert any("read back exactly: True" in line for line in lines)
+def test_pipeline_writes_every_run_with_its_metrics(tmp_path):
+    lines = []
+    report = run_demo(cfg=TINY, out=str(tmp_path / "out"), cache=str(tmp_path / "cache"),
+                      device="cpu", progress=False, log=lines.append)
+    data = json.loads((tmp_path / "out" / "demo.json").read_text())
+    assert data["runs"] == json.loads(json.dumps(report["runs"]))
+    assert [r["name"] for r in data["runs"]] == list(RUNS)
+    for r in data["runs"]:
+        for key, kind in RUN_FIELDS.items():
+            assert isinstance(r[key], kind), (r["name"], key)
+        assert {"ce": "ce", "dense": "dense", "sampled": "sampled"}.get(r["name"], "topk") \
+            == r["targets"]
+        assert (r["k"] == 12) == (r["targets"] == "topk")
+        assert r["tail"] == ({"topk": r["name"].split("-")[-1], "sampled": "none"}
+                             .get(r["targets"]))
+        assert 0 <= r["ece"] <= 1 and r["perplexity"] > 1
+    by = {r["name"]: r for r in data["runs"]}
+    assert by["dense"]["grad_angle_deg"] < 1e-3  # the full-KD gradient against itself
+    assert data["config"]["sampled_draws"] >= 12 and data["environment"]["corpus_files"] > 0
+    assert "| sampled |" in (tmp_path / "out" / "demo.md").read_text()
+    assert any("training the teacher" in x for x in lines)
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "out" / "demo-loss.png").stat().st_size > 0
+    assert (tmp_path / "out" / "demo-calibration.png").stat().st_size > 0
 
 
-def test_demo_cli(capsys):
-    assert cli.main(["demo", "--vocab", "256", "--hidden", "8", "--tokens", "256", "--k", "8",
-                     "--steps", "3"]) == 0
-    assert "held-out KL: initial" in capsys.readouterr().out
+def test_same_seed_same_results_and_the_teacher_comes_from_the_cache(tmp_path):
+    kw = dict(cfg=TINY, out=None, cache=str(tmp_path / "cache"), device="cpu", progress=False,
+              runs=("ce", "top12-bucket", "sampled"))
+    first_log, second_log = [], []
+    a = run_demo(log=first_log.append, **kw)
+    b = run_demo(log=second_log.append, **kw)
+    assert [r["heldout_loss"] for r in a["runs"]] == [r["heldout_loss"] for r in b["runs"]]
+    assert [r["grad_angle_deg"] for r in a["runs"]] == [r["grad_angle_deg"] for r in b["runs"]]
+    assert any("training the teacher" in x for x in first_log)
+    assert not any("training the teacher" in x or "extracting" in x for x in second_log)
+
+
+def test_a_user_corpus_and_the_cli(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for n in range(12):
+        (corpus / f"doc{n}.txt").write_text(
+            f"Document {n}. " + "the cat sat on the mat while the dog ran. " * 60)
+    report = run_demo(cfg=TINY, corpus=str(corpus), out=None, cache=str(tmp_path / "c"),
+                      device="cpu", progress=False, runs=("ce", "dense"), log=lambda _: None)
+    assert report["config"]["corpus"] == str(corpus)
+    assert len(report["runs"]) == 2
+
+
+def test_cli_arguments_reach_the_demo(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("distill_ops.demo.run_demo", lambda **kw: seen.update(kw))
+    assert cli.main(["demo", "--quick", "--corpus", "x", "--out", str(tmp_path),
+                     "--device", "cpu", "--no-progress"]) == 0
+    assert seen == dict(quick=True, corpus="x", out=str(tmp_path), device="cpu", cache=None,
+                        progress=False)

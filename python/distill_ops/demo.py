@@ -1,84 +1,486 @@
-"""`distill-ops demo`: the three stages end to end on the CPU in seconds, on synthetic models
-(no download): a teacher's top-k targets from its hidden states and LM head
-(`fused_linear_topk`), kept in a compact target store (`TopKWriter` / `TopKReader`), and a
-student LM head trained on them with `fused_linear_kd_loss`, next to one trained on the
-dense teacher. Prints how close each student gets to the teacher (forward KL on held-out
-tokens).
+"""`distill-ops demo`: distillation end to end on a real corpus, measured.
+
+The embedded default exists wherever Python does: the standard library's own source files
+(train / held-out split by file), a byte-level BPE tokenizer trained on them, and a small
+GPT-style teacher trained on them. Its targets go through the store once (top-12 from its
+hidden states with `fused_linear_topk`; sampled targets, about 12 distinct ids per token, by
+`sample_targets`), and students of the same initialisation train for the same steps on the
+same windows with:
+
+- ``ce``: cross-entropy on the data alone;
+- ``dense``: forward KL to the full teacher distribution (the teacher run live);
+- ``top12-<tail>``: sparse KD to the stored top-12, for each tail mode;
+- ``sampled``: sparse KD to the stored sampled targets (``tail="none"``): unbiased.
+
+Reported per run: held-out loss and perplexity, expected calibration error, the angle
+between its gradient and the full-KD gradient (at a common point: the CE student, on
+held-out windows), training tokens/s and peak memory; a table, `OUT/demo.json`, and PNG
+plots. The tokenizer, teacher and stores are cached (rerun: students only). This is the
+experiment of Anshumann et al. 2025 ("Sparse Logit Sampling", 8B -> 3B) in miniature.
 """
 
 from __future__ import annotations
 
-import tempfile
+import dataclasses
+import hashlib
+import json
+import math
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .dense_kd import kd_loss
+from . import demo_data as dd
 from .fused_linear import fused_linear_kd_loss, fused_linear_topk
+from .sampling import sample_targets
 from .store import TopKReader, TopKWriter
 
 
-def run_demo(vocab: int = 2048, hidden: int = 32, tokens: int = 4096, k: int = 64,
-             steps: int = 60, temperature: float = 1.0, seed: int = 0,
-             log: Callable[[str], None] = print) -> dict[str, float]:
-    """Returns the held-out forward KL(teacher || student) before training and after it, for
-    the student trained on stored top-k targets and for the one trained on the dense
-    teacher."""
+@dataclasses.dataclass(frozen=True)
+class Config:
+    corpus_bytes: int
+    vocab: int
+    context: int
+    batch: int
+    teacher: tuple[int, int, int]  # width, layers, heads
+    student: tuple[int, int, int]
+    teacher_steps: int
+    student_steps: int
+    teacher_lr: float
+    student_lr: float
+    k: int = 12
+    sampled_unique: float = 12.0
+    eval_every: int = 50
+    eval_windows: int = 64
+    angle_windows: int = 16
+    final_windows: int = 512
+    seed: int = 0
+
+
+QUICK = Config(corpus_bytes=600_000, vocab=1024, context=64, batch=16,
+               teacher=(96, 2, 4), student=(48, 1, 2), teacher_steps=150, student_steps=80,
+               teacher_lr=3e-3, student_lr=3e-3, eval_every=40, eval_windows=32,
+               angle_windows=8, final_windows=128)
+FULL = Config(corpus_bytes=8_000_000, vocab=8192, context=128, batch=24,
+              teacher=(192, 3, 6), student=(96, 2, 4), teacher_steps=1400, student_steps=1000,
+              teacher_lr=2e-3, student_lr=2e-3, eval_every=100, eval_windows=128,
+              angle_windows=32)
+RUNS = ("ce", "dense", "top12-bucket", "top12-renorm", "top12-support", "top12-none",
+        "sampled")
+
+
+def _lr(step: int, total: int, peak: float) -> float:
+    warm = max(1, total // 20)
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _peak_memory():
+    from .benchmark import _PeakRSS
+
+    return _PeakRSS()
+
+
+class _Stage:
+    """A progress bar over one stage's steps (tqdm), silent when `progress` is False."""
+
+    def __init__(self, name: str, total: int, progress: bool) -> None:
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=name, unit="step", leave=False)
+
+    def step(self, **post: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if post:
+                self.bar.set_postfix({k: f"{v:.3f}" for k, v in post.items()})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _cache_key(cfg: Config, corpus: str | None, files: list[Path]) -> str:
+    h = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+    h.update(str(corpus).encode())
+    for f in files:
+        h.update(f"{f}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def prepare(cfg: Config, corpus: str | None, cache: Path, device: torch.device,
+            progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """Corpus, tokenizer, token windows and the trained teacher (cached)."""
+    files, root = dd.corpus_files(corpus, cfg.corpus_bytes)
+    key = _cache_key(cfg, corpus, files)
+    where = cache / key
+    train_text, held_text = dd.read_split(files, root)
+    tok_path = where / "tokenizer.json"
+    if tok_path.exists():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tok_path))
+    else:
+        log(f"training a {cfg.vocab}-token BPE tokenizer on {len(train_text) / 1e6:.1f} MB")
+        tok = dd.train_tokenizer(train_text, cfg.vocab, tok_path)
+    vocab = tok.get_vocab_size()
+    enc = lambda text: torch.tensor(tok.encode(text).ids, dtype=torch.long)
+    train = dd.windows(enc(train_text), cfg.context)
+    held = dd.windows(enc(held_text), cfg.context)
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(train), generator=g)
+    need = cfg.student_steps * cfg.batch
+    # The windows students see, in order (repeated if the corpus is small): one store row
+    # each, so every student reads exactly the same data.
+    seen = order.repeat(need // len(order) + 1)[:need]
+    t_width, t_layers, t_heads = cfg.teacher
+    teacher = dd.GPT(vocab, t_width, t_layers, t_heads, cfg.context).to(device)
+    t_path = where / "teacher.pt"
+    if t_path.exists():
+        teacher.load_state_dict(torch.load(t_path, map_location=device))
+    else:
+        log(f"training the teacher ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M "
+            f"parameters, {cfg.teacher_steps} steps)")
+        _train_lm(teacher, train, cfg.teacher_steps, cfg.batch, cfg.teacher_lr, cfg.seed + 1,
+                  device, _Stage("teacher", cfg.teacher_steps, progress))
+        where.mkdir(parents=True, exist_ok=True)
+        torch.save(teacher.state_dict(), t_path)
+    teacher.eval()
+    return {"where": where, "tokenizer": tok, "vocab": vocab, "train": train, "held": held,
+            "seen": seen, "teacher": teacher, "files": len(files),
+            "train_tokens": train.numel(), "held_tokens": held.numel()}
+
+
+def _train_lm(model, windows: Tensor, steps: int, batch: int, lr: float, seed: int,
+              device: torch.device, stage: _Stage) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
-    # Teacher: hidden states h and a head W_t; the student sees the same h through its own
-    # (randomly initialised) head, the part being distilled here.
-    w_t = torch.randn(vocab, hidden, generator=g) * (3.0 / hidden**0.5)
-    h = torch.randn(tokens, hidden, generator=g)
-    h_test = torch.randn(512, hidden, generator=g)
-    w0 = torch.randn(vocab, hidden, generator=g) * 0.01
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr)
+        w = windows[torch.randint(0, len(windows), (batch,), generator=g)].to(device)
+        loss = F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        stage.step(loss=loss.item())  # host-sync-ok: the progress bar
+    stage.close()
 
-    def held_out_kl(w: Tensor) -> float:
+
+def _sample_draws(teacher, windows: Tensor, device: torch.device, unique: float,
+                  seed: int) -> int:
+    """The number of draws with replacement that gives about `unique` distinct ids per
+    token from this teacher (on a sample of windows)."""
+    with torch.no_grad():
+        logits = teacher(windows[:8, :-1].to(device)).flatten(0, 1)
+    lo, hi = 1, 4096
+    while lo < hi:
+        mid = (lo + hi) // 2
+        t = sample_targets(logits, mid, generator=torch.Generator(device).manual_seed(seed))
+        if (t.indices >= 0).sum(-1).float().mean().item() >= unique:  # host-sync-ok
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def extract_targets(data: dict[str, Any], cfg: Config, device: torch.device,
+                    progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """The teacher's top-k and sampled targets of every window students see, into two
+    stores (once; reruns read them)."""
+    where, teacher, train = data["where"], data["teacher"], data["train"]
+    ids = torch.unique(data["seen"]).tolist()
+    draws = _sample_draws(teacher, train, device, cfg.sampled_unique, cfg.seed)
+    stores = {"topk": where / f"top{cfg.k}", "sampled": where / f"sampled{draws}"}
+    if not all((p / "manifest.json").exists() for p in stores.values()):
+        log(f"extracting targets of {len(ids)} windows: top-{cfg.k} and {draws} draws "
+            f"(~{cfg.sampled_unique:g} distinct ids per token)")
+        stage = _Stage("extract", len(ids), progress)
+        w_t = teacher.head.weight.detach()
+        writers = {
+            "topk": TopKWriter(stores["topk"], vocab_size=data["vocab"], k=cfg.k,
+                               temperature=1.0, value_encoding="compact", resume=True,
+                               skip_existing=True),
+            "sampled": TopKWriter(stores["sampled"], vocab_size=data["vocab"], k=draws,
+                                  temperature=1.0, value_encoding="compact", kind="sampled",
+                                  resume=True, skip_existing=True),
+        }
         with torch.no_grad():
-            kl = kd_loss(h_test @ w.T, h_test @ w_t.T, temperature=temperature)
-        return kl.item()  # host-sync-ok: the demo prints it
+            for i in ids:
+                h = teacher.hidden(train[i:i + 1, :-1].to(device))[0]
+                top = fused_linear_topk(h, w_t, cfg.k)
+                writers["topk"].append(i, top.indices.cpu(), top.logprobs.cpu())
+                gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + i)
+                st = sample_targets(h @ w_t.T, draws, generator=gen)
+                lp = torch.where(st.indices >= 0, st.probs.clamp_min(1e-30).log(),
+                                 torch.full_like(st.probs, float("-inf")))
+                writers["sampled"].append(i, st.indices.cpu(), lp.cpu())
+                stage.step()
+        for w in writers.values():
+            w.close()
+        stage.close()
+    return {name: TopKReader(path) for name, path in stores.items()} | {"draws": draws}
 
-    out = {"kl_initial": held_out_kl(w0)}
-    log(f"teacher V={vocab} H={hidden}; {tokens} training tokens; held-out KL of the initial "
-        f"student: {out['kl_initial']:.4f}")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        top = fused_linear_topk(h, w_t, k, temperature=temperature)
-        with TopKWriter(tmp, vocab_size=vocab, k=k, temperature=temperature,
-                        value_encoding="compact") as writer:
-            for s, a in enumerate(range(0, tokens, 256)):
-                writer.append(s, top.indices[a:a + 256], top.logprobs[a:a + 256])
-        reader = TopKReader(tmp)
-        stored = [reader[i] for i in range(len(reader))]
-        idx = torch.cat([x[0] for x in stored])
-        lp = torch.cat([x[1] for x in stored])
-        nbytes = reader.manifest["payload_bytes"]
-        log(f"extract + store: top-{k} of {tokens} tokens in {time.perf_counter() - t0:.2f} s, "
-            f"{nbytes / tokens:.1f} bytes/token (compact), read back exactly: "
-            f"{bool(torch.equal(idx.sort(1).values, top.indices.sort(1).values))}")  # host-sync-ok
+def _loss_fn(run: str, stores: dict[str, Any], teacher, device: torch.device
+             ) -> Callable[[Any, Tensor, Tensor], Tensor]:
+    """The training loss of a run: (student, window ids, windows [B, C + 1]) -> loss."""
 
-    def train(name: str, loss_fn: Callable[[Tensor], Tensor]) -> float:
-        w = w0.clone().requires_grad_()
-        opt = torch.optim.Adam([w], lr=0.05)
-        t0 = time.perf_counter()
-        for step in range(steps):
-            opt.zero_grad()
-            loss = loss_fn(w)
-            loss.backward()
-            opt.step()
-            if step in (0, steps - 1):
-                log(f"  {name} step {step + 1:3d}: loss {loss.item():.4f}")  # host-sync-ok
-        kl = held_out_kl(w.detach())
-        log(f"  {name}: held-out KL to the teacher {kl:.4f} ({time.perf_counter() - t0:.2f} s)")
-        return kl
+    def hidden(student, w):
+        return student.hidden(w[:, :-1].to(device))
 
-    log("student on the stored top-k targets (tail='bucket'):")
-    out["kl_sparse"] = train("sparse", lambda w: fused_linear_kd_loss(
-        h, w, teacher_indices=idx, teacher_logprobs=lp, tail="bucket",
-        temperature=temperature, source_temperature=temperature))
-    log("student on the dense teacher:")
-    out["kl_dense"] = train("dense", lambda w: fused_linear_kd_loss(
-        h, w, h, w_t, temperature=temperature))
+    if run == "ce":
+        return lambda s, ids, w: F.cross_entropy(s(w[:, :-1].to(device)).flatten(0, 1),
+                                                 w[:, 1:].flatten().to(device))
+    if run == "dense":
+        def dense(s, ids, w):
+            with torch.no_grad():
+                h_t = teacher.hidden(w[:, :-1].to(device))
+            return fused_linear_kd_loss(hidden(s, w), s.head.weight, h_t, teacher.head.weight)
+        return dense
+    reader = stores["sampled" if run == "sampled" else "topk"]
+    tail = "none" if run == "sampled" else run.split("-")[1]
+
+    def sparse(s, ids, w):
+        targets = [reader.get(int(i)) for i in ids]
+        idx = torch.stack([t[0] for t in targets]).to(device)
+        lp = torch.stack([t[1] for t in targets]).to(device)
+        return fused_linear_kd_loss(hidden(s, w), s.head.weight, teacher_indices=idx,
+                                    teacher_logprobs=lp, tail=tail)
+    return sparse
+
+
+def evaluate(student, held: Tensor, device: torch.device, bins: int = 15,
+             batch: int = 16) -> dict[str, Any]:
+    """Held-out next-token loss, perplexity, expected calibration error (top-1 confidence
+    against accuracy in `bins` equal-width bins) and the reliability diagram's points,
+    `batch` windows at a time."""
+    student.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros(bins, dtype=torch.float64, device=device)
+    acc_sum, conf_sum = torch.zeros_like(count), torch.zeros_like(count)
+    edges = torch.linspace(0, 1, bins + 1, device=device)
+    with torch.no_grad():
+        for a in range(0, len(held), batch):
+            w = held[a:a + batch].to(device)
+            logits = student(w[:, :-1]).flatten(0, 1).float()
+            labels = w[:, 1:].flatten()
+            total += F.cross_entropy(logits, labels, reduction="sum").double()
+            conf, pred = logits.softmax(-1).max(-1)
+            which = torch.bucketize(conf, edges[1:-1])
+            count += torch.bincount(which, minlength=bins).double()
+            acc_sum += torch.bincount(which, weights=(pred == labels).double(), minlength=bins)
+            conf_sum += torch.bincount(which, weights=conf.double(), minlength=bins)
+    student.train()
+    n = count.sum()
+    loss = (total / n).item()  # host-sync-ok: a metric
+    acc, avg = acc_sum / count.clamp_min(1), conf_sum / count.clamp_min(1)
+    ece = ((acc - avg).abs() * count).sum().item() / n.item()  # host-sync-ok
+    return {"loss": loss, "perplexity": math.exp(loss), "ece": ece,
+            "reliability": {"confidence": avg.tolist(), "accuracy": acc.tolist(),
+                            "count": count.tolist()}}
+
+
+def _grad(student, loss: Tensor) -> Tensor:
+    """Every parameter's gradient as one float64 vector (the angle of nearly parallel
+    vectors needs the cosine to better than fp32's 1e-7: acos(1 - 1e-7) is 0.03 degrees)."""
+    grads = torch.autograd.grad(loss, [p for p in student.parameters() if p.requires_grad])
+    return torch.cat([g.flatten() for g in grads]).double()
+
+
+def gradient_angles(point, teacher, held: Tensor, cfg: Config, draws: int,
+                    device: torch.device) -> dict[str, float]:
+    """Degrees between each run's loss gradient and the full-KD gradient, at the same
+    student weights, on held-out windows (targets made on the spot, as the stores would)."""
+    w = held[:cfg.angle_windows]
+    x = w[:, :-1].to(device)
+    with torch.no_grad():
+        h_t = teacher.hidden(x)
+        top = fused_linear_topk(h_t, teacher.head.weight, cfg.k)
+        t_logits = h_t @ teacher.head.weight.T
+        st = sample_targets(t_logits, draws, generator=torch.Generator(device).manual_seed(7))
+        s_lp = torch.where(st.indices >= 0, st.probs.clamp_min(1e-30).log(),
+                           torch.full_like(st.probs, float("-inf")))
+    h = point.hidden(x)
+    full = _grad(point, fused_linear_kd_loss(h, point.head.weight, h_t, teacher.head.weight))
+    losses = {
+        "ce": lambda: F.cross_entropy(point.head(point.hidden(x)).flatten(0, 1),
+                                      w[:, 1:].flatten().to(device)),
+        "dense": lambda: fused_linear_kd_loss(point.hidden(x), point.head.weight, h_t,
+                                              teacher.head.weight),
+        "sampled": lambda: fused_linear_kd_loss(point.hidden(x), point.head.weight,
+                                                teacher_indices=st.indices,
+                                                teacher_logprobs=s_lp, tail="none"),
+    }
+    for tail in ("bucket", "renorm", "support", "none"):
+        losses[f"top12-{tail}"] = lambda tail=tail: fused_linear_kd_loss(
+            point.hidden(x), point.head.weight, teacher_indices=top.indices,
+            teacher_logprobs=top.logprobs, tail=tail)
+    out = {}
+    for run, fn in losses.items():
+        g = _grad(point, fn())
+        cos = (g @ full / (g.norm() * full.norm()).clamp_min(1e-30)).clamp(-1, 1)
+        out[run] = math.degrees(math.acos(cos.item()))  # host-sync-ok: a metric
     return out
+
+
+def train_student(run: str, data: dict[str, Any], stores: dict[str, Any], cfg: Config,
+                  device: torch.device, progress: bool) -> dict[str, Any]:
+    s_width, s_layers, s_heads = cfg.student
+    torch.manual_seed(cfg.seed + 2)  # every student starts from the same weights
+    student = dd.GPT(data["vocab"], s_width, s_layers, s_heads, cfg.context).to(device)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.student_lr, weight_decay=0.01)
+    loss_fn = _loss_fn(run, stores, data["teacher"], device)
+    held = data["held"][:cfg.eval_windows]
+    curve, stage = [], _Stage(run, cfg.student_steps, progress)
+    seen, train = data["seen"], data["train"]
+    start, tokens = time.perf_counter(), 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    mem = _peak_memory() if device.type == "cpu" else None
+    if mem is not None:
+        mem.__enter__()
+    try:
+        for step in range(cfg.student_steps):
+            for group in opt.param_groups:
+                group["lr"] = _lr(step, cfg.student_steps, cfg.student_lr)
+            ids = seen[step * cfg.batch:(step + 1) * cfg.batch]
+            loss = loss_fn(student, ids, train[ids])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            tokens += ids.numel() * cfg.context
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.student_steps:
+                curve.append((step + 1, evaluate(student, held, device)["loss"]))
+            stage.step(loss=loss.item())  # host-sync-ok: the progress bar
+    finally:
+        if mem is not None:
+            mem.__exit__()
+        stage.close()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else mem.extra
+    final = evaluate(student, data["held"][:cfg.final_windows], device)
+    return {"model": student, "curve": curve, "tokens_per_s": tokens / seconds,
+            "peak_mib": peak / 2**20, **final}
+
+
+def run_demo(quick: bool = True, corpus: str | None = None, out: str | None = "demo_out",
+             device: str | None = None, cache: str | None = None, progress: bool = True,
+             cfg: Config | None = None, runs: tuple[str, ...] = RUNS,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs the experiment; returns (and writes to `out`) the results of every run."""
+    cfg = cfg or (QUICK if quick else FULL)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cache_dir = Path(cache) if cache else Path.home() / ".cache" / "distill_ops" / "demo"
+    t0 = time.perf_counter()
+    data = prepare(cfg, corpus, cache_dir, dev, progress, log)
+    stores = extract_targets(data, cfg, dev, progress, log)
+    teacher_eval = evaluate(data["teacher"], data["held"][:cfg.final_windows], dev)
+    results, models = [], {}
+    for run in runs:
+        r = train_student(run, data, stores, cfg, dev, progress)
+        models[run] = r.pop("model")
+        results.append(r | {"name": run})
+        log(f"  {run:14s} held-out loss {r['loss']:.4f}  ECE {r['ece']:.4f}  "
+            f"{r['tokens_per_s']:,.0f} tokens/s")
+    point = models.get("ce")
+    angles = gradient_angles(point, data["teacher"], data["held"], cfg, stores["draws"], dev) \
+        if point is not None else {}
+    report = {
+        "config": dataclasses.asdict(cfg) | {"quick": quick, "corpus": corpus or "stdlib",
+                                             "vocab_actual": data["vocab"],
+                                             "sampled_draws": stores["draws"]},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "device": str(dev), "machine": platform.machine(),
+                        "corpus_files": data["files"], "train_tokens": data["train_tokens"],
+                        "heldout_tokens": data["held_tokens"]},
+        "teacher": {"heldout_loss": teacher_eval["loss"], "ece": teacher_eval["ece"]},
+        "runs": [_run_entry(r, angles, cfg) for r in results],
+        "seconds": time.perf_counter() - t0,
+    }
+    table = format_table(report)
+    log(table)
+    if out:
+        _write(report, results, table, Path(out))
+    return report
+
+
+def _run_entry(r: dict[str, Any], angles: dict[str, float], cfg: Config) -> dict[str, Any]:
+    name = r["name"]
+    targets = "ce" if name == "ce" else "dense" if name == "dense" else \
+        "sampled" if name == "sampled" else "topk"
+    return {"name": name, "targets": targets,
+            "k": None if targets in ("ce", "dense") else (cfg.k if targets == "topk" else None),
+            "tail": name.split("-")[1] if targets == "topk" else
+            ("none" if targets == "sampled" else None),
+            "heldout_loss": r["loss"], "perplexity": r["perplexity"], "ece": r["ece"],
+            "grad_angle_deg": angles.get(name), "tokens_per_s": r["tokens_per_s"],
+            "peak_mib": r["peak_mib"], "curve": r["curve"],
+            "reliability": r["reliability"]}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    dense = next((r["heldout_loss"] for r in report["runs"] if r["name"] == "dense"), None)
+    lines = ["| run | held-out loss | vs full KD | perplexity | ECE | grad angle to full KD | "
+             "tokens/s | peak MiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        rel = "-" if dense is None else f"{100 * (r['heldout_loss'] / dense - 1):+.2f}%"
+        angle = "-" if r["grad_angle_deg"] is None else f"{r['grad_angle_deg']:.1f}°"
+        lines.append(f"| {r['name']} | {r['heldout_loss']:.4f} | {rel} | {r['perplexity']:.2f} "
+                     f"| {r['ece']:.4f} | {angle} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['peak_mib']:.0f} |")
+    t = report["teacher"]
+    lines.append(f"\nteacher: held-out loss {t['heldout_loss']:.4f}, ECE {t['ece']:.4f}; "
+                 f"sampled targets: {report['config']['sampled_draws']} draws per token")
+    return "\n".join(lines)
+
+
+def _write(report: dict[str, Any], results: list[dict[str, Any]], table: str,
+           out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(report, indent=1))
+    (out / "demo.md").write_text(f"# distill-ops demo\n\n{table}\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is in the dev extras
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in report["runs"]:
+        steps, losses = zip(*r["curve"], strict=True)
+        ax.plot(steps, losses, label=r["name"])
+    ax.axhline(report["teacher"]["heldout_loss"], color="k", ls=":", label="teacher")
+    ax.set_xlabel("student step")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.legend(fontsize=8)
+    ax.set_title("Held-out loss of each student")
+    fig.tight_layout()
+    fig.savefig(out / "demo-loss.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    for r in report["runs"]:
+        rel = r["reliability"]
+        pts = [(c, a) for c, a, n in zip(rel["confidence"], rel["accuracy"], rel["count"],
+                                         strict=True) if n > 0]
+        ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=f"{r['name']} "
+                f"(ECE {r['ece']:.3f})")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    ax.set_title("Calibration (reliability)")
+    fig.tight_layout()
+    fig.savefig(out / "demo-calibration.png", dpi=120)
+    plt.close(fig)
