@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("tokenizers")
 
-from distill_ops import cli  # noqa: E402
-from distill_ops.demo import QUICK, RUNS, run_demo  # noqa: E402
+from distill_ops import cli
+from distill_ops.demo import QUICK, RUNS, run_demo
 
 TINY = dataclasses.replace(QUICK, corpus_bytes=80_000, vocab=300, context=16, batch=4,
                            teacher=(32, 1, 2), student=(16, 1, 2), teacher_steps=30,
