@@ -5,8 +5,11 @@
 # timeout_s=600): build (~30 s); the GPU tests with -v (each failure shows in tests.log even
 # if the run is cut), 16 xdist workers, then the `serial` ones (inductor) alone; the harness
 # at canonical sizes. Only 8 files come back from $OUT (two folders deep at most), so $OUT
-# holds: summary.txt, env.txt, tests.log, failures.txt, bench.md, bench.json, and
-# results.tar.gz with everything else (build log, ptxas report, plots, compile-peer run).
+# holds: summary.txt, env.txt, tests.log, failures.txt, bench.md, bench.json,
+# auto_backends.json (the fastest of our backends per op here: commit it into
+# python/distill_ops/auto_backends.json) and results.tar.gz with everything else (build log,
+# ptxas report, plots with the bandwidth floor, the autotuner's picks in bench.log
+# (TRITON_PRINT_AUTOTUNING), the compile-peer run).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
 WORK=$(mktemp -d)
@@ -59,9 +62,10 @@ sed -n '/^=* FAILURES =*$/,/^=* short test summary/p' "$OUT/tests.log" >> "$OUT/
 log "harness: every op at canonical sizes, bf16, no torch.compile ($(left) s left)"
 bench_budget=$(( $(left) - 90 ))
 [ "$bench_budget" -gt 240 ] && bench_budget=240
-timeout $(( bench_budget + 40 )) distill-ops bench --device cuda --dtype bf16 --reps 7 \
-  --no-compile --no-progress --divergence forward_kl jsd --budget "$bench_budget" \
-  --out "$WORK/bench" > "$WORK/bench.log" 2>&1
+TRITON_PRINT_AUTOTUNING=1 timeout $(( bench_budget + 40 )) distill-ops bench --device cuda \
+  --dtype bf16 --reps 7 --no-compile --no-progress --divergence forward_kl jsd \
+  --budget "$bench_budget" --out "$WORK/bench" \
+  --write-auto-table "$OUT/auto_backends.json" > "$WORK/bench.log" 2>&1
 bench_rc=$?
 cp "$WORK"/bench/*.md "$OUT/bench.md" 2>/dev/null
 cp "$WORK"/bench/*.json "$OUT/bench.json" 2>/dev/null
@@ -84,6 +88,8 @@ fi
   grep -E "^\| dense \| forward_kl \| N=8192 V=128256 " "$OUT/bench.md" 2>/dev/null | cut -c1-160
   grep -E "^\| (sparse|topk|sample|fused_linear)[a-z_]* \|.*distill_ops" "$OUT/bench.md" \
     2>/dev/null | cut -c1-160 | head -16
+  grep -c "best config" "$WORK/bench.log" 2>/dev/null | sed 's/^/autotuned keys: /'
+  cat "$OUT/auto_backends.json" 2>/dev/null | tr -d '\n' | cut -c1-300; echo
   [ "$bench_rc" = 0 ] || tail -20 "$WORK/bench.log"
   echo "tests rc=$tests_rc serial rc=$serial_rc bench rc=$bench_rc compile rc=$compile_rc"
 } > "$OUT/summary.txt"

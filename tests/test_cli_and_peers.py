@@ -210,3 +210,48 @@ def test_world_mode_reports_time_and_bytes_per_row(tmp_path):
         assert r["world"] == 2 and r["fwd_bwd_ms"] > 0 and r["single_ms"] > 0
     dense = [r for r in rows if r["op"] == "dense"]
     assert all(r["bytes_per_row"] <= 9 * 4 + 1 for r in dense)
+
+
+def test_auto_backend_is_the_fastest_measured_for_the_gpu_model(tmp_path, monkeypatch):
+    """backend='auto' on a GPU reads auto_backends.json (shipped with the package) by GPU
+    model and op family; the harness writes that table from what it measured."""
+    from distill_ops import _backend
+    from distill_ops._ext import has_native, native
+
+    cuda_built = has_native() and native().has_cuda
+    assert _backend._auto_cuda("NVIDIA H200", "dense") == "triton"
+    assert _backend._auto_cuda("NVIDIA H200", "sparse") == ("cuda" if cuda_built else "triton")
+    assert _backend._auto_cuda("Some Other GPU", "dense") == "triton"
+
+    def res(op, impl, ms, n=8):
+        return benchmark.Result(op, "forward_kl", impl, n, 100, 0, 0, 0, "bf16", "ok",
+                                total_ms=ms)
+    results = [res("dense", "distill_ops[triton]", 1.0), res("dense", "distill_ops[cuda]", 2.0),
+               res("dense", "distill_ops[triton]", 3.0, 16),
+               res("dense", "distill_ops[cuda]", 2.5, 16),
+               res("dense", "distill_ops[triton]", 1.0, 32),
+               res("dense", "distill_ops[cuda]", 1.5, 32), res("dense", "eager", 0.1),
+               res("topk", "distill_ops[cuda]", 1.0), res("topk", "distill_ops[triton]", 2.0)]
+    assert benchmark.fastest_backends(results) == {"dense": "triton", "topk": "cuda"}
+    table = tmp_path / "auto.json"
+    benchmark.write_auto_table(table, "GPU X", results, "today")
+    benchmark.write_auto_table(table, "GPU Y", results[-2:], "later")
+    data = json.loads(table.read_text())["devices"]
+    assert data["GPU X"] == {"dense": "triton", "topk": "cuda", "measured": "today"}
+    assert data["GPU Y"] == {"topk": "cuda", "measured": "later"}
+
+
+def test_plots_draw_the_bandwidth_floor(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    labels = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **kw: (labels.append(kw.get("label")),
+                                                real(self, *a, **kw))[1])
+    rows = [benchmark.Result("dense", "forward_kl", "distill_ops[cpu]", 64, v, 0, 0, 0, "fp32",
+                             "ok", total_ms=float(v) / 1000, peak_extra_mib=1.0,
+                             floor_mib=v / 100) for v in (1000, 4000)]
+    files = benchmark.plot(rows, tmp_path, copy_gbps=40.0)
+    assert files and "bandwidth floor (40 GB/s)" in labels

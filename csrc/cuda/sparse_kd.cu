@@ -4,6 +4,11 @@
 // support ids, plus "rest" for tail = bucket), whose gradient w.r.t. student logit j is
 // q_j (g_c(j) - sum_c q_hat_c g_c). The rest class's student mass is summed over the
 // off-support entries themselves (the bitmap says which), never as 1 - support mass.
+//
+// Byte account per student logit: read (statistics), read again and write the gradient: 3
+// transfers against the floor of 2 (read, write). The k targets and the bitmap (V / 8 bytes)
+// are per row, not per logit. Reaching 2 needs the row on chip across both passes (a cluster
+// as dense_kd_sm90.cu does, ~256 KB a bf16 row at V = 128k) or a second read served by L2.
 #include <cuda_runtime.h>
 
 #include <cstdint>

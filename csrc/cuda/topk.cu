@@ -9,6 +9,10 @@
 //   then a bitonic sort by (value descending, id ascending) and the log-probabilities.
 //
 // Exact and deterministic, ties broken by the lower id as on the CPU and in Triton.
+//
+// Byte account per logit: passes 1-4 each read the row (4 transfers against the floor of
+// one read); pass 1's statistics and histogram could share the read with the selection only
+// if the row stayed on chip (a cluster, as the dense sm_90 kernel keeps its rows).
 #include <cuda_runtime.h>
 
 #include <cstdint>

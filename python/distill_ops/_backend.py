@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -14,11 +17,32 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+@functools.cache
+def _auto_table() -> dict:
+    path = Path(__file__).with_name("auto_backends.json")
+    return json.loads(path.read_text())["devices"] if path.exists() else {}
+
+
+@functools.lru_cache(maxsize=64)
+def _auto_cuda(name: str, op: str) -> str:
+    """The fastest measured backend of `op` on the GPU model `name` (auto_backends.json);
+    triton where nothing was measured or the CUDA kernels are not built."""
+    choice = _auto_table().get(name, {}).get(op, "triton")
+    if choice == "cuda":
+        from ._ext import has_native, native
+
+        if not (has_native() and native().has_cuda):
+            return "triton"
+    return choice
+
+
+def resolve_backend(backend: str, device: torch.device, op: str | None = None) -> str:
     """Map `backend` (or the DISTILL_OPS_BACKEND override of "auto") to the one that runs.
 
-    `auto` picks `cpu` for CPU tensors and `triton` for CUDA tensors. An explicit backend that
-    cannot run on `device` is a ValueError that says why.
+    `auto` picks `cpu` for CPU tensors; for CUDA tensors, the backend measured fastest for
+    `op` ("dense", "sparse", "topk") on that GPU model (auto_backends.json, written by
+    ``distill-ops bench --write-auto-table``), else `triton`. An explicit backend that cannot
+    run on `device` is a ValueError that says why.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -29,7 +53,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f"DISTILL_OPS_BACKEND must be one of {BACKENDS}, got {backend!r}"
             )
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
+        if device.type != "cuda":
+            return "cpu"
+        return _auto_cuda(torch.cuda.get_device_name(device), op) if op else "triton"
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
     if backend == "triton":

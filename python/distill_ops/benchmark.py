@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -775,6 +776,42 @@ def store_throughput(k: int = 64, vocab: int = 151936, tokens: int = 1 << 16,
     return out
 
 
+def fastest_backends(results: list[Result]) -> dict[str, str]:
+    """{op family: backend}: per case, which of our backends ran fastest (forward +
+    backward); per family, the backend that won most cases (ties: the lower summed time)."""
+    wins: dict[str, dict[str, list[float]]] = {}
+    cases: dict[tuple, list[Result]] = {}
+    for r in results:
+        if r.status == "ok" and r.impl.startswith("distill_ops[") and r.total_ms is not None:
+            cases.setdefault((r.op, r.variant, r.n, r.v, r.k), []).append(r)
+    for (op, *_), rows in cases.items():
+        best = min(rows, key=lambda r: r.total_ms)
+        tally = wins.setdefault(op, {})
+        for r in rows:
+            won, total = tally.get(r.impl, [0.0, 0.0])
+            tally[r.impl] = [won + (r is best), total + r.total_ms]
+    out = {}
+    for op, tally in wins.items():
+        impl = max(tally, key=lambda i: (tally[i][0], -tally[i][1]))
+        out[op] = impl[len("distill_ops["):-1]
+    return out
+
+
+def write_auto_table(path: str | os.PathLike[str], device: str, results: list[Result],
+                     note: str) -> dict[str, str]:
+    """Merges this run's fastest backends for `device` into the auto table at `path` (the
+    package's auto_backends.json, or a copy to commit there)."""
+    import json
+
+    path = Path(path)
+    table = json.loads(path.read_text()) if path.exists() else {"devices": {}}
+    best = {op: b for op, b in fastest_backends(results).items()
+            if op in ("dense", "sparse", "topk")}
+    table.setdefault("devices", {}).setdefault(device, {}).update(best, measured=note)
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    return best
+
+
 # ----------------------------------------------------------------------------------------
 # Environment and output.
 
@@ -895,10 +932,13 @@ def to_json(results: list[Result], env: dict[str, Any], command: str,
             "results": [asdict(r) for r in results], "store": store or []}
 
 
-def plot(results: list[Result], folder: str | os.PathLike[str]) -> list[str]:
+def plot(results: list[Result], folder: str | os.PathLike[str],
+         copy_gbps: float | None = None) -> list[str]:
     """PNG plots of time (forward + backward) and peak memory against V (at the most common N)
-    and against N (at the most common V), one pair per op and variant with two or more sizes.
-    Returns the files written (none when matplotlib is missing)."""
+    and against N (at the most common V), one pair per op and variant with two or more sizes;
+    with `copy_gbps`, the bandwidth floor (the bytes that must move at the measured copy
+    bandwidth) as a dashed line. Returns the files written (none when matplotlib is
+    missing)."""
     try:
         import matplotlib
 
@@ -929,6 +969,11 @@ def plot(results: list[Result], folder: str | os.PathLike[str]) -> list[str]:
                 xs = [p[0] for p in pts]
                 ax_t.plot(xs, [p[1] for p in pts], marker="o", label=impl)
                 ax_m.plot(xs, [p[2] for p in pts], marker="o", label=impl)
+            floor = sorted({(getattr(r, axis), r.floor_mib) for r in sel if r.floor_mib})
+            if copy_gbps and floor:
+                ax_t.plot([f[0] for f in floor],
+                          [f[1] * 2**20 / (copy_gbps * 1e9) * 1e3 for f in floor], "k--",
+                          lw=1, label=f"bandwidth floor ({copy_gbps:.0f} GB/s)")
             for ax, what in ((ax_t, "forward + backward ms"), (ax_m, "peak extra MiB")):
                 ax.set_xlabel(axis.upper())
                 ax.set_ylabel(what)
@@ -947,8 +992,29 @@ def plot(results: list[Result], folder: str | os.PathLike[str]) -> list[str]:
 
 
 __all__ = [
-    "CANONICAL", "CPU_FULL", "DIVERGENCES", "OPS", "QUICK", "SCHEMA", "TAILS", "Case", "Result",
-    "Shape", "bytes_floor", "copy_bandwidth", "device_slug", "environment", "format_table",
-    "groups", "make_inputs", "measure", "plot", "run", "store_throughput", "summary_table",
+    "CANONICAL",
+    "CPU_FULL",
+    "DIVERGENCES",
+    "OPS",
+    "QUICK",
+    "SCHEMA",
+    "TAILS",
+    "Case",
+    "Result",
+    "Shape",
+    "bytes_floor",
+    "copy_bandwidth",
+    "device_slug",
+    "environment",
+    "fastest_backends",
+    "format_table",
+    "groups",
+    "make_inputs",
+    "measure",
+    "plot",
+    "run",
+    "store_throughput",
+    "summary_table",
     "to_json",
+    "write_auto_table",
 ]

@@ -184,10 +184,16 @@ def bench(args: argparse.Namespace) -> int:
             json.dumps(bm.to_json(results, env, command, config, store), indent=1))
         (out / f"{stem}.md").write_text(f"`{command}`\n\n## Summary\n\n{summary}\n\n"
                                         f"## Every case\n\n{table}\n")
-        plots = [] if args.no_plots else bm.plot(results, out / f"{stem}-plots")
+        plots = [] if args.no_plots else bm.plot(results, out / f"{stem}-plots",
+                                                  env.get("copy_bandwidth_gbps"))
         note = f", {len(plots)} plots in {out / (stem + '-plots')}" if plots else (
             "" if args.no_plots else " (no plots: matplotlib is not installed)")
         print(f"wrote {out / stem}.json and .md{note}", file=sys.stderr)
+    if args.write_auto_table:
+        note = f"{datetime.date.today().isoformat()}, {' '.join(args.argv)}"
+        best = bm.write_auto_table(args.write_auto_table, env["device"], results, note)
+        print(f"auto backends for {env['device']}: {best} -> {args.write_auto_table}",
+              file=sys.stderr)
     return 0
 
 
@@ -307,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="start no new case after this long (the rest say so); results are "
                         "still written")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--write-auto-table", default=None, metavar="JSON",
+                   help="merge the fastest of our backends per op family on this device into "
+                        "this table (python/distill_ops/auto_backends.json is the one "
+                        "backend='auto' reads)")
     b.add_argument("--ingest", action="store_true",
                    help="time API-logprobs ingest into a compact store (k from --k, V from "
                         "--shape): positions/s and bytes/position")

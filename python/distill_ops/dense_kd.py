@@ -176,7 +176,7 @@ def kd_loss(
     if shard is not None:
         return _vocab_parallel_kd(student_logits, teacher_logits, labels, ignore_index, mask,
                                   sc, shard, vocab, reduction, num_items_in_batch)
-    be = resolve_backend(backend, device)
+    be = resolve_backend(backend, device, "dense")
     check_kernel_dtype(be, student_logits=student_logits, teacher_logits=teacher_logits)
 
     if be == "torch":

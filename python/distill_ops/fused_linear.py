@@ -362,7 +362,7 @@ def fused_linear_kd_loss(
         else:
             check_sparse_targets(lead, shard.total, teacher_indices, teacher_logprobs)
             vocab = shard.total
-    be = resolve_backend(backend, device)
+    be = resolve_backend(backend, device, "sparse" if sparse else "dense")
     if be == "torch" and shard is not None:
         be = "cpu" if device.type == "cpu" else "triton"
     if be == "torch":

@@ -158,7 +158,7 @@ def sparse_kd_loss(
         return _vocab_parallel_sparse(student_logits, indices, teacher_logprobs, labels,
                                       ignore_index, mask, sc, tail, source_t, shard,
                                       reduction, num_items_in_batch)
-    be = resolve_backend(backend, device)
+    be = resolve_backend(backend, device, "sparse")
     if be == "torch":
         return reference.sparse_kd_loss(
             student_logits, indices, teacher_logprobs, divergence=divergence, tail=tail,

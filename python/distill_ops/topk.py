@@ -88,7 +88,7 @@ def topk_logprobs(
     t = check_positive("temperature", temperature)
     scale = check_positive("logit_scale", logit_scale)
     cap = check_positive("softcap", softcap, allow_none=True)
-    be = resolve_backend(backend, teacher_logits.device)
+    be = resolve_backend(backend, teacher_logits.device, "topk")
     lead = teacher_logits.shape[:-1]
     if shard is not None:
         from . import vocab_parallel as vp

@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import dense_kd, sparse_kd, topk
+from . import dense_kd, sparse_kd, topk, tuning
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -83,6 +83,21 @@ def _sparse_kd_specs() -> Iterator[KernelSpec]:
                          {"enable_fp_fusion": False})
 
 
+def _tuning_specs() -> Iterator[KernelSpec]:
+    """Every autotuning config (triton/tuning.py) of the dense and sparse kernels, on
+    forward KL and JSD in bf16 with every option on: the configs a GPU may pick."""
+    dense = {s.name: s for s in _dense_kd_specs()}
+    sparse = {s.name: s for s in _sparse_kd_specs()}
+    bases = [dense["dense_kd[div=0,bf16,opts=1]"], dense["dense_kd[div=2,bf16,opts=1]"],
+             sparse["sparse_kd[div=0,tail=0,bf16,opts=1]"],
+             sparse["sparse_kd[div=2,tail=0,bf16,opts=1]"]]
+    for base in bases:
+        for block, warps, stages in tuning.ROW_CONFIGS:
+            yield KernelSpec(f"{base.name}[tuned BLOCK={block},w={warps},s={stages}]", base.fn,
+                             base.signature, {**base.constexprs, "BLOCK": block}, warps,
+                             {**base.options, "num_stages": stages})
+
+
 def _topk_specs() -> Iterator[KernelSpec]:
     for dt, k, cap in (("bf16", 64, True), ("fp32", 100, False), ("fp16", 1, False)):
         kp, warps = topk.launch_config(k)
@@ -94,7 +109,7 @@ def _topk_specs() -> Iterator[KernelSpec]:
 
 
 def all_specs() -> list[KernelSpec]:
-    return [*_dense_kd_specs(), *_sparse_kd_specs(), *_topk_specs()]
+    return [*_dense_kd_specs(), *_sparse_kd_specs(), *_tuning_specs(), *_topk_specs()]
 
 
 def compile_spec(spec: KernelSpec, cc: int):

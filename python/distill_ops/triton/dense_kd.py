@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .._ext import fused_outputs
+from . import tuning
 
 NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
 
@@ -310,6 +311,10 @@ def _device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+_DENSE_TUNED = tuning.tuned(dense_kd_kernel, ["vocab", "DIVERGENCE", "HAS_HARD",
+                                            "COMPUTE_GRAD"])
+
+
 def dense_kd_forward(student, teacher, valid, labels, sc, vocab: int, compute_grad: bool,
                      grad_dtype: torch.dtype | None = None):
     """Launch dense_kd_kernel: returns (loss [N] fp32, grad [N, V_s] in the student's dtype or
@@ -318,9 +323,13 @@ def dense_kd_forward(student, teacher, valid, labels, sc, vocab: int, compute_gr
     loss, grad = fused_outputs(student, False, compute_grad, grad_dtype)
     if n == 0:
         return loss, grad
-    block, num_warps = launch_config(vocab)
+    if tuning.enabled(student):
+        kernel, meta = _DENSE_TUNED, {}
+    else:
+        block, num_warps = launch_config(vocab)
+        kernel, meta = dense_kd_kernel, {"BLOCK": block, "num_warps": num_warps}
     with _device_ctx(student):
-        dense_kd_kernel[(n,)](
+        kernel[(n,)](
             student, teacher,
             valid.view(torch.uint8) if valid is not None else loss,
             labels if labels is not None else loss,
@@ -334,8 +343,7 @@ def dense_kd_forward(student, teacher, valid, labels, sc, vocab: int, compute_gr
             HAS_VALID=valid is not None,
             HAS_HARD=sc.hard_weight != 0.0,
             COMPUTE_GRAD=compute_grad,
-            BLOCK=block,
-            num_warps=num_warps,
+            **meta,
         )
     return loss, grad
 

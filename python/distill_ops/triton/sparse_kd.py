@@ -7,6 +7,12 @@ sum_all - sum_support in fp64, carries no cancellation even when the support hol
 1e-9 of it. The divergence over the coarse classes is a [K] vector computation; the last pass
 writes q_j * (g_rest - S) (or -S q_j, or 0) for every id, then, after a barrier, each support
 id's own gradient over it.
+
+Byte account per student logit: three reads (maximum, sum, gradient pass) and one write: 4
+transfers against the floor of 2 (read, write). Merging the first two passes into an online
+max / sum would save one read, but the rest mass is exact only because pass 2's terms are
+bit-identical to the support's recomputed ones, which needs the final maximum first; keeping
+the row on chip (the CUDA dense sm_90 kernel's cluster design) is the way to 2.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .._ext import fused_outputs
+from . import tuning
 from .dense_kd import (
     FORWARD_KL,
     JSD,
@@ -214,6 +221,10 @@ def launch_config(vocab: int, k: int) -> tuple[int, int, int]:
     return block, max(16, triton.next_power_of_2(k)), max(4, min(8, block // 256))
 
 
+_SPARSE_TUNED = tuning.tuned(sparse_kd_kernel, ["vocab", "k", "DIVERGENCE", "TAIL",
+                                              "HAS_HARD", "COMPUTE_GRAD"])
+
+
 def sparse_kd_forward(student, indices, teacher_logprobs, valid, labels, divergence, tail,
                       temperature, source_temperature, beta, hard_weight, soft_coef,
                       compute_grad, grad_dtype=None):
@@ -225,8 +236,12 @@ def sparse_kd_forward(student, indices, teacher_logprobs, valid, labels, diverge
     if n == 0:
         return loss, grad
     block, kp, num_warps = launch_config(vocab, k)
+    if tuning.enabled(student):
+        kernel, meta = _SPARSE_TUNED, {}
+    else:
+        kernel, meta = sparse_kd_kernel, {"BLOCK": block, "num_warps": num_warps}
     with _device_ctx(student):
-        sparse_kd_kernel[(n,)](
+        kernel[(n,)](
             student, indices, teacher_logprobs,
             valid.view(torch.uint8) if valid is not None else loss,
             labels if labels is not None else loss,
@@ -234,7 +249,7 @@ def sparse_kd_forward(student, indices, teacher_logprobs, valid, labels, diverge
             student.stride(0), vocab, k,
             temperature, source_temperature / temperature, beta, hard_weight, soft_coef,
             DIVERGENCE=divergence, TAIL=tail, HAS_VALID=valid is not None,
-            HAS_HARD=hard_weight != 0.0, COMPUTE_GRAD=compute_grad, BLOCK=block, KP=kp,
-            num_warps=num_warps, enable_fp_fusion=False,
+            HAS_HARD=hard_weight != 0.0, COMPUTE_GRAD=compute_grad, KP=kp,
+            enable_fp_fusion=False, **meta,
         )
     return loss, grad

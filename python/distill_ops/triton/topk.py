@@ -7,6 +7,10 @@ take the elementwise maximum with the running list (the K largest of both, as a 
 sequence), sort that descending. Blocks with no key above the running K-th are skipped, which
 after the first few blocks is almost all of them. The log-sum-exp at T accumulates per lane
 in the same loop.
+
+Byte account per logit: one read, the floor. What limits it (H200, 2026-11-28: 5.6 ms for a
+2 GB read, 11x the floor) is the compute per block: the sort of every block that is not
+skipped while the running K-th value is still low.
 """
 
 from __future__ import annotations
