@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
-from conftest import device_for, kernel_backends
+from conftest import ON_GPU, device_for, kernel_backends
 from helpers import logits
 
 import distill_ops
 from distill_ops import reference
+from distill_ops._backend import triton_interpreted
 
 BACKENDS = kernel_backends()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -211,3 +212,27 @@ def test_cpu_sampler_draws_the_inverse_cdf(seed):
     assert torch.isnan(total[3]).all() and not torch.isnan(total[ok]).any()
     assert (draws[ok] != ref[ok]).sum() <= 2  # ties at an interval's edge, if any
     assert (draws[ok] % 7 != 0).all()
+
+
+@pytest.mark.skipif(not (ON_GPU or triton_interpreted()), reason="needs Triton (a GPU or the "
+                    "interpreter)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("n", "v", "s"), [(5, 3001, 37), (3, 1, 4), (2, 700, 1),
+                                           (4, 257, 1024)])
+def test_triton_sampler_draws_the_inverse_cdf_of_the_same_uniforms(seed, dtype, n, v, s):
+    """The GPU sampler (triton/sample.py) and torch's fp64 cumulative-sum search give the same
+    multiset of draws for the same uniforms: masked ids, a one-id vocabulary, one draw, the
+    most draws the kernel takes."""
+    from distill_ops.triton import sample as triton_sample
+
+    dev = "cuda" if ON_GPU else "cpu"
+    x = (torch.randn(n, v, device=dev) * 3).to(dtype)
+    if v > 20:
+        x[0, :10] = float("-inf")
+    u = torch.rand(n, s, dtype=torch.float64, device=dev)
+    got, total = triton_sample.draw(x, 1.3, u)
+    z = x.float() / 1.3
+    cdf = torch.cumsum(torch.exp(z - z.amax(-1, keepdim=True)), -1, dtype=torch.float64)
+    want = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=v - 1)
+    assert torch.equal(torch.sort(got, 1).values, torch.sort(want, 1).values)
+    torch.testing.assert_close(total, cdf[:, -1:], rtol=1e-6, atol=0)

@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import dense_kd, sparse_kd, topk, tuning
+from . import dense_kd, sample, sparse_kd, topk, tuning
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -108,8 +108,18 @@ def _topk_specs() -> Iterator[KernelSpec]:
                          {"HAS_CAP": cap, "KP": kp}, warps)
 
 
+def _sample_specs() -> Iterator[KernelSpec]:
+    for dt, draws in (("bf16", 64), ("fp32", 13), ("fp16", 1024)):
+        block, sp = sample.launch_config(draws)
+        sig = {"x_ptr": f"*{dt}", "u_ptr": "*fp64", "draws_ptr": "*i64", "total_ptr": "*fp64",
+               "x_stride": "i64", "vocab": "i32", "n_draws": "i32", "inv_t": "fp32"}
+        yield KernelSpec(f"sample_cdf[{dt},draws={draws}]", sample.sample_cdf_kernel, sig,
+                         {"BLOCK": block, "SP": sp}, 4)
+
+
 def all_specs() -> list[KernelSpec]:
-    return [*_dense_kd_specs(), *_sparse_kd_specs(), *_tuning_specs(), *_topk_specs()]
+    return [*_dense_kd_specs(), *_sparse_kd_specs(), *_tuning_specs(), *_topk_specs(),
+            *_sample_specs()]
 
 
 def compile_spec(spec: KernelSpec, cc: int):
