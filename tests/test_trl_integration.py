@@ -35,14 +35,9 @@ def tiny(hidden: int, seed: int, **config) -> LlamaForCausalLM:
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from distill_ops.bench_trl import _tokenizer
 
-    words = {f"w{i}": i for i in range(VOCAB - 3)}
-    words.update({"<pad>": VOCAB - 3, "<eos>": VOCAB - 2, "<unk>": VOCAB - 1})
-    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>", padding_side="left")
+    return _tokenizer(VOCAB)
 
 
 def _trainers(tmp_path, beta, temperature, student, teacher, **args):

@@ -52,10 +52,26 @@ def _shapes(args: argparse.Namespace, device: str) -> dict:
     return shapes
 
 
-def bench_world(args: argparse.Namespace) -> int:
-    """`bench --world N`: the vocab-parallel ops on N processes."""
+def _write_result(args: argparse.Namespace, kind: str, payload: dict, text: str) -> None:
+    """`<kind>-<date>.json` (the payload, the command, the commit, torch's version) and `.md`
+    (the command and `text`) in --out, when given."""
     import datetime
 
+    if not args.out:
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{kind}-{datetime.date.today().isoformat()}"
+    command = "distill-ops " + " ".join(shlex.quote(a) for a in args.argv)
+    record = {"command": command, "git_commit": _git_commit(), "torch": torch.__version__,
+              **payload}
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    (out / f"{stem}.md").write_text(f"`{command}`\n\n{text}\n")
+    print(f"wrote {out / stem}.json and .md", file=sys.stderr)
+
+
+def bench_world(args: argparse.Namespace) -> int:
+    """`bench --world N`: the vocab-parallel ops on N processes."""
     from . import bench_parallel as bp
 
     n, v = (args.shape or [(2048, 32000)])[0]
@@ -66,23 +82,13 @@ def bench_world(args: argparse.Namespace) -> int:
                           divergences=args.divergence[:2], reps=args.reps or 5)
     table = bp.format_world_table(result)
     print(f"ranks on {result['device']} ({result['backend']})\n\n{table}")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        kind = "cuda" if result["device"].startswith("cuda") else "cpu"
-        stem = f"{kind}-world{args.world}-{datetime.date.today().isoformat()}"
-        command = "distill-ops " + " ".join(shlex.quote(a) for a in args.argv)
-        result.update(command=command, git_commit=_git_commit(), torch=torch.__version__)
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-        (out / f"{stem}.md").write_text(f"`{command}`\n\n{table}\n")
-        print(f"wrote {out / stem}.json and .md", file=sys.stderr)
+    kind = "cuda" if result["device"].startswith("cuda") else "cpu"
+    _write_result(args, f"{kind}-world{args.world}", result, table)
     return 0
 
 
 def bench_trl_step(args: argparse.Namespace) -> int:
     """`bench --trl-step`: one training step of TRL's DistillationTrainer against ours."""
-    import datetime
-
     from . import bench_trl
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,23 +99,12 @@ def bench_trl_step(args: argparse.Namespace) -> int:
     head = (f"one DistillationTrainer step: student hidden {hs}, teacher {ht}, V={v}, "
             f"{rows[0]['completion_tokens']} completion tokens, {device}")
     print(f"{head}\n\n{table}")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"{device}-trl-step-{datetime.date.today().isoformat()}"
-        command = "distill-ops " + " ".join(shlex.quote(a) for a in args.argv)
-        (out / f"{stem}.json").write_text(json.dumps(
-            {"command": command, "git_commit": _git_commit(), "torch": torch.__version__,
-             "rows": rows}, indent=1))
-        (out / f"{stem}.md").write_text(f"`{command}`\n\n{head}\n\n{table}\n")
-        print(f"wrote {out / stem}.json and .md", file=sys.stderr)
+    _write_result(args, f"{device}-trl-step", {"rows": rows}, f"{head}\n\n{table}")
     return 0
 
 
 def bench_ingest(args: argparse.Namespace) -> int:
     """`bench --ingest`: API logprobs into a compact store, positions/s and bytes/position."""
-    import datetime
-
     from . import bench_ingest
 
     k = (args.k or [20])[0]
@@ -117,15 +112,7 @@ def bench_ingest(args: argparse.Namespace) -> int:
     r = bench_ingest.run_ingest_bench(k=k, vocab=v, reps=args.reps or 3)
     table = bench_ingest.format_ingest_table(r)
     print(table)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"cpu-ingest-{datetime.date.today().isoformat()}"
-        command = "distill-ops " + " ".join(shlex.quote(a) for a in args.argv)
-        (out / f"{stem}.json").write_text(json.dumps(
-            {"command": command, "git_commit": _git_commit(), "result": r}, indent=1))
-        (out / f"{stem}.md").write_text(f"`{command}`\n\n{table}\n")
-        print(f"wrote {out / stem}.json and .md", file=sys.stderr)
+    _write_result(args, "cpu-ingest", {"result": r}, table)
     return 0
 
 
