@@ -67,7 +67,7 @@ QUICK = Config(corpus_bytes=600_000, vocab=1024, context=64, batch=16,
                teacher_lr=3e-3, student_lr=3e-3, eval_every=40, eval_windows=32,
                angle_windows=8, final_windows=128)
 FULL = Config(corpus_bytes=4_000_000, vocab=8192, context=128, batch=16,
-              teacher=(128, 3, 4), student=(64, 2, 4), teacher_steps=800, student_steps=600,
+              teacher=(128, 3, 4), student=(64, 2, 4), teacher_steps=1200, student_steps=1500,
               teacher_lr=3e-3, student_lr=3e-3, eval_every=50, eval_windows=64,
               angle_windows=32, final_windows=384)
 RUNS = ("ce", "dense", "top12-bucket", "top12-renorm", "top12-support", "top12-none",
