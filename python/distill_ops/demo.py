@@ -142,6 +142,7 @@ def prepare(cfg: Config, corpus: str | None, cache: Path, device: torch.device,
     # each, so every student reads exactly the same data.
     seen = order.repeat(need // len(order) + 1)[:need]
     t_width, t_layers, t_heads = cfg.teacher
+    torch.manual_seed(cfg.seed + 1)  # the teacher's initialisation, like the students'
     teacher = dd.GPT(vocab, t_width, t_layers, t_heads, cfg.context).to(device)
     t_path = where / "teacher.pt"
     if t_path.exists():
