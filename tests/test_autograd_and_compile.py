@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import fused_rows, logits
+from helpers import GRAD_FLOOR, fused_rows, logits, rel_err
 
 import distill_ops
 
@@ -35,9 +35,9 @@ def test_gradcheck_float64_cpu_kernel(seed, divergence):
     valid = torch.tensor([True, False, True])
     labels = torch.tensor([3, 0, 16])
     # divergence, T, beta, student scale/softcap, teacher scale/softcap, hard weight,
-    # soft coefficient (T^2), vocab, compute_grad, backend
+    # soft coefficient (T^2), vocab, compute_grad, row scale, backend
     args = (t, valid, labels, divergence, 1.7, 0.4, 1.2, 4.0, 0.9, 0.0, 0.3, 1.7**2, 17, True,
-            "cpu")
+            None, "cpu")
     fused = fused_rows(torch.ops.distill_ops.dense_kd)
     assert torch.autograd.gradcheck(lambda x: fused.apply(x, *args), (s,), eps=1e-6,
                                     atol=1e-7, rtol=1e-5)
@@ -127,7 +127,8 @@ def test_opcheck():
     t = logits(3, 40)
     valid = torch.tensor([True, False, True])
     labels = torch.tensor([1, 2, 3])
-    args = (s, t, valid, labels, 2, 1.5, 0.5, 1.0, 0.0, 1.0, 0.0, 0.2, 1.0, 40, True, "cpu")
+    args = (s, t, valid, labels, 2, 1.5, 0.5, 1.0, 0.0, 1.0, 0.0, 0.2, 1.0, 40, True,
+            torch.tensor(0.5), "cpu")
     torch.library.opcheck(torch.ops.distill_ops.dense_kd.default, args,
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
@@ -183,3 +184,72 @@ def test_torch_compile_inductor_over_the_triton_ops_on_gpu(seed):
     torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lp_c, lp)
     torch.testing.assert_close(b.grad, a.grad)
+
+
+def _plain_backward_case(op: str, case: str):
+    """(student, loss(x, backend)) for one reduction case."""
+    s = logits(5, 300).requires_grad_()
+    t = logits(5, 300)
+    kw = {"labels": torch.tensor([1, -100, 7, 299, 0])}
+    if case == "mean":
+        kw = {}
+    elif case == "sum":
+        kw["reduction"] = "sum"
+    elif case == "num_items":
+        kw["num_items_in_batch"] = 7
+    elif case == "num_items_tensor":
+        kw["num_items_in_batch"] = torch.tensor(11)
+    if op == "dense":
+        def f(x, backend):
+            return distill_ops.kd_loss(x, t, divergence="jsd", temperature=1.5, backend=backend,
+                                       **kw)
+    else:
+        top = distill_ops.topk_logprobs(t, 9, temperature=1.5, backend="torch")
+
+        def f(x, backend):
+            return distill_ops.sparse_kd_loss(x, top.indices, top.logprobs, temperature=1.5,
+                                              backend=backend, **kw)
+    return s, f
+
+
+@pytest.mark.parametrize("op", ["dense", "sparse"])
+@pytest.mark.parametrize("case", ["mean", "mean-masked", "sum", "num_items", "num_items_tensor"])
+def test_plain_backward_moves_no_gradient_bytes(seed, monkeypatch, op, case):
+    """On the Triton backend the forward folds the reduction's weight into the gradient, so
+    a plain loss.backward() asks the scale kernel for factors of exactly 1, which it skips;
+    a scaled loss (x 0.5) still scales. Gradients equal the torch reference either way."""
+    from distill_ops.triton import dense_kd as tdense
+
+    factors = []
+    launch = tdense.scale_rows_
+
+    def spy(grad, scale):
+        factors.append(scale.clone())
+        launch(grad, scale)
+
+    monkeypatch.setattr(tdense, "scale_rows_", spy)
+    s, f = _plain_backward_case(op, case)
+    f(s, "triton").backward()
+    assert len(factors) == 1 and (factors[0] == 1.0).all(), factors
+    s_ref = s.detach().clone().requires_grad_()
+    f(s_ref, "torch").backward()
+    assert rel_err(s.grad, s_ref.grad, GRAD_FLOOR) <= 1e-5
+
+    factors.clear()
+    s2 = s.detach().clone().requires_grad_()
+    (0.5 * f(s2, "triton")).backward()
+    assert len(factors) == 1 and (factors[0] == 0.5).all(), factors
+    assert rel_err(s2.grad, 0.5 * s_ref.grad, GRAD_FLOOR) <= 1e-5
+
+
+def test_scale_kernel_skips_rows_of_factor_one(seed):
+    """The Triton scale kernel leaves rows scaled by exactly 1 as they are and scales the
+    others (in fp32, one rounding)."""
+    from distill_ops.triton import dense_kd as tdense
+
+    g = logits(4, 5000).to(torch.bfloat16)
+    scale = torch.tensor([1.0, 0.25, 1.0, -3.0])
+    out = g.clone()
+    tdense.scale_rows_(out, scale)
+    torch.testing.assert_close(out, (g.float() * scale[:, None]).to(torch.bfloat16), rtol=0,
+                               atol=0)

@@ -221,7 +221,8 @@ def test_gradcheck_float64_cpu_kernel(seed, tail, divergence):
     idx, tlp = targets(logits(3, 13), 5, n_pad=1)
     valid = torch.tensor([True, False, True])
     labels = torch.tensor([3, 0, 12])
-    args = (idx, tlp, valid, labels, divergence, tail, 1.7, 1.2, 0.4, 0.3, 1.1, True, "cpu")
+    args = (idx, tlp, valid, labels, divergence, tail, 1.7, 1.2, 0.4, 0.3, 1.1, True, None,
+            "cpu")
     fused = fused_rows(torch.ops.distill_ops.sparse_kd)
     assert torch.autograd.gradcheck(lambda x: fused.apply(x, *args), (s,), eps=1e-6,
                                     atol=1e-7, rtol=1e-5)

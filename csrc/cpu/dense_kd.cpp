@@ -182,6 +182,7 @@ void scale_rows_impl(const void* grad, void* out, int dtype, const void* scale, 
       const int64_t si = r * scale_stride;
       const Acc c = scale_dtype == int(DType::F64) ? Acc(static_cast<const double*>(scale)[si])
                                                    : Acc(static_cast<const float*>(scale)[si]);
+      if (c == Acc(1) && out == grad) continue;  // in place by exactly 1: nothing to do
       for (int64_t j0 = 0; j0 < n_cols; j0 += int64_t(buf.size())) {
         const int64_t n = std::min<int64_t>(int64_t(buf.size()), n_cols - j0);
         load_transformed(row_ptr(grad, dtype, r * n_cols + j0), dtype, n, c, Acc(0), Acc(1),

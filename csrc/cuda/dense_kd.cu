@@ -71,6 +71,7 @@ __global__ void scale_rows_kernel(void* g, int dtype, const float* scale, int64_
                                   int64_t n_rows, int64_t n_cols) {
   for (int64_t row = blockIdx.y; row < n_rows; row += gridDim.y) {
     const float c = scale[row * scale_stride];
+    if (c == 1.0f) continue;  // a plain loss.backward() after a pre-scaled forward
     for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < n_cols;
          j += int64_t(gridDim.x) * blockDim.x) {
       const int64_t i = row * n_cols + j;

@@ -39,3 +39,26 @@ def reduce_rows(
     if valid is None:
         return total / max(rows.numel(), 1)
     return total / valid.sum().clamp(min=1)
+
+
+def reduction_weight(
+    rows: Tensor,
+    valid: Tensor | None,
+    reduction: str,
+    num_items_in_batch: int | float | Tensor | None,
+) -> Tensor | None:
+    """The factor reduce_rows puts on every row (0-dim fp32, on the rows' device; None for
+    "none"), computed by the same division so that for a plain `loss.backward()` the
+    gradient autograd hands each row is bit-identical to it."""
+    if reduction == "none":
+        return None
+    one = torch.ones((), dtype=torch.float32, device=rows.device)
+    if reduction == "sum":
+        return one
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            return one / num_items_in_batch.to(device=rows.device, dtype=torch.float32).reshape(())
+        return one / num_items_in_batch
+    if valid is None:
+        return one / max(rows.shape[0], 1)
+    return one / valid.sum().clamp(min=1)

@@ -2,7 +2,9 @@
 
 The forward kernel computes each row's loss and its gradient w.r.t. the student logits in
 one launch; autograd's backward only scales that saved gradient by the incoming
-grad_output (on the device, no host sync; see _fused.py). The op is registered with a fake
+grad_output (on the device, no host sync; see _fused.py), and on the Triton backend not at
+all for a plain `loss.backward()` of a "mean" or "sum" loss: the kernel already applied the
+reduction's weight. The op is registered with a fake
 impl, so `torch.compile(fullgraph=True)` traces straight through it.
 """
 
@@ -16,8 +18,8 @@ from torch import Tensor
 from . import _cpu, _cuda, reference
 from ._backend import resolve_backend
 from ._ext import fused_outputs
-from ._fused import register_fused_autograd
-from ._reduction import reduce_rows, valid_rows
+from ._fused import apply_row_scale, register_fused_autograd
+from ._reduction import reduce_rows, reduction_weight, valid_rows
 from ._validation import (
     REDUCTIONS,
     LossScalars,
@@ -59,23 +61,29 @@ def dense_kd(
     soft_coef: float,
     vocab: int,
     compute_grad: bool,
+    row_scale: Optional[Tensor],  # noqa: UP045
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row dense KD loss [N] and, when compute_grad, d(loss_r)/d(student) [N, V_s]."""
+    """Per-row dense KD loss [N] and, when compute_grad, d(loss_r)/d(student) [N, V_s]
+    times `row_scale` (a 0-dim tensor, see _fused.py) when given."""
     sc = LossScalars(divergence, temperature, beta, student_scale, student_softcap,
                      teacher_scale, teacher_softcap, hard_weight, soft_coef)
-    impl = {"cpu": _cpu, "cuda": _cuda}.get(backend) or triton_impl()
-    return impl.dense_kd_forward(student, teacher, valid, labels, sc, vocab, compute_grad)
+    if backend == "triton":
+        return triton_impl().dense_kd_forward(student, teacher, valid, labels, sc, vocab,
+                                              compute_grad, row_scale=row_scale)
+    impl = _cuda if backend == "cuda" else _cpu
+    loss, grad = impl.dense_kd_forward(student, teacher, valid, labels, sc, vocab, compute_grad)
+    return loss, apply_row_scale(grad, row_scale, backend)
 
 
 @dense_kd.register_fake
 def _(student, teacher, valid, labels, divergence, temperature, beta, student_scale,
       student_softcap, teacher_scale, teacher_softcap, hard_weight, soft_coef, vocab,
-      compute_grad, backend):
+      compute_grad, row_scale, backend):
     return fused_outputs(student, torch.float64 in (student.dtype, teacher.dtype), compute_grad)
 
 
-register_fused_autograd(dense_kd, n_inputs=16)
+register_fused_autograd(dense_kd, n_inputs=17)
 
 
 def kd_loss(
@@ -194,10 +202,14 @@ def kd_loss(
     valid = valid_rows(labels, mask, ignore_index)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous() if sc.hard_weight > 0 else None
     compute_grad = student.requires_grad and torch.is_grad_enabled()
+    # The Triton kernel folds the reduction's weight into the gradient it writes, so that a
+    # plain loss.backward() has nothing left to scale (_fused.py).
+    row_scale = reduction_weight(student, valid, reduction, num_items_in_batch) \
+        if compute_grad and be == "triton" else None
     rows, _ = dense_kd(
         student, teacher, valid, flat_labels, sc.divergence, sc.temperature, sc.beta,
         sc.student_scale, sc.student_softcap, sc.teacher_scale, sc.teacher_softcap,
-        sc.hard_weight, sc.soft_coef, vocab, compute_grad, be,
+        sc.hard_weight, sc.soft_coef, vocab, compute_grad, row_scale, be,
     )
     return reduce_rows(rows, valid, reduction, num_items_in_batch, lead)
 

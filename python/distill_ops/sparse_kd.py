@@ -16,8 +16,8 @@ from torch import Tensor
 from . import _cpu, _cuda, reference
 from ._backend import resolve_backend
 from ._ext import fused_outputs
-from ._fused import register_fused_autograd
-from ._reduction import reduce_rows, valid_rows
+from ._fused import apply_row_scale, register_fused_autograd
+from ._reduction import reduce_rows, reduction_weight, valid_rows
 from ._validation import (
     REDUCTIONS,
     TAIL_CODES,
@@ -53,27 +53,29 @@ def sparse_kd(
     hard_weight: float,
     soft_coef: float,
     compute_grad: bool,
+    row_scale: Optional[Tensor],  # noqa: UP045
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row sparse KD loss [N] and, when compute_grad, d(loss_r)/d(student) [N, V]."""
-    if backend == "cpu":
-        impl = _cpu
-    elif backend == "cuda":
-        impl = _cuda
-    else:
-        from .triton import sparse_kd as impl
-    return impl.sparse_kd_forward(student, indices, teacher_logprobs, valid, labels, divergence,
-                                  tail, temperature, source_temperature, beta, hard_weight,
-                                  soft_coef, compute_grad)
+    """Per-row sparse KD loss [N] and, when compute_grad, d(loss_r)/d(student) [N, V]
+    times `row_scale` (a 0-dim tensor, see _fused.py) when given."""
+    args = (student, indices, teacher_logprobs, valid, labels, divergence, tail, temperature,
+            source_temperature, beta, hard_weight, soft_coef, compute_grad)
+    if backend == "triton":
+        from .triton import sparse_kd as tsparse
+
+        return tsparse.sparse_kd_forward(*args, row_scale=row_scale)
+    impl = _cuda if backend == "cuda" else _cpu
+    loss, grad = impl.sparse_kd_forward(*args)
+    return loss, apply_row_scale(grad, row_scale, backend)
 
 
 @sparse_kd.register_fake
 def _(student, indices, teacher_logprobs, valid, labels, divergence, tail, temperature,
-      source_temperature, beta, hard_weight, soft_coef, compute_grad, backend):
+      source_temperature, beta, hard_weight, soft_coef, compute_grad, row_scale, backend):
     return fused_outputs(student, student.dtype == torch.float64, compute_grad)
 
 
-register_fused_autograd(sparse_kd, n_inputs=14)
+register_fused_autograd(sparse_kd, n_inputs=15)
 
 
 def sparse_kd_loss(
@@ -179,9 +181,12 @@ def sparse_kd_loss(
     valid = valid_rows(labels, mask, ignore_index)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous() if sc.hard_weight > 0 else None
     compute_grad = student.requires_grad and torch.is_grad_enabled()
+    row_scale = reduction_weight(student, valid, reduction, num_items_in_batch) \
+        if compute_grad and be == "triton" else None
     rows, _ = sparse_kd(
         student, idx, tlp, valid, flat_labels, sc.divergence, TAIL_CODES[tail],
-        sc.temperature, source_t, sc.beta, sc.hard_weight, sc.soft_coef, compute_grad, be,
+        sc.temperature, source_t, sc.beta, sc.hard_weight, sc.soft_coef, compute_grad,
+        row_scale, be,
     )
     return reduce_rows(rows, valid, reduction, num_items_in_batch, lead)
 

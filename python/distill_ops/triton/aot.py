@@ -33,6 +33,17 @@ class KernelSpec:
     constexprs: dict[str, object]
     num_warps: int = 4
     options: dict[str, object] = field(default_factory=dict)
+    # Arguments compiled as multiples of 16 (pointers: 16-byte aligned), as Triton's launcher
+    # specialises them at run time when they are: a vocabulary of 128256 and its strides,
+    # torch's allocations. The unaligned build is the fallback for odd widths.
+    aligned: tuple[str, ...] = ()
+
+    def with_alignment(self) -> KernelSpec:
+        """This spec with every pointer and every stride/width argument aligned."""
+        names = tuple(k for k, v in self.signature.items()
+                      if v.startswith("*") or k.endswith(("stride", "vocab", "cols")))
+        return KernelSpec(self.name + "[aligned]", self.fn, self.signature, self.constexprs,
+                          self.num_warps, self.options, names)
 
 
 def _dense_kd_specs() -> Iterator[KernelSpec]:
@@ -45,20 +56,19 @@ def _dense_kd_specs() -> Iterator[KernelSpec]:
             continue
         sig = {
             "s_ptr": f"*{dt}", "t_ptr": f"*{dt}", "valid_ptr": "*u8", "labels_ptr": "*i64",
-            "loss_ptr": "*fp32", "grad_ptr": f"*{dt}",
+            "loss_ptr": "*fp32", "grad_ptr": f"*{dt}", "row_scale_ptr": "*fp32",
             "s_stride": "i64", "t_stride": "i64", "g_stride": "i64",
             "vocab": "i32", "grad_cols": "i32",
             **dict.fromkeys(floats, "fp32"),
         }
         const = {
             "DIVERGENCE": div, "HAS_CAP_S": flags, "HAS_CAP_T": flags, "HAS_VALID": flags,
-            "HAS_HARD": flags, "COMPUTE_GRAD": flags, "BLOCK": block,
+            "HAS_HARD": flags, "COMPUTE_GRAD": flags, "HAS_ROW_SCALE": flags, "BLOCK": block,
         }
         yield KernelSpec(f"dense_kd[div={div},{dt},opts={int(flags)}]", dense_kd.dense_kd_kernel,
                          sig, const, warps)
     for dt in DTYPES:
-        sig = {"g_ptr": f"*{dt}", "scale_ptr": "*fp32", "out_ptr": f"*{dt}",
-               "scale_stride": "i64", "n_cols": "i32"}
+        sig = {"g_ptr": f"*{dt}", "scale_ptr": "*fp32", "scale_stride": "i64", "n_cols": "i32"}
         yield KernelSpec(f"scale_rows[{dt}]", dense_kd.scale_rows_kernel, sig, {"BLOCK": 4096})
 
 
@@ -73,11 +83,11 @@ def _sparse_kd_specs() -> Iterator[KernelSpec]:
         sig = {
             "s_ptr": f"*{dt}", "idx_ptr": "*i64", "tlp_ptr": "*fp32", "valid_ptr": "*u8",
             "labels_ptr": "*i64", "loss_ptr": "*fp32", "grad_ptr": f"*{dt}",
-            "s_stride": "i64", "vocab": "i32", "k": "i32",
+            "row_scale_ptr": "*fp32", "s_stride": "i64", "vocab": "i32", "k": "i32",
             **dict.fromkeys(floats, "fp32"),
         }
         const = {"DIVERGENCE": div, "TAIL": tail, "HAS_VALID": flags, "HAS_HARD": flags,
-                 "COMPUTE_GRAD": True, "BLOCK": block, "KP": kp}
+                 "COMPUTE_GRAD": True, "HAS_ROW_SCALE": flags, "BLOCK": block, "KP": kp}
         yield KernelSpec(f"sparse_kd[div={div},tail={tail},{dt},opts={int(flags)}]",
                          sparse_kd.sparse_kd_kernel, sig, const, warps,
                          {"enable_fp_fusion": False})
@@ -117,13 +127,25 @@ def _sample_specs() -> Iterator[KernelSpec]:
                          {"BLOCK": block, "SP": sp}, 4)
 
 
+def _aligned_specs() -> Iterator[KernelSpec]:
+    """The bf16 specs again as they compile for aligned rows (the common case on a GPU)."""
+    for spec in [*_dense_kd_specs(), *_sparse_kd_specs(), *_topk_specs(), *_sample_specs()]:
+        if "bf16" in spec.name and (spec.name.startswith(("dense_kd", "scale_rows", "topk",
+                                                          "sample"))
+                                    or spec.name.startswith("sparse_kd[div=0,tail=0")):
+            yield spec.with_alignment()
+
+
 def all_specs() -> list[KernelSpec]:
     return [*_dense_kd_specs(), *_sparse_kd_specs(), *_tuning_specs(), *_topk_specs(),
-            *_sample_specs()]
+            *_sample_specs(), *_aligned_specs()]
 
 
 def compile_spec(spec: KernelSpec, cc: int):
-    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+    attrs = {(spec.fn.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name in spec.aligned}
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
+                    attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32),
                           options={"num_warps": spec.num_warps, **spec.options})
 

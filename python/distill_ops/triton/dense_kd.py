@@ -1,24 +1,41 @@
 """Triton kernels of the dense KD loss: one program per row, fused forward and gradient.
 
-Pass 1 reads both rows once for the softmax statistics, kept per lane with an online
-max/sum (no scalar reduction inside the loop); forward and reverse KL also accumulate their
-cross term there, centred on the running maxima of both rows (see `_cross_shift`), so their
-loss needs no second read. Jensen-Shannon and TVD need the normalised distributions for
+Pass 1 reads both rows once for the softmax statistics: each step of BLOCK logits is read as
+groups of G = 8 neighbours (one thread's 16-byte load), and each group keeps an online
+max/sum (no cross-thread reduction inside the loop); forward and reverse KL also accumulate
+their cross term there, centred on the running maxima of both rows (see `_cross_shift`), so
+their loss needs no second read. Jensen-Shannon and TVD need the normalised distributions for
 their loss, so they make one more read. The last pass recomputes q and p and writes the
 gradient in the student's dtype.
+
+Every exponential is one `ex2` of x * log2(e) (`tl.exp` costs five instructions: a
+multiply and a denormal range fix around the ex2), and a group's running maximum moves once
+per step, not once per logit, so pass 1 needs one ex2 per logit and side instead of two.
+The logits themselves stay in natural units: z = f(x) / T rounds exactly as PyTorch's does,
+and differences near the maximum (z - M) are exact, so the fp32 error stays torch's even at
+logits of 1e4 (logits pre-scaled to base 2 round at a coarser grid there). JSD's log of the
+mixture is one `lg2.approx` on a GPU.
 
 Byte account per logit (s, t: student and teacher rows; g: the gradient), against the floor
 of three transfers (read s, read t, write g):
 - forward / reverse KL: read s, t (statistics), read s, t again and write g: 5 transfers;
 - JSD / TVD: one more read of s and t for the loss: 7 transfers;
-- backward: `scale_rows_kernel` reads and writes g by grad_output: 2 more transfers.
+- backward: `scale_rows_kernel` reads and writes g by grad_output: 2 more transfers, none
+  for a plain `loss.backward()` (the forward applied the reduction's weight; _fused.py).
 The second read of a row hits L2 only when the rows in flight fit in it (V = 128256 bf16 is
 513 KB a row pair: ~100 programs in flight fill the H200's 60 MB).
+
+Instruction account (sm_90, bf16, V = 128256, `python -m distill_ops.triton.isa`): per
+logit, pass 1 issues 24 instructions and 2.25 ex2 (66 and 4 before the per-group form and
+the one-ex2 exponential), the gradient pass 25 and 2 (31 and 2); on an H200 each loop now
+issues faster than its bytes arrive (tests/test_triton_isa.py holds that for every loop of
+every divergence; bench/results/isa-2026-11-29.md has the tables).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -33,6 +50,16 @@ FORWARD_KL: tl.constexpr = tl.constexpr(0)
 REVERSE_KL: tl.constexpr = tl.constexpr(1)
 JSD: tl.constexpr = tl.constexpr(2)
 TVD: tl.constexpr = tl.constexpr(3)
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+# Pass 1's group width: one thread's vector of bf16 logits (16 bytes).
+G: tl.constexpr = tl.constexpr(8)
+# JSD's mixture is floored at 2^-100 before its log: a term below it weighs < 1e-28.
+MIX_FLOOR: tl.constexpr = tl.constexpr(2.0 ** -100)
+# lg2.approx by inline PTX on a GPU; the interpreter cannot run PTX.
+FAST_MATH: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 
 
 @triton.jit
@@ -91,18 +118,36 @@ def _load_z(row_ptr, cols, n, scale, cap, inv_t, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
-def _online(m, z):
-    """One step of a per-lane online logsumexp: returns (new max, rescale factor, exp(z - max))."""
-    m_new = tl.maximum(m, z)
-    alpha = tl.where(m_new == NEG_INF, 1.0, tl.exp(m - m_new))
-    e = tl.where(z == NEG_INF, 0.0, tl.exp(z - m_new))
-    return m_new, alpha, e
+def _fast_log2(x):
+    """log2(x) per element: the GPU's lg2.approx (relative error ~2^-22) instead of the
+    ~20-instruction accurate libdevice call; numpy's log2 under the interpreter."""
+    if FAST_MATH:
+        out = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                        dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        out = tl.log2(x)
+    return out
 
 
 @triton.jit
-def _step(m_old, m_new):
-    """m_new - m_old, 0 where equal (-inf to -inf is no move, not NaN)."""
-    return tl.where(m_new == m_old, 0.0, m_new - m_old)
+def _exp(x):
+    """e^x as one ex2 of x * log2(e): `tl.exp` adds a multiply and a denormal range fix
+    around it (five instructions); here a result below 2^-126 may flush to 0."""
+    return tl.exp2(x * LOG2E)
+
+
+@triton.jit
+def _group_online(m, z):
+    """One step of the running log-sum-exp of each group of G neighbouring logits.
+
+    m [R]: the groups' running maxima, finite (they start at -FLT_MAX, so no -inf - -inf);
+    z [R, G]: the step's logits, -inf allowed. Returns (new maxima, the factor e^(m - m')
+    that rescales the old sums, e^(z - m') per element): one ex2 per logit plus one per
+    group, where a per-logit running maximum needs two."""
+    m_new = tl.maximum(m, tl.max(z, 1))
+    alpha = _exp(m - m_new)
+    e = _exp(z - m_new[:, None])
+    return m_new, alpha, e
 
 
 @triton.jit
@@ -113,23 +158,24 @@ def _cross_shift(c, a_w, f_w, d_w, d_o):
     KL, student for reverse KL) and u_j = (zw_j - mw) - (zo_j - mo). When the maxima move by
     d_w and d_o every u_j moves by d_o - d_w and every e_j scales by f_w. Accumulating the raw
     zw_j - zo_j instead and subtracting mw - mo at the end cancels catastrophically for large
-    logits and a small divergence (2e-5 of the loss, 3e-4 of the gradient at +-1e4)."""
-    return tl.where((a_w > 0) & (f_w > 0), f_w * (c + a_w * (d_o - d_w)), 0.0)
+    logits and a small divergence (2e-5 of the loss, 3e-4 of the gradient at +-1e4). An
+    infinite c (a logit the other side masks) stays infinite."""
+    shifted = f_w * (c + a_w * (d_o - d_w))
+    return tl.where(c == float("inf"), c, tl.where(a_w > 0, shifted, 0.0))
 
 
 @triton.jit
-def _cross_term(e_w, zw, mw, zo, mo):
-    """e_w * u of one element; +inf where the other side is -inf (an infinite KL)."""
-    u = tl.where(zo == NEG_INF, float("inf"), (zw - mw) - (zo - mo))
-    return tl.where(e_w > 0, e_w * u, 0.0)
+def _cross_terms(e_w, zw, mw, zo, mo):
+    """sum over each group of e_w * u; +inf where the other side is -inf and e_w > 0."""
+    u = (zw - mw[:, None]) - (zo - mo[:, None])
+    return tl.sum(tl.where(e_w > 0, e_w * u, 0.0), 1)
 
 
 @triton.jit
-def _lane_weights(m):
-    """Per-lane weights exp(m - max m) that fold per-lane sums into one row sum."""
+def _row_weights(m):
+    """Weights e^(m - max m) that fold the groups' sums into one row sum, and the maximum."""
     m_row = tl.max(m, 0)
-    w = tl.where(m == NEG_INF, 0.0, tl.exp(m - m_row))
-    return m_row, w
+    return m_row, tl.where(m == m_row, 1.0, _exp(m - m_row))
 
 
 @triton.jit
@@ -144,7 +190,7 @@ def _log_mixture(lp, lq, log_b, log_1mb):
 
 @triton.jit
 def dense_kd_kernel(
-    s_ptr, t_ptr, valid_ptr, labels_ptr, loss_ptr, grad_ptr,
+    s_ptr, t_ptr, valid_ptr, labels_ptr, loss_ptr, grad_ptr, row_scale_ptr,
     s_stride, t_stride, g_stride, vocab, grad_cols,
     temperature, beta, scale_s, cap_s, scale_t, cap_t, hard_weight, soft_coef,
     DIVERGENCE: tl.constexpr,
@@ -153,6 +199,7 @@ def dense_kd_kernel(
     HAS_VALID: tl.constexpr,
     HAS_HARD: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -164,42 +211,46 @@ def dense_kd_kernel(
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
     offs = tl.arange(0, BLOCK)
+    # Pass 1 reads a step as R groups of G neighbouring logits (one thread's vector load).
+    R: tl.constexpr = BLOCK // G
+    goffs = tl.arange(0, R)[:, None] * G + tl.arange(0, G)[None, :]
     label = 0
     if HAS_HARD:
         label = tl.load(labels_ptr + row)
 
-    # Pass 1: per-lane online softmax statistics (+ KL cross terms, + T=1 statistics).
-    m_s = tl.full([BLOCK], NEG_INF, tl.float32)
-    m_t = tl.full([BLOCK], NEG_INF, tl.float32)
-    a_s = tl.zeros([BLOCK], tl.float32)
-    a_t = tl.zeros([BLOCK], tl.float32)
-    cross = tl.zeros([BLOCK], tl.float32)
-    a_1 = tl.zeros([BLOCK], tl.float32)
-    z_y = tl.zeros([BLOCK], tl.float32)
+    # Pass 1: per-group online softmax statistics (+ KL cross terms, + T=1 sums).
+    m_s = tl.full([R], -FLT_MAX, tl.float32)
+    m_t = tl.full([R], -FLT_MAX, tl.float32)
+    a_s = tl.zeros([R], tl.float32)
+    a_t = tl.zeros([R], tl.float32)
+    cross = tl.zeros([R], tl.float32)
+    a_1 = tl.zeros([R], tl.float32)
+    z_y = tl.zeros([R], tl.float32)
     for start in range(0, n, BLOCK):
-        cols = start + offs
+        cols = start + goffs
         zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
         zt = _load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T)
-        ms_new, alpha_s, e_s = _online(m_s, zs)
-        mt_new, alpha_t, e_t = _online(m_t, zt)
+        ms_new, alpha_s, e_s = _group_online(m_s, zs)
+        mt_new, alpha_t, e_t = _group_online(m_t, zt)
         if DIVERGENCE == FORWARD_KL:
-            cross = _cross_shift(cross, a_t, alpha_t, _step(m_t, mt_new),
-                                 _step(m_s, ms_new)) + _cross_term(e_t, zt, mt_new, zs, ms_new)
+            cross = _cross_shift(cross, a_t, alpha_t, mt_new - m_t, ms_new - m_s) \
+                + _cross_terms(e_t, zt, mt_new, zs, ms_new)
         if DIVERGENCE == REVERSE_KL:
-            cross = _cross_shift(cross, a_s, alpha_s, _step(m_s, ms_new),
-                                 _step(m_t, mt_new)) + _cross_term(e_s, zs, ms_new, zt, mt_new)
+            cross = _cross_shift(cross, a_s, alpha_s, ms_new - m_s, mt_new - m_t) \
+                + _cross_terms(e_s, zs, ms_new, zt, mt_new)
         if HAS_HARD:
-            alpha_1 = tl.where(ms_new == NEG_INF, 1.0, tl.exp((m_s - ms_new) * temperature))
-            e_1 = tl.where(zs == NEG_INF, 0.0, tl.exp((zs - ms_new) * temperature))
-            a_1 = a_1 * alpha_1 + e_1
-            z_y += tl.where(cols == label, zs, 0.0)
-        a_s = a_s * alpha_s + e_s
-        a_t = a_t * alpha_t + e_t
+            # The student's sums at T = 1 (logits z * T): the same maxima, scaled.
+            alpha_1 = _exp((m_s - ms_new) * temperature)
+            e_1 = _exp((zs - ms_new[:, None]) * temperature)
+            a_1 = a_1 * alpha_1 + tl.sum(e_1, 1)
+            z_y += tl.sum(tl.where(cols == label, zs, 0.0), 1)
+        a_s = a_s * alpha_s + tl.sum(e_s, 1)
+        a_t = a_t * alpha_t + tl.sum(e_t, 1)
         m_s = ms_new
         m_t = mt_new
 
-    M_s, w_s = _lane_weights(m_s)
-    M_t, w_t = _lane_weights(m_t)
+    M_s, w_s = _row_weights(m_s)
+    M_t, w_t = _row_weights(m_t)
     sum_s = tl.sum(a_s * w_s, 0)
     sum_t = tl.sum(a_t * w_t, 0)
     log_ss = tl.log(sum_s)
@@ -207,14 +258,12 @@ def dense_kd_kernel(
 
     div = 0.0
     sum_qg = 0.0
-    log_b = tl.log(beta)
-    log_1mb = tl.log(1.0 - beta)
-    # Lanes' cross terms moved to the row maxima (w_* = exp(m_lane - M) are the scalings).
+    # Groups' cross terms moved to the row maxima (w_* = e^(m_group - M) are the scalings).
     if DIVERGENCE == FORWARD_KL:
-        c_row = _cross_shift(cross, a_t, w_t, _step(m_t, M_t), _step(m_s, M_s))
+        c_row = _cross_shift(cross, a_t, w_t, M_t - m_t, M_s - m_s)
         div = tl.sum(c_row, 0) / sum_t - log_st + log_ss
     if DIVERGENCE == REVERSE_KL:
-        c_row = _cross_shift(cross, a_s, w_s, _step(m_s, M_s), _step(m_t, M_t))
+        c_row = _cross_shift(cross, a_s, w_s, M_s - m_s, M_t - m_t)
         div = tl.sum(c_row, 0) / sum_s - log_ss + log_st
     if DIVERGENCE == JSD or DIVERGENCE == TVD:
         # Pass 2: the loss and sum_j q_j g_j need the normalised distributions.
@@ -222,14 +271,12 @@ def dense_kd_kernel(
         acc_b = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n, BLOCK):
             cols = start + offs
-            zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
-            zt = _load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T)
-            lq = (zs - M_s) - log_ss
-            lp = (zt - M_t) - log_st
-            q = tl.exp(lq)
-            p = tl.exp(lp)
+            lq = (_load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S) - M_s) - log_ss
+            lp = (_load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T) - M_t) - log_st
+            q = _exp(lq)
+            p = _exp(lp)
             if DIVERGENCE == JSD:
-                lm = _log_mixture(lp, lq, log_b, log_1mb)
+                lm = LN2 * _fast_log2(tl.maximum(beta * p + (1.0 - beta) * q, MIX_FLOOR))
                 acc_a += tl.where(p > 0, p * (lp - lm), 0.0)
                 acc_b += tl.where(q > 0, q * (lq - lm), 0.0)
             else:
@@ -248,7 +295,7 @@ def dense_kd_kernel(
     found = True
     if HAS_HARD:
         # Cross-entropy at T = 1 on f(x) = z * T.
-        _, w_1 = _lane_weights(m_s * temperature)
+        _, w_1 = _row_weights(m_s * temperature)
         log_s1 = tl.log(tl.sum(a_1 * w_1, 0))
         found = (label >= 0) & (label < vocab)
         ce = (M_s - tl.sum(z_y, 0)) * temperature + log_s1
@@ -260,29 +307,34 @@ def dense_kd_kernel(
     if COMPUTE_GRAD:
         g_row = grad_ptr + row * g_stride
         coef = soft_coef * inv_t
+        hard = hard_weight
+        if HAS_ROW_SCALE:  # the reduction's weight, applied here instead of in backward
+            rs = tl.load(row_scale_ptr)
+            coef *= rs
+            hard *= rs
         for start in range(0, grad_cols, BLOCK):
             cols = start + offs
             inb = cols < n
             zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
-            zt = _load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T)
             lq = (zs - M_s) - log_ss
-            lp = (zt - M_t) - log_st
-            q = tl.exp(lq)
-            p = tl.exp(lp)
+            lp = (_load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T) - M_t) - log_st
+            q = _exp(lq)
             if DIVERGENCE == FORWARD_KL:
-                d = q - p
+                d = q - _exp(lp)
             if DIVERGENCE == REVERSE_KL:
                 d = tl.where(q > 0, q * ((lq - lp) - div), 0.0)
             if DIVERGENCE == JSD:
-                lm = _log_mixture(lp, lq, log_b, log_1mb)
+                p = _exp(lp)
+                lm = LN2 * _fast_log2(tl.maximum(beta * p + (1.0 - beta) * q, MIX_FLOOR))
                 g = tl.where(q > 0, (1.0 - beta) * (lq - lm), 0.0)
                 d = q * (g - sum_qg)
             if DIVERGENCE == TVD:
+                p = _exp(lp)
                 d = q * (tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0)) - sum_qg)
             gz = coef * d
             if HAS_HARD:
-                sm1 = tl.exp((zs - M_s) * temperature - log_s1)
-                gz += hard_weight * (sm1 - tl.where(cols == label, 1.0, 0.0))
+                sm1 = _exp((zs - M_s) * temperature - log_s1)
+                gz += hard * (sm1 - tl.where(cols == label, 1.0, 0.0))
                 gz = tl.where(found, gz, float("nan"))
             gx = gz * transform_grad(zs, scale_s, cap_s, temperature, HAS_CAP_S)
             gx = tl.where(inb, gx, 0.0)
@@ -290,14 +342,17 @@ def dense_kd_kernel(
 
 
 @triton.jit
-def scale_rows_kernel(g_ptr, scale_ptr, out_ptr, scale_stride, n_cols, BLOCK: tl.constexpr):
-    """out[r, :] = g[r, :] * scale[r]: the backward of every fused loss."""
+def scale_rows_kernel(g_ptr, scale_ptr, scale_stride, n_cols, BLOCK: tl.constexpr):
+    """g[r, :] *= scale[r] in place: the backward of every fused loss. A factor of exactly 1
+    (a plain loss.backward() after the forward applied the reduction's weight) leaves the
+    row as it is: no bytes move."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inb = cols < n_cols
     c = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
-    g = tl.load(g_ptr + row * n_cols + cols, mask=inb, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * n_cols + cols, cast_rne(g * c, out_ptr.dtype.element_ty), mask=inb)
+    if c != 1.0:
+        g = tl.load(g_ptr + row * n_cols + cols, mask=inb, other=0.0).to(tl.float32)
+        tl.store(g_ptr + row * n_cols + cols, cast_rne(g * c, g_ptr.dtype.element_ty), mask=inb)
 
 
 def launch_config(vocab: int) -> tuple[int, int]:
@@ -316,9 +371,9 @@ _DENSE_TUNED = tuning.tuned(dense_kd_kernel, ["vocab", "DIVERGENCE", "HAS_HARD",
 
 
 def dense_kd_forward(student, teacher, valid, labels, sc, vocab: int, compute_grad: bool,
-                     grad_dtype: torch.dtype | None = None):
+                     grad_dtype: torch.dtype | None = None, row_scale=None):
     """Launch dense_kd_kernel: returns (loss [N] fp32, grad [N, V_s] in the student's dtype or
-    `grad_dtype`, or an empty tensor)."""
+    `grad_dtype`, times `row_scale` (a 0-dim fp32 tensor) when given, or an empty tensor)."""
     n, grad_cols = student.shape
     loss, grad = fused_outputs(student, False, compute_grad, grad_dtype)
     if n == 0:
@@ -334,6 +389,7 @@ def dense_kd_forward(student, teacher, valid, labels, sc, vocab: int, compute_gr
             valid.view(torch.uint8) if valid is not None else loss,
             labels if labels is not None else loss,
             loss, grad if compute_grad else loss,
+            row_scale if row_scale is not None else loss,
             student.stride(0), teacher.stride(0), grad_cols, vocab, grad_cols,
             sc.temperature, sc.beta, sc.student_scale, sc.student_softcap, sc.teacher_scale,
             sc.teacher_softcap, sc.hard_weight, sc.soft_coef,
@@ -343,18 +399,19 @@ def dense_kd_forward(student, teacher, valid, labels, sc, vocab: int, compute_gr
             HAS_VALID=valid is not None,
             HAS_HARD=sc.hard_weight != 0.0,
             COMPUTE_GRAD=compute_grad,
+            HAS_ROW_SCALE=row_scale is not None,
             **meta,
         )
     return loss, grad
 
 
 def scale_rows_(grad, scale):
-    """grad *= scale[:, None] in place, computed in fp32."""
+    """grad *= scale[:, None] in place, computed in fp32 (rows scaled by exactly 1 skipped)."""
     n, n_cols = grad.shape
     if grad.numel() == 0:
         return
     block = min(4096, triton.next_power_of_2(n_cols))
     with _device_ctx(grad):
         scale_rows_kernel[(n, triton.cdiv(n_cols, block))](
-            grad, scale, grad, scale.stride(0), n_cols, BLOCK=block, num_warps=4
+            grad, scale, scale.stride(0), n_cols, BLOCK=block, num_warps=4
         )

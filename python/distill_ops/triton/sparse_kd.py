@@ -78,7 +78,7 @@ def _class_terms(lp, lq, beta, log_b, log_1mb, DIVERGENCE: tl.constexpr):
 
 @triton.jit
 def sparse_kd_kernel(
-    s_ptr, idx_ptr, tlp_ptr, valid_ptr, labels_ptr, loss_ptr, grad_ptr,
+    s_ptr, idx_ptr, tlp_ptr, valid_ptr, labels_ptr, loss_ptr, grad_ptr, row_scale_ptr,
     s_stride, vocab, k,
     temperature, ratio, beta, hard_weight, soft_coef,
     DIVERGENCE: tl.constexpr,
@@ -86,6 +86,7 @@ def sparse_kd_kernel(
     HAS_VALID: tl.constexpr,
     HAS_HARD: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
     KP: tl.constexpr,
 ):
@@ -185,6 +186,11 @@ def sparse_kd_kernel(
     if COMPUTE_GRAD:
         g_row = grad_ptr + row * vocab
         coef = soft_coef * inv_t
+        hard = hard_weight
+        if HAS_ROW_SCALE:  # the reduction's weight, applied here instead of in backward
+            rs = tl.load(row_scale_ptr)
+            coef *= rs
+            hard *= rs
         # Off the support: dL/dz_j = e_j * off (q_j = e_j / s_all, q_j / q_rest = e_j / s_rest).
         off = 0.0
         if TAIL != SUPPORT:
@@ -198,7 +204,7 @@ def sparse_kd_kernel(
             gz = coef * tl.exp(z - M) * off
             if HAS_HARD:
                 sm1 = tl.exp((z - M) * temperature - log_s1)
-                gz += hard_weight * (sm1 - tl.where(cols == label, 1.0, 0.0))
+                gz += hard * (sm1 - tl.where(cols == label, 1.0, 0.0))
             gz = tl.where(ok, gz, float("nan"))
             gz = tl.where(inb, gz, 0.0)
             tl.store(g_row + cols, cast_rne(gz, grad_ptr.dtype.element_ty), mask=cols < vocab)
@@ -210,7 +216,7 @@ def sparse_kd_kernel(
         gs = coef * (qg - tl.exp(lq) * sum_qg)
         if HAS_HARD:
             sm1 = tl.exp((z_sup - M) * temperature - log_s1)
-            gs += hard_weight * (sm1 - tl.where(ids == label, 1.0, 0.0))
+            gs += hard * (sm1 - tl.where(ids == label, 1.0, 0.0))
         gs = tl.where(ok, gs, float("nan"))
         tl.store(g_row + ids, cast_rne(gs, grad_ptr.dtype.element_ty), mask=on)
 
@@ -227,9 +233,9 @@ _SPARSE_TUNED = tuning.tuned(sparse_kd_kernel, ["vocab", "k", "DIVERGENCE", "TAI
 
 def sparse_kd_forward(student, indices, teacher_logprobs, valid, labels, divergence, tail,
                       temperature, source_temperature, beta, hard_weight, soft_coef,
-                      compute_grad, grad_dtype=None):
+                      compute_grad, grad_dtype=None, row_scale=None):
     """Launch sparse_kd_kernel: (loss [N] fp32, grad [N, V] in the student's dtype or
-    `grad_dtype`, or an empty tensor)."""
+    `grad_dtype`, times `row_scale` (a 0-dim fp32 tensor) when given, or an empty tensor)."""
     n, vocab = student.shape
     k = indices.shape[1]
     loss, grad = fused_outputs(student, False, compute_grad, grad_dtype)
@@ -246,10 +252,12 @@ def sparse_kd_forward(student, indices, teacher_logprobs, valid, labels, diverge
             valid.view(torch.uint8) if valid is not None else loss,
             labels if labels is not None else loss,
             loss, grad if compute_grad else loss,
+            row_scale if row_scale is not None else loss,
             student.stride(0), vocab, k,
             temperature, source_temperature / temperature, beta, hard_weight, soft_coef,
             DIVERGENCE=divergence, TAIL=tail, HAS_VALID=valid is not None,
-            HAS_HARD=hard_weight != 0.0, COMPUTE_GRAD=compute_grad, KP=kp,
+            HAS_HARD=hard_weight != 0.0, COMPUTE_GRAD=compute_grad,
+            HAS_ROW_SCALE=row_scale is not None, KP=kp,
             enable_fp_fusion=False, **meta,
         )
     return loss, grad
