@@ -26,19 +26,13 @@ def reduce_rows(
 ) -> Tensor:
     """`none`: rows shaped like the logits' leading dims; `sum`; `mean`: the sum over valid
     rows divided by their count (a device tensor), or by `num_items_in_batch` when given, so
-    gradient accumulation and data parallelism see the same scale as one big batch."""
+    gradient accumulation and data parallelism see the same scale as one big batch.
+
+    The sum is multiplied by reduction_weight(...), so each row's gradient under a plain
+    `loss.backward()` is that weight bit for bit (the fused ops rely on it: _fused.py)."""
     if reduction == "none":
         return rows.reshape(lead)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            return total / num_items_in_batch.to(device=total.device, dtype=total.dtype).reshape(())
-        return total / num_items_in_batch
-    if valid is None:
-        return total / max(rows.numel(), 1)
-    return total / valid.sum().clamp(min=1)
+    return rows.sum() * reduction_weight(rows, valid, reduction, num_items_in_batch)
 
 
 def reduction_weight(
@@ -47,17 +41,18 @@ def reduction_weight(
     reduction: str,
     num_items_in_batch: int | float | Tensor | None,
 ) -> Tensor | None:
-    """The factor reduce_rows puts on every row (0-dim fp32, on the rows' device; None for
-    "none"), computed by the same division so that for a plain `loss.backward()` the
-    gradient autograd hands each row is bit-identical to it."""
+    """The factor reduce_rows puts on every row: a 0-dim tensor of the loss's dtype (fp32,
+    fp64 for fp64 rows) on the rows' device, 1 for "sum", 1 / count for "mean"; None for
+    "none"."""
     if reduction == "none":
         return None
-    one = torch.ones((), dtype=torch.float32, device=rows.device)
+    dt = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    one = torch.ones((), dtype=dt, device=rows.device)
     if reduction == "sum":
         return one
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):
-            return one / num_items_in_batch.to(device=rows.device, dtype=torch.float32).reshape(())
+            return one / num_items_in_batch.to(device=rows.device, dtype=dt).reshape(())
         return one / num_items_in_batch
     if valid is None:
         return one / max(rows.shape[0], 1)

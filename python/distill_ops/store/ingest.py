@@ -254,13 +254,15 @@ def _parse_openai(obj: dict, where: str, vocab: ByteVocab, report: IngestReport,
     tokens: list[int] = []
     rows: list[tuple[list[int], list[float]]] = []
     by_text, lookup = vocab.by_text, vocab.lookup
-    for pos in content:
+    def token_id(entry: dict) -> int | None:
         # The fast path: a token whose text is whole UTF-8 is found by its text; partial
         # characters (U+FFFD), "bytes:" and "token_id:" forms go by their bytes or id.
-        text = pos.get("token")
-        chosen = by_text.get(text) if text is not None and "\ufffd" not in text else None
-        if chosen is None:
-            chosen = lookup(text, pos.get("bytes"))
+        text = entry.get("token")
+        i = by_text.get(text) if text is not None and "\ufffd" not in text else None
+        return lookup(text, entry.get("bytes")) if i is None else i
+
+    for pos in content:
+        chosen = token_id(pos)
         if chosen is None:
             if on_unmappable == "skip":
                 return "unmappable"
@@ -274,13 +276,10 @@ def _parse_openai(obj: dict, where: str, vocab: ByteVocab, report: IngestReport,
                              "--k")
         ids, lps = [chosen], [pos["logprob"]]
         for alt in alts:
-            text = alt.get("token")
-            i = by_text.get(text) if text is not None and "\ufffd" not in text else None
+            i = token_id(alt)
             if i is None:
-                i = lookup(text, alt.get("bytes"))
-                if i is None:
-                    report.unmapped_alternatives += 1
-                    continue
+                report.unmapped_alternatives += 1
+                continue
             if i != chosen and i not in ids:
                 ids.append(i)
                 lps.append(alt["logprob"])
