@@ -71,6 +71,21 @@ def test_topk_ties_keep_the_lower_id_first(seed, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("order", ["rising", "falling", "blocks"])
+def test_topk_whatever_the_order_of_the_vocabulary(seed, backend, order):
+    """The kernels skip steps that cannot beat the running k-th: rows whose largest values
+    come last (every step merges), first (none does after the first) or in bursts."""
+    v = 1000
+    ramp = torch.linspace(0.0, 30.0, v, dtype=torch.float64)
+    if order == "falling":
+        ramp = ramp.flip(0)
+    elif order == "blocks":
+        ramp = (torch.arange(v) % 300 >= 240).double() * 20.0
+    x = (ramp + torch.randn(3, v, dtype=torch.float64)).float().to(device_for(backend))
+    check_topk(backend, x, 64, temperature=1.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_topk_with_masked_vocabulary(seed, backend):
     """-inf entries rank last (by id); k above the number of finite entries returns them with
     log-probability -inf, never NaN."""

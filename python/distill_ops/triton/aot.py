@@ -110,12 +110,12 @@ def _tuning_specs() -> Iterator[KernelSpec]:
 
 def _topk_specs() -> Iterator[KernelSpec]:
     for dt, k, cap in (("bf16", 64, True), ("fp32", 100, False), ("fp16", 1, False)):
-        kp, warps = topk.launch_config(k)
+        kp, steps, warps = topk.launch_config(k)
         sig = {"x_ptr": f"*{dt}", "idx_ptr": "*i32", "lp_ptr": "*fp32", "x_stride": "i64",
                "vocab": "i32", "k": "i32", "scale": "fp32", "cap": "fp32",
                "temperature": "fp32"}
         yield KernelSpec(f"topk[{dt},k={k},cap={int(cap)}]", topk.topk_kernel, sig,
-                         {"HAS_CAP": cap, "KP": kp}, warps)
+                         {"HAS_CAP": cap, "KP": kp, "S": steps}, warps)
 
 
 def _sample_specs() -> Iterator[KernelSpec]:
