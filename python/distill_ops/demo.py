@@ -199,7 +199,7 @@ def extract_targets(data: dict[str, Any], cfg: Config, device: torch.device,
     """The teacher's top-k and sampled targets of every window students see, into two
     stores (once; reruns read them)."""
     where, teacher, train = data["where"], data["teacher"], data["train"]
-    ids = torch.unique(data["seen"]).tolist()
+    ids = torch.unique(data["seen"]).tolist()  # host-sync-ok: store keys, once
     draws = _sample_draws(teacher, train, device, cfg.sampled_unique, cfg.seed)
     stores = {"topk": where / f"top{cfg.k}", "sampled": where / f"sampled{draws}"}
     if not all((p / "manifest.json").exists() for p in stores.values()):
@@ -286,9 +286,9 @@ def evaluate(student, held: Tensor, device: torch.device, bins: int = 15,
     loss = (total / n).item()  # host-sync-ok: a metric
     acc, avg = acc_sum / count.clamp_min(1), conf_sum / count.clamp_min(1)
     ece = ((acc - avg).abs() * count).sum().item() / n.item()  # host-sync-ok
-    return {"loss": loss, "perplexity": math.exp(loss), "ece": ece,
-            "reliability": {"confidence": avg.tolist(), "accuracy": acc.tolist(),
-                            "count": count.tolist()}}
+    # host-sync-ok: the report's reliability curve
+    rel = {"confidence": avg.tolist(), "accuracy": acc.tolist(), "count": count.tolist()}
+    return {"loss": loss, "perplexity": math.exp(loss), "ece": ece, "reliability": rel}
 
 
 def _grad(student, loss: Tensor) -> Tensor:
