@@ -23,16 +23,20 @@ def reduce_rows(
     reduction: str,
     num_items_in_batch: int | float | Tensor | None,
     lead: torch.Size,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """`none`: rows shaped like the logits' leading dims; `sum`; `mean`: the sum over valid
     rows divided by their count (a device tensor), or by `num_items_in_batch` when given, so
     gradient accumulation and data parallelism see the same scale as one big batch.
 
-    The sum is multiplied by reduction_weight(...), so each row's gradient under a plain
-    `loss.backward()` is that weight bit for bit (the fused ops rely on it: _fused.py)."""
+    The sum is multiplied by reduction_weight(...) (or `weight`, that factor when the caller
+    already computed it), so each row's gradient under a plain `loss.backward()` is that
+    weight bit for bit (the fused ops rely on it: _fused.py)."""
     if reduction == "none":
         return rows.reshape(lead)
-    return rows.sum() * reduction_weight(rows, valid, reduction, num_items_in_batch)
+    if weight is None:
+        weight = reduction_weight(rows, valid, reduction, num_items_in_batch)
+    return rows.sum() * weight
 
 
 def reduction_weight(

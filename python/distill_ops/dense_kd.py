@@ -211,7 +211,7 @@ def kd_loss(
         sc.student_scale, sc.student_softcap, sc.teacher_scale, sc.teacher_softcap,
         sc.hard_weight, sc.soft_coef, vocab, compute_grad, row_scale, be,
     )
-    return reduce_rows(rows, valid, reduction, num_items_in_batch, lead)
+    return reduce_rows(rows, valid, reduction, num_items_in_batch, lead, row_scale)
 
 
 def _vocab_parallel_shard(group, student_logits: Tensor, teacher_logits: Tensor,

@@ -15,7 +15,6 @@ __all__ = ["SparseTargets", "sample_targets"]
 # Rows of the distribution materialised at once: bounds the working set (fp32 softmax and
 # fp64 cumulative sums) to ~192 MiB.
 _CHUNK_ELEMENTS = 1 << 24
-_MAX_TRITON_DRAWS = 1024  # on a GPU: the Triton kernel (triton/sample.py) up to this many
 
 
 class SparseTargets(NamedTuple):
@@ -103,10 +102,11 @@ def _draw(x: Tensor, t: float, u: Tensor) -> tuple[Tensor, Tensor]:
                                 vocab, 1.0 / t, u.data_ptr(), u.shape[1], draws.data_ptr(),
                                 total.data_ptr(), torch.get_num_threads())
         return draws, total
-    if x.is_cuda and u.shape[1] <= _MAX_TRITON_DRAWS:
+    if x.is_cuda:
         from .triton import sample as triton_sample
 
-        return triton_sample.draw(x, t, u)
+        if u.shape[1] <= triton_sample.MAX_DRAWS:
+            return triton_sample.draw(x, t, u)
     z = x.float() / t
     cdf = torch.cumsum(torch.exp(z - z.amax(dim=-1, keepdim=True)), dim=-1, dtype=torch.float64)
     del z

@@ -188,7 +188,7 @@ def sparse_kd_loss(
         sc.temperature, source_t, sc.beta, sc.hard_weight, sc.soft_coef, compute_grad,
         row_scale, be,
     )
-    return reduce_rows(rows, valid, reduction, num_items_in_batch, lead)
+    return reduce_rows(rows, valid, reduction, num_items_in_batch, lead, row_scale)
 
 
 def _vocab_parallel_sparse(student_logits, indices, teacher_logprobs, labels, ignore_index,

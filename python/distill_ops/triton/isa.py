@@ -195,13 +195,14 @@ DEFAULT_SPECS = (
 
 
 def spec_named(name: str, **constexprs: object):
-    """The aot spec `name` with some constexprs changed."""
+    """The aot spec `name` with those of `constexprs` it has changed (the others ignored)."""
     import dataclasses
 
     from . import aot
 
     spec = {s.name: s for s in aot.all_specs()}[name]
-    return dataclasses.replace(spec, constexprs={**spec.constexprs, **constexprs})
+    changed = {k: v for k, v in constexprs.items() if k in spec.constexprs}
+    return dataclasses.replace(spec, constexprs={**spec.constexprs, **changed})
 
 
 def measure(cc: int = 90, names: list[str] | None = None) -> list[dict]:
@@ -210,8 +211,7 @@ def measure(cc: int = 90, names: list[str] | None = None) -> list[dict]:
     out = []
     wanted = DEFAULT_SPECS if names is None else [(n, {}, n, ()) for n in names]
     for name, const, what, loop_bytes in wanted:
-        spec = spec_named(name, **{k: v for k, v in const.items()
-                                   if k in spec_named(name).constexprs})
+        spec = spec_named(name, **const)
         reads = tuple(r for r, _ in loop_bytes)
         for i, lr in enumerate(report(spec, cc, reads)):
             b = sum(loop_bytes[i]) if i < len(loop_bytes) else 0
