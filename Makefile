@@ -41,7 +41,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m pytest bench -q --benchmark-only
 
 aot: $(VENV)/.installed
-	$(BIN)/python -m distill_ops.triton.aot --cc 80 --cc 90
+	$(BIN)/python -m distill_ops.backends.triton.aot --cc 80 --cc 90
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .benchmarks

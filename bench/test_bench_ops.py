@@ -3,7 +3,7 @@
 for the quick ones). Benchmarks are not tests: nothing here asserts a speed.
 
 Each benchmark is the op's full job (forward + backward for the losses), with the byte floor
-of `distill_ops.benchmark.bytes_floor` in `extra_info`.
+of `distill_ops.bench.bytes_floor` in `extra_info`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from distill_ops import benchmark as bm
+from distill_ops import bench as bm
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

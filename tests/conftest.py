@@ -17,7 +17,7 @@ import secrets
 
 import pytest
 
-from distill_ops._backend import triton_interpreted
+from distill_ops.backends import triton_interpreted
 
 ON_GPU = torch.cuda.is_available()
 
@@ -25,7 +25,7 @@ ON_GPU = torch.cuda.is_available()
 def kernel_backends() -> list:
     """Every fused backend: cpu always; triton on a GPU or through the interpreter; cuda
     (csrc/cuda) only on a GPU, skipped elsewhere with the reason."""
-    from distill_ops._ext import has_native, native
+    from distill_ops.backends.extension import has_native, native
 
     out: list = ["cpu"]
     if ON_GPU or triton_interpreted():

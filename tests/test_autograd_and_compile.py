@@ -68,9 +68,9 @@ def test_no_host_sync_in_the_op_layer():
     the GPU stream (and break a torch.compile graph)."""
     import inspect
 
-    from distill_ops import _fused, _reduction, dense_kd, sampling, sparse_kd, topk
+    from distill_ops import autograd, dense_kd, fused_linear, reduction, sampling, sparse_kd, topk
 
-    for mod in (dense_kd, sparse_kd, topk, sampling, _fused, _reduction):
+    for mod in (dense_kd, sparse_kd, topk, sampling, fused_linear, autograd, reduction):
         src = inspect.getsource(mod)
         for bad in (".item()", ".tolist()", "torch.equal("):
             assert bad not in src, f"{bad} in {mod.__name__}"
@@ -218,7 +218,7 @@ def test_plain_backward_moves_no_gradient_bytes(seed, monkeypatch, op, case):
     """On the Triton backend the forward folds the reduction's weight into the gradient, so
     a plain loss.backward() asks the scale kernel for factors of exactly 1, which it skips;
     a scaled loss (x 0.5) still scales. Gradients equal the torch reference either way."""
-    from distill_ops.triton import dense_kd as tdense
+    from distill_ops.backends.triton import dense_kd as tdense
 
     factors = []
     launch = tdense.scale_rows_
@@ -245,7 +245,7 @@ def test_plain_backward_moves_no_gradient_bytes(seed, monkeypatch, op, case):
 def test_scale_kernel_skips_rows_of_factor_one(seed):
     """The Triton scale kernel leaves rows scaled by exactly 1 as they are and scales the
     others (in fp32, one rounding)."""
-    from distill_ops.triton import dense_kd as tdense
+    from distill_ops.backends.triton import dense_kd as tdense
 
     g = logits(4, 5000).to(torch.bfloat16)
     scale = torch.tensor([1.0, 0.25, 1.0, -3.0])

@@ -4,6 +4,7 @@ peers are skipped, with the reason, where they are not installed)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -11,8 +12,10 @@ import torch
 from helpers import LOSS_FLOOR, assert_close, logits
 
 import distill_ops
-from distill_ops import benchmark, cli
-from distill_ops.benchmark import Shape
+from distill_ops import bench as benchmark
+from distill_ops import cli
+from distill_ops.bench import Shape
+from distill_ops.bench import cases as peers
 
 RESULT_FIELDS = {
     "op": str, "variant": str, "impl": str, "n": int, "v": int, "k": int, "hs": int, "ht": int,
@@ -20,7 +23,8 @@ RESULT_FIELDS = {
     "fwd_spread_ms": (float, type(None)), "total_ms": (float, type(None)),
     "total_spread_ms": (float, type(None)), "peak_extra_mib": (float, type(None)),
     "out_mib": float, "floor_mib": float, "gbps": (float, type(None)),
-    "frac_copy_bw": (float, type(None)), "frac_matmul": (float, type(None)), "notes": str,
+    "frac_copy_bw": (float, type(None)), "frac_matmul": (float, type(None)),
+    "tflops": (float, type(None)), "notes": str,
 }
 
 
@@ -108,9 +112,10 @@ def test_byte_model():
 
 
 def test_shape_options_of_the_cli():
-    args = cli.main.__globals__["argparse"].Namespace(
-        quick=True, shape=[(8, 100)], k=[4, 8], hidden=[16, 32])
-    shapes = cli._shapes(args, "cpu")
+    from distill_ops.cli import bench_commands as cli_bench
+
+    args = argparse.Namespace(quick=True, shape=[(8, 100)], k=[4, 8], hidden=[16, 32])
+    shapes = cli_bench._shapes(args, "cpu")
     assert shapes["dense"] == [Shape(8, 100)]
     assert shapes["sparse"] == [Shape(8, 100, 4), Shape(8, 100, 8)]
     assert shapes["fused_linear"] == [Shape(8, 100, 0, 16, 32)]
@@ -121,16 +126,16 @@ def test_shape_options_of_the_cli():
 def test_eager_dense_peers_compute_our_loss(seed, divergence):
     s, t = logits(6, 500), logits(6, 500)
     ours = distill_ops.kd_loss(s, t, divergence=divergence, temperature=2.0)
-    peer = benchmark.eager_dense(divergence, 2.0)(s, t)
+    peer = peers.eager_dense(divergence, 2.0)(s, t)
     assert_close(ours, peer.double(), 1e-5, divergence, LOSS_FLOOR)
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
 def test_torchtune_peers_give_our_gradient(seed, divergence):
-    losses = benchmark.torchtune_losses()
+    losses = peers.torchtune_losses()
     if losses is None:
         pytest.skip("torchtune is not installed (optional peer)")
-    cases = {c.impl: c for c in benchmark.dense_cases(divergence, 2.0, torch.device("cpu"),
+    cases = {c.impl: c for c in peers.dense_cases(divergence, 2.0, torch.device("cpu"),
                                                       include_compile=False)}
     s, t = logits(6, 300), logits(6, 300)
     grads = []
@@ -146,13 +151,13 @@ def test_eager_sparse_peers_compute_our_loss(seed, tail):
     top = distill_ops.topk_logprobs(t, 16, temperature=2.0)
     ours = distill_ops.sparse_kd_loss(s, top.indices, top.logprobs, tail=tail,
                                       temperature=2.0, source_temperature=2.0)
-    peer = benchmark.eager_sparse(tail, 2.0)(s, top.indices, top.logprobs)
+    peer = peers.eager_sparse(tail, 2.0)(s, top.indices, top.logprobs)
     assert_close(ours, peer.double(), 1e-4, tail, LOSS_FLOOR)
 
 
 @pytest.mark.parametrize("tail", ["bucket", "support"])
 def test_trl_server_distillation_peer_computes_our_loss(seed, tail):
-    peer = benchmark.trl_server_sparse(tail, 2.0)
+    peer = peers.trl_server_sparse(tail, 2.0)
     if peer is None:
         pytest.skip("TRL is not installed (optional peer)")
     s, t = logits(5, 400), logits(5, 400)
@@ -164,7 +169,7 @@ def test_trl_server_distillation_peer_computes_our_loss(seed, tail):
 
 @pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
 def test_jsd_equals_trl_generalized_jsd(seed, beta):
-    trl_jsd = benchmark.trl_jsd()
+    trl_jsd = peers.trl_jsd()
     if trl_jsd is None:
         pytest.skip("TRL is not installed (optional peer)")
     s, t = logits(2, 4, 300, dtype=torch.float64), logits(2, 4, 300, dtype=torch.float64)
@@ -181,7 +186,7 @@ def test_jsd_equals_trl_generalized_jsd(seed, beta):
 def test_fused_linear_peers_compute_our_loss(seed):
     hs, ws, ht, wt = benchmark.make_inputs("fused_linear", Shape(24, 300, hs=8, ht=12),
                                            torch.float32, torch.device("cpu"), 2.0)
-    cases = {c.impl: c.fn for c in benchmark.fused_linear_cases(2.0, torch.device("cpu"))}
+    cases = {c.impl: c.fn for c in peers.fused_linear_cases(2.0, torch.device("cpu"))}
     ours = cases["distill_ops"](hs, ws, ht, wt)
     assert_close(ours, cases["eager"](hs, ws, ht, wt).double(), 1e-4, "eager", LOSS_FLOOR)
     if cases.get("trl") is not None:
@@ -215,8 +220,8 @@ def test_world_mode_reports_time_and_bytes_per_row(tmp_path):
 def test_auto_backend_is_the_fastest_measured_for_the_gpu_model(tmp_path, monkeypatch):
     """backend='auto' on a GPU reads auto_backends.json (shipped with the package) by GPU
     model and op family; the harness writes that table from what it measured."""
-    from distill_ops import _backend
-    from distill_ops._ext import has_native, native
+    from distill_ops import dispatch as _backend
+    from distill_ops.backends.extension import has_native, native
 
     cuda_built = has_native() and native().has_cuda
     assert _backend._auto_cuda("NVIDIA H200", "dense") == "triton"

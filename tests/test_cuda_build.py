@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from distill_ops._ext import has_native, native
+from distill_ops.backends.extension import has_native, native
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ["dense_kd_kernel", "dense_kd_cluster_kernel", "sparse_kd_kernel", "topk_kernel",

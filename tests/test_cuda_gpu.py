@@ -16,7 +16,7 @@ from helpers import GRAD_RTOL, LOSS_FLOOR, LOSS_RTOL, assert_close, logits
 
 import distill_ops
 from distill_ops import reference
-from distill_ops._ext import has_native, native
+from distill_ops.backends.extension import has_native, native
 
 ON_GPU = torch.cuda.is_available()
 BUILT = has_native() and native().has_cuda

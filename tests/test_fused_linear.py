@@ -130,7 +130,7 @@ def test_all_rows_ignored(seed):
 
 
 def test_default_chunk_keeps_buffers_under_256_mib():
-    from distill_ops._head_matmul import tile_rows
+    from distill_ops.backends.head_matmul import tile_rows
     from distill_ops.fused_linear import default_chunk_size
 
     for dtype in (torch.float32, torch.bfloat16):
@@ -154,7 +154,7 @@ def test_gpu_default_chunk_is_tensor_core_sized_within_1_gib():
 def test_bf16_head_tiles_match_one_fp32_matmul(monkeypatch, seed):
     """A bf16 head upcast in vocabulary tiles (forced small here) gives the same logits and
     gradients as upcasting it whole."""
-    import distill_ops._head_matmul as fl
+    import distill_ops.backends.head_matmul as fl
 
     hs, ws, bs = (x.to(torch.bfloat16) for x in head((9,), 16, 300))
     ht, wt, _ = (x.to(torch.bfloat16) for x in head((9,), 16, 300))

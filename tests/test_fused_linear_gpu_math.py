@@ -23,8 +23,8 @@ from conftest import device_for, kernel_backends
 from helpers import assert_close
 
 import distill_ops
-from distill_ops import _head_matmul as hm
 from distill_ops import reference
+from distill_ops.backends import head_matmul as hm
 
 BACKENDS = kernel_backends()
 UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}  # one rounding (2 ulp-halves)
@@ -165,8 +165,8 @@ def test_out_dtype_matmul_is_emulated_exactly_on_the_cpu(seed):
 def test_triton_kernel_writes_the_bf16_gradient_as_one_rne_rounding(seed, backend):
     """The loss kernel's own bf16 store from fp32 logits equals its fp32 gradient rounded to
     nearest even: the one rounding the GPU path makes of g."""
-    from distill_ops._validation import loss_scalars
-    from distill_ops.triton import dense_kd as tdense
+    from distill_ops.backends.triton import dense_kd as tdense
+    from distill_ops.validation import loss_scalars
 
     dev = device_for(backend)
     s = torch.randn(4, 333, device=dev) * 3

@@ -164,7 +164,7 @@ def test_openai_responses_round_trip_with_keys_and_tokens(tok_dir, tmp_path, enc
 
 
 def test_python_and_native_scanners_give_the_same_rows(tok_dir):
-    from distill_ops._ext import native
+    from distill_ops.backends.extension import native
     from distill_ops.store.ingest import IngestReport, _arrays, _openai_result, _parse_openai
 
     vocab = _vocab(tok_dir)
@@ -431,7 +431,7 @@ def test_api_teacher_example_learns_from_an_ingested_store(tmp_path):
 
 
 def test_ingest_benchmark_reports_rate_and_size():
-    from distill_ops.bench_ingest import format_ingest_table, run_ingest_bench
+    from distill_ops.bench.ingest import format_ingest_table, run_ingest_bench
 
     r = run_ingest_bench(lines=3, positions=5, k=4, vocab=1000, reps=1)
     assert r["positions"] == 15 and r["positions_per_s"] > 0 and r["bytes_per_position"] > 0

@@ -121,7 +121,7 @@ def test_bit_packing_at_powers_of_two(tmp_path, seed, enc, bits, delta):
     oi, olp = by_id(ids, lp)
     assert torch.equal(by_id(gi, glp)[0], oi)
     id_bits = max(1, (v - 1).bit_length())
-    assert id_bits == distill_ops._ext.native().store_id_bits(v)
+    assert id_bits == distill_ops.backends.extension.native().store_id_bits(v)
     nbytes = r.manifest["payload_bytes"]
     if enc != "compact":
         assert nbytes == 1 + (t * k * (id_bits + 16) + 7) // 8

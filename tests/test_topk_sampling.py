@@ -12,7 +12,7 @@ from helpers import logits
 
 import distill_ops
 from distill_ops import reference
-from distill_ops._backend import triton_interpreted
+from distill_ops.backends import triton_interpreted
 
 BACKENDS = kernel_backends()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -238,7 +238,7 @@ def test_triton_sampler_draws_the_inverse_cdf_of_the_same_uniforms(seed, dtype, 
     """The GPU sampler (triton/sample.py) and torch's fp64 cumulative-sum search give the same
     multiset of draws for the same uniforms: masked ids, a one-id vocabulary, one draw, the
     most draws the kernel takes."""
-    from distill_ops.triton import sample as triton_sample
+    from distill_ops.backends.triton import sample as triton_sample
 
     dev = "cuda" if ON_GPU else "cpu"
     x = (torch.randn(n, v, device=dev) * 3).to(dtype)

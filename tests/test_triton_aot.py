@@ -70,7 +70,7 @@ def _run_aot(cc: int, extra_path: str | None) -> subprocess.CompletedProcess:
     if extra_path:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH")) if p)
     code = ("import sys, triton; print('triton', triton.__version__, flush=True); "
-            "from distill_ops.triton.aot import main; sys.exit(main(sys.argv[1:]))")
+            "from distill_ops.backends.triton.aot import main; sys.exit(main(sys.argv[1:]))")
     return subprocess.run([sys.executable, "-c", code, "--cc", str(cc)], env=env,
                           capture_output=True, text=True, timeout=900)
 
@@ -84,7 +84,7 @@ def test_all_triton_kernels_compile_for_gpu(cc, triton_path):
         assert f"triton {label}" in proc.stdout.splitlines()[0], report
     assert proc.returncode == 0, report
     assert "FAIL" not in proc.stdout
-    from distill_ops.triton import aot
+    from distill_ops.backends.triton import aot
 
     assert proc.stdout.count(f"ok   sm_{cc} ") == len(aot.all_specs()), report
 
@@ -95,8 +95,8 @@ def test_aot_specs_cover_every_kernel():
     import inspect
     import pkgutil
 
-    from distill_ops import triton as pkg
-    from distill_ops.triton import aot
+    from distill_ops.backends import triton as pkg
+    from distill_ops.backends.triton import aot
 
     covered = {spec.fn for spec in aot.all_specs()}
     for info in pkgutil.iter_modules(pkg.__path__):

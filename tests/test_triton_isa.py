@@ -24,8 +24,8 @@ def _records(extra_path: str | None) -> list[dict]:
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     if extra_path:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "distill_ops.triton.isa", "--json"], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "distill_ops.backends.triton.isa", "--json"],
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout.splitlines()[-1])
 

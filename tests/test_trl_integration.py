@@ -35,7 +35,7 @@ def tiny(hidden: int, seed: int, **config) -> LlamaForCausalLM:
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
-    from distill_ops.bench_trl import _tokenizer
+    from distill_ops.bench.trl_step import _tokenizer
 
     return _tokenizer(VOCAB)
 
@@ -236,7 +236,7 @@ def test_importing_distill_ops_does_not_import_trl():
 
 
 def test_harness_times_one_step_of_each_trainer_on_the_same_batch():
-    from distill_ops.bench_trl import format_trl_table, run_trl_step
+    from distill_ops.bench.trl_step import format_trl_table, run_trl_step
 
     rows = run_trl_step(16, 24, 300, batch=2, prompt=4, completion=8, reps=1)
     assert [r["impl"] for r in rows] == ["trl", "distill_ops"]

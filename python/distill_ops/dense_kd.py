@@ -15,12 +15,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _cpu, _cuda, reference
-from ._backend import resolve_backend
-from ._ext import fused_outputs
-from ._fused import apply_row_scale, register_fused_autograd
-from ._reduction import reduce_rows, reduction_weight, valid_rows
-from ._validation import (
+from . import reference
+from .autograd import apply_row_scale, register_fused_autograd
+from .backends import cpu as _cpu
+from .backends import cuda as _cuda
+from .backends.extension import fused_outputs
+from .dispatch import resolve_backend
+from .reduction import reduce_rows, reduction_weight, valid_rows
+from .validation import (
     REDUCTIONS,
     LossScalars,
     check_choice,
@@ -39,7 +41,7 @@ __all__ = ["kd_loss"]
 
 def triton_impl():
     """The Triton launchers (imported on first use: triton is optional on CPU-only hosts)."""
-    from .triton import dense_kd as triton_dense_kd
+    from .backends.triton import dense_kd as triton_dense_kd
 
     return triton_dense_kd
 
@@ -136,8 +138,9 @@ def kd_loss(
             slice ``[..., V_r]`` of the vocabulary (rank order, possibly uneven; student and
             teacher sliced alike) and the same rows; the loss equals the unsharded one and
             each rank's gradient is its slice of the unsharded gradient. Per row only a few
-            floats cross the group (see :mod:`distill_ops.vocab_parallel`); ``backend`` does
-            not apply (the vocab-parallel path runs in PyTorch on any device).
+            floats cross the group (see :mod:`distill_ops.distributed.vocab_parallel`);
+            ``backend`` does not apply (the vocab-parallel path runs in PyTorch on any
+            device).
         student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap: the
             per-side logit transform f. A -inf logit stays -inf (masked vocabulary entry).
         backend: ``"auto"`` (cpu for CPU tensors, triton for CUDA), ``"cpu"``, ``"triton"``,
@@ -217,7 +220,7 @@ def kd_loss(
 def _vocab_parallel_shard(group, student_logits: Tensor, teacher_logits: Tensor,
                           vocab_size: object):
     """The agreed vocabulary split of a vocab-parallel kd_loss, and the ids that count."""
-    from .distributed import vocab_shard
+    from .distributed.comm import vocab_shard
 
     vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
     n = student_logits.shape[:-1].numel()
@@ -232,7 +235,7 @@ def _vocab_parallel_shard(group, student_logits: Tensor, teacher_logits: Tensor,
 
 def _vocab_parallel_kd(student_logits, teacher_logits, labels, ignore_index, mask, sc, shard,
                        vocab, reduction, num_items_in_batch):
-    from . import vocab_parallel as vp
+    from .distributed import vocab_parallel as vp
 
     lead = student_logits.shape[:-1]
     n = lead.numel()

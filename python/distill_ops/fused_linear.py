@@ -18,12 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _cpu, _cuda
-from . import _head_matmul as hm
-from . import vocab_parallel as vp
-from ._backend import resolve_backend
-from ._reduction import valid_rows
-from ._validation import (
+from .backends import cpu as _cpu
+from .backends import cuda as _cuda
+from .backends import head_matmul as hm
+from .dispatch import resolve_backend
+from .distributed import vocab_parallel as vp
+from .reduction import valid_rows
+from .topk import TopK, local_topk_candidates, topk_logprobs
+from .validation import (
     REDUCTIONS,
     TAIL_CODES,
     TAILS,
@@ -38,7 +40,6 @@ from ._validation import (
     loss_scalars,
     resolve_vocab,
 )
-from .topk import TopK, topk_logprobs
 
 __all__ = ["default_chunk_size", "fused_linear_kd_loss", "fused_linear_topk"]
 
@@ -93,8 +94,8 @@ def _chunk_loss(spec: _Spec, logits: Tensor, teacher_rows, labels: Tensor | None
                                  spec.vocab, grads)
         return r, (g.to(grad_dtype) if grads else g)
     if spec.backend == "triton":
-        from .triton import dense_kd as tdense
-        from .triton import sparse_kd as tsparse
+        from .backends.triton import dense_kd as tdense
+        from .backends.triton import sparse_kd as tsparse
 
         if spec.sparse:
             return tsparse.sparse_kd_forward(
@@ -157,7 +158,7 @@ def _chunks(
                 gb += g.sum(0, dtype=torch.float32)
     if gh is not None and spec.shard is not None:
         # Each rank's g W_r is its slice's share of grad_hidden: the sum is the gradient.
-        from .distributed import all_reduce
+        from .distributed.comm import all_reduce
 
         gh.copy_(all_reduce(gh.float(), torch.distributed.ReduceOp.SUM, spec.shard.group))
     return rows, gh, gw, gb
@@ -174,7 +175,7 @@ def _entropy_rows(logits: Tensor, spec: _Spec) -> Tensor:
                          sc.temperature, torch.float32)
     m = vp._row_max(z)
     if spec.shard is not None:
-        from .distributed import all_reduce
+        from .distributed.comm import all_reduce
 
         m = all_reduce(m.contiguous(), torch.distributed.ReduceOp.MAX, spec.shard.group)
     e = vp._exp_shifted(z, m)
@@ -349,7 +350,7 @@ def fused_linear_kd_loss(
                                    teacher_logprobs=teacher_logprobs, labels=labels, mask=mask)
     shard = None
     if process_group is not None:
-        from .distributed import vocab_shard
+        from .distributed.comm import vocab_shard
 
         checks = [("student_weight and teacher_weight slices differ in rows (both must cover "
                    "the same ids)", not dense or w_t.shape[0] == v_s)]
@@ -479,7 +480,7 @@ def fused_linear_topk(
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     shard, offset = None, 0
     if process_group is not None:
-        from .distributed import vocab_shard
+        from .distributed.comm import vocab_shard
 
         shard = vocab_shard(process_group, vocab,
                             [("the number of rows", h.shape[:-1].numel()),
@@ -519,7 +520,7 @@ def fused_linear_topk(
                 logits = hm.project(hc, w[c0:c1], b[c0:c1] if b is not None else None, mode)
                 # The candidates' own z = f(x) / T (bitwise-equal logits give equal keys in
                 # every tile) and the tile's normaliser, from its best id (no second pass).
-                z, ids, tile_lse = vp.local_topk_candidates(
+                z, ids, tile_lse = local_topk_candidates(
                     logits, k, temperature, logit_scale, softcap, c0 + offset, backend)
                 if c0 == 0:
                     best_v, best_i, lse = z, ids, tile_lse

@@ -7,8 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._ext import DTYPE_CODES, has_native, native
-from ._validation import check_float_tensor, check_positive
+from .backends.extension import DTYPE_CODES, has_native, native
+from .validation import check_float_tensor, check_positive
 
 __all__ = ["SparseTargets", "sample_targets"]
 
@@ -103,7 +103,7 @@ def _draw(x: Tensor, t: float, u: Tensor) -> tuple[Tensor, Tensor]:
                                 total.data_ptr(), torch.get_num_threads())
         return draws, total
     if x.is_cuda:
-        from .triton import sample as triton_sample
+        from .backends.triton import sample as triton_sample
 
         if u.shape[1] <= triton_sample.MAX_DRAWS:
             return triton_sample.draw(x, t, u)

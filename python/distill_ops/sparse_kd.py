@@ -13,12 +13,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _cpu, _cuda, reference
-from ._backend import resolve_backend
-from ._ext import fused_outputs
-from ._fused import apply_row_scale, register_fused_autograd
-from ._reduction import reduce_rows, reduction_weight, valid_rows
-from ._validation import (
+from . import reference
+from .autograd import apply_row_scale, register_fused_autograd
+from .backends import cpu as _cpu
+from .backends import cuda as _cuda
+from .backends.extension import fused_outputs
+from .dispatch import resolve_backend
+from .reduction import reduce_rows, reduction_weight, valid_rows
+from .validation import (
     REDUCTIONS,
     TAIL_CODES,
     TAILS,
@@ -61,7 +63,7 @@ def sparse_kd(
     args = (student, indices, teacher_logprobs, valid, labels, divergence, tail, temperature,
             source_temperature, beta, hard_weight, soft_coef, compute_grad)
     if backend == "triton":
-        from .triton import sparse_kd as tsparse
+        from .backends.triton import sparse_kd as tsparse
 
         return tsparse.sparse_kd_forward(*args, row_scale=row_scale)
     impl = _cuda if backend == "cuda" else _cpu
@@ -131,7 +133,7 @@ def sparse_kd_loss(
     vocab = student_logits.shape[-1]
     shard = None
     if process_group is not None:
-        from .distributed import vocab_shard
+        from .distributed.comm import vocab_shard
 
         shard = vocab_shard(process_group, vocab,
                             [("the number of rows", student_logits.shape[:-1].numel()),
@@ -193,7 +195,7 @@ def sparse_kd_loss(
 
 def _vocab_parallel_sparse(student_logits, indices, teacher_logprobs, labels, ignore_index,
                            mask, sc, tail, source_t, shard, reduction, num_items_in_batch):
-    from . import vocab_parallel as vp
+    from .distributed import vocab_parallel as vp
 
     lead = student_logits.shape[:-1]
     student = student_logits.reshape(lead.numel(), student_logits.shape[-1])

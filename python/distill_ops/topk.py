@@ -2,14 +2,17 @@
 `sample_targets` (unbiased sampled targets)."""
 
 # No `from __future__ import annotations`: torch.library reads the op's annotations.
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import _cpu, _cuda, reference
-from ._backend import resolve_backend
-from ._validation import check_float_tensor, check_kernel_dtype, check_positive
+from . import reference
+from .backends import cpu as _cpu
+from .backends import cuda as _cuda
+from .dispatch import resolve_backend
+from .validation import check_float_tensor, check_kernel_dtype, check_positive
 
 __all__ = ["TopK", "topk_logprobs"]
 
@@ -30,7 +33,7 @@ def topk_op(x: Tensor, k: int, temperature: float, logit_scale: float, softcap: 
         return _cpu.topk_forward(x, k, temperature, logit_scale, softcap)
     if backend == "cuda":
         return _cuda.topk_forward(x, k, temperature, logit_scale, softcap)
-    from .triton import topk as triton_topk
+    from .backends.triton import topk as triton_topk
 
     return triton_topk.topk_forward(x, k, temperature, logit_scale, softcap)
 
@@ -77,7 +80,7 @@ def topk_logprobs(
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     shard = None
     if process_group is not None:
-        from .distributed import vocab_shard
+        from .distributed.comm import vocab_shard
 
         shard = vocab_shard(process_group, vocab,
                             [("the number of rows", teacher_logits.shape[:-1].numel()),
@@ -91,13 +94,13 @@ def topk_logprobs(
     be = resolve_backend(backend, teacher_logits.device, "topk")
     lead = teacher_logits.shape[:-1]
     if shard is not None:
-        from . import vocab_parallel as vp
+        from .distributed import vocab_parallel as vp
 
         x = teacher_logits.detach().reshape(lead.numel(), teacher_logits.shape[-1])
         if be != "torch":
             check_kernel_dtype(be, teacher_logits=teacher_logits)
             x = x if x.stride(-1) == 1 else x.contiguous()
-        z, ids, lse = vp.local_topk_candidates(x, k, t, scale, softcap, shard.offset, be)
+        z, ids, lse = local_topk_candidates(x, k, t, scale, softcap, shard.offset, be)
         idx, lp = vp.merge_topk(z, ids, lse, k, shard)
         return TopK(idx.reshape(*lead, k), lp.reshape(*lead, k))
     if be == "torch":
@@ -110,3 +113,26 @@ def topk_logprobs(
         x = x.contiguous()
     idx, lp = topk_op(x, k, t, scale, cap, be)
     return TopK(idx.reshape(*lead, k), lp.reshape(*lead, k))
+
+
+def local_topk_candidates(x: Tensor, k: int, temperature: float, logit_scale: float,
+                          softcap: float | None, offset: int, backend: str
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-k of a slice x [N, V_slice] of the vocabulary starting at id `offset`:
+    (z = f(x) / T [N, k] descending, -inf padded; global ids [N, k], -1 padded; log-sum-exp
+    of the slice's z [N], from its best id: z - logprob)."""
+    n, width = x.shape
+    kk = min(k, width)
+    z = torch.full((n, k), -math.inf, dtype=torch.float32, device=x.device)
+    ids = torch.full((n, k), -1, dtype=torch.int64, device=x.device)
+    lse = torch.full((n,), -math.inf, dtype=torch.float32, device=x.device)
+    if kk == 0 or n == 0:
+        return z, ids, lse
+    top = topk_logprobs(x, kk, temperature=temperature, logit_scale=logit_scale,
+                        softcap=softcap, backend=backend)
+    zl = reference.transform_logits(x.gather(1, top.indices.long()), logit_scale, softcap,
+                                    temperature, torch.float32)
+    z[:, :kk] = zl
+    ids[:, :kk] = top.indices.long() + offset
+    lse = torch.where(zl[:, 0] == -math.inf, zl[:, 0], zl[:, 0] - top.logprobs[:, 0])
+    return z, ids, lse

@@ -21,7 +21,7 @@
 
 namespace distill_ops {
 
-// Codes shared with python/distill_ops/_ext.py.
+// Codes shared with python/distill_ops/backends/extension.py.
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
 enum class Divergence : int { ForwardKL = 0, ReverseKL = 1, JSD = 2, TVD = 3 };
 enum class Tail : int { Bucket = 0, Renorm = 1, Support = 2, None = 3 };

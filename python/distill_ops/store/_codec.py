@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._ext import native
+from ..backends.extension import native
 from ._format import ENCODINGS
 
 

@@ -14,7 +14,7 @@ import os
 import torch
 import triton
 
-from .._backend import triton_interpreted
+from .. import triton_interpreted
 
 # (BLOCK, num_warps, num_stages): blocks of 1k to 8k columns per loop step, 4 to 16 warps,
 # and two-stage software pipelining of the loads for the larger blocks.

@@ -25,7 +25,7 @@ of three transfers (read s, read t, write g):
 The second read of a row hits L2 only when the rows in flight fit in it (V = 128256 bf16 is
 513 KB a row pair: ~100 programs in flight fill the H200's 60 MB).
 
-Instruction account (sm_90, bf16, V = 128256, `python -m distill_ops.triton.isa`): per
+Instruction account (sm_90, bf16, V = 128256, `python -m distill_ops.backends.triton.isa`): per
 logit, pass 1 issues 24 instructions and 2.25 ex2 (66 and 4 before the per-group form and
 the one-ex2 exponential), the gradient pass 25 and 2 (31 and 2); on an H200 each loop now
 issues faster than its bytes arrive (tests/test_triton_isa.py holds that for every loop of
@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._ext import fused_outputs
+from ..extension import fused_outputs
 from . import tuning
 
 NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))

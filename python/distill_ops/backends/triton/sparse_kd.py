@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._ext import fused_outputs
+from ..extension import fused_outputs
 from . import tuning
 from .dense_kd import (
     FORWARD_KL,

@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .distributed import VocabShard, all_gather, all_reduce
-from .reference import divergence_from_logprobs, sparse_coarse_teacher, transform_logits
+from ..reference import divergence_from_logprobs, sparse_coarse_teacher, transform_logits
+from .comm import VocabShard, all_gather, all_reduce
 
 FORWARD_KL, REVERSE_KL, JSD, TVD = 0, 1, 2, 3
 DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "jsd", "tvd")
@@ -352,30 +352,4 @@ def merge_topk(z: Tensor, ids: Tensor, lse: Tensor, k: int, shard: VocabShard
     return cand_i.gather(1, order).to(torch.int32), best - lse_all[:, None]
 
 
-def local_topk_candidates(x: Tensor, k: int, temperature: float, logit_scale: float,
-                          softcap: float | None, offset: int, backend: str
-                          ) -> tuple[Tensor, Tensor, Tensor]:
-    """The top-k of a slice x [N, V_slice] of the vocabulary starting at id `offset`:
-    (z = f(x) / T [N, k] descending, -inf padded; global ids [N, k], -1 padded; log-sum-exp
-    of the slice's z [N], from its best id: z - logprob)."""
-    from .topk import topk_logprobs
-
-    n, width = x.shape
-    kk = min(k, width)
-    z = torch.full((n, k), -math.inf, dtype=torch.float32, device=x.device)
-    ids = torch.full((n, k), -1, dtype=torch.int64, device=x.device)
-    lse = torch.full((n,), -math.inf, dtype=torch.float32, device=x.device)
-    if kk == 0 or n == 0:
-        return z, ids, lse
-    top = topk_logprobs(x, kk, temperature=temperature, logit_scale=logit_scale,
-                        softcap=softcap, backend=backend)
-    zl = transform_logits(x.gather(1, top.indices.long()), logit_scale, softcap, temperature,
-                          torch.float32)
-    z[:, :kk] = zl
-    ids[:, :kk] = top.indices.long() + offset
-    lse = torch.where(zl[:, 0] == -math.inf, zl[:, 0], zl[:, 0] - top.logprobs[:, 0])
-    return z, ids, lse
-
-
-__all__ = ["dense_rows", "local_topk_candidates", "merge_topk", "saved_grad_rows",
-           "sparse_rows"]
+__all__ = ["dense_rows", "merge_topk", "saved_grad_rows", "sparse_rows"]

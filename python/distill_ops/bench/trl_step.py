@@ -52,10 +52,10 @@ def run_trl_step(hs: int = 256, ht: int = 512, vocab: int = 32000, batch: int = 
     import trl
     from datasets import Dataset
 
-    from .benchmark import _PeakRSS, _release_freed_memory
-    from .integrations import trl as ours
+    from ..integrations import trl as ours
+    from .measure import PeakRSS, release_freed_memory
 
-    _release_freed_memory()
+    release_freed_memory()
     dev = torch.device(device)
     student, teacher = _models(hs, ht, vocab)
     g = torch.Generator().manual_seed(0)
@@ -100,7 +100,7 @@ def run_trl_step(hs: int = 256, ht: int = 512, vocab: int = 32000, batch: int = 
                     times.append(time.perf_counter() - t0)
                     peak = max(peak, torch.cuda.max_memory_allocated(dev) - base)
                 else:
-                    with _PeakRSS() as mem:
+                    with PeakRSS() as mem:
                         t0 = time.perf_counter()
                         loss = step()
                         times.append(time.perf_counter() - t0)

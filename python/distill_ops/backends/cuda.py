@@ -13,9 +13,9 @@ import os
 import torch
 from torch import Tensor
 
-from ._cpu import kd_params, sparse_params
-from ._ext import dtype_code, fused_outputs, native, ptr
-from ._validation import LossScalars
+from ..validation import LossScalars
+from .cpu import kd_params, sparse_params
+from .extension import dtype_code, fused_outputs, native, ptr
 
 DENSE_VARIANTS = {"auto": 0, "portable": 1, "cluster": 2}
 

@@ -62,7 +62,7 @@ def _rank(rank: int, world: int, init: str, n: int, v: int, k: int, dtype_name: 
           temperature: float, divergences: list[str], reps: int, queue) -> None:
     import torch.distributed as dist
 
-    from . import distributed as dd
+    from .. import distributed as dd
 
     try:
         cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world

@@ -1,4 +1,4 @@
-"""The one place that decides which backend runs an op."""
+"""The one place that decides which backend runs an op (``backend=`` and ``auto``)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,14 @@ from pathlib import Path
 
 import torch
 
+from .backends import triton_interpreted
+
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
-
-
-def triton_interpreted() -> bool:
-    """True when Triton kernels run on the CPU through its interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache
 def _auto_table() -> dict:
-    path = Path(__file__).with_name("auto_backends.json")
+    path = Path(__file__).parent / "backends" / "auto_backends.json"
     return json.loads(path.read_text())["devices"] if path.exists() else {}
 
 
@@ -29,7 +26,7 @@ def _auto_cuda(name: str, op: str) -> str:
     triton where nothing was measured or the CUDA kernels are not built."""
     choice = _auto_table().get(name, {}).get(op, "triton")
     if choice == "cuda":
-        from ._ext import has_native, native
+        from .backends.extension import has_native, native
 
         if not (has_native() and native().has_cuda):
             return "triton"
@@ -71,7 +68,7 @@ def resolve_backend(backend: str, device: torch.device, op: str | None = None) -
         except ImportError as exc:
             raise ValueError(f"backend='triton' needs the triton package: {exc}") from exc
     if backend == "cuda":
-        from ._ext import has_native, native
+        from .backends.extension import has_native, native
 
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")

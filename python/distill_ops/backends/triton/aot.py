@@ -3,7 +3,7 @@
 The interpreter accepts code that the GPU compiler rejects (and the reverse), so the test
 suite compiles each kernel here for sm_80 and sm_90 without a GPU:
 
-    python -m distill_ops.triton.aot --cc 80 --cc 90
+    python -m distill_ops.backends.triton.aot --cc 80 --cc 90
 
 Run it in a process without TRITON_INTERPRET=1 (the interpreter replaces `triton.jit`).
 """

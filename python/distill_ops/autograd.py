@@ -17,7 +17,8 @@ backward moves no gradient bytes at all (2 of the dense forward KL's 7 transfers
 import torch
 from torch import Tensor
 
-from . import _cpu, _cuda
+from .backends import cpu as _cpu
+from .backends import cuda as _cuda
 
 
 @torch.library.custom_op("distill_ops::scale_rows_", mutates_args=("grad",))
@@ -29,7 +30,7 @@ def scale_rows_(grad: Tensor, scale: Tensor, backend: str) -> None:
     elif backend == "cuda":
         _cuda.scale_rows_(grad, scale)
     else:
-        from .triton import dense_kd as triton_dense_kd
+        from .backends.triton import dense_kd as triton_dense_kd
 
         triton_dense_kd.scale_rows_(grad, scale)
 

@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import demo_data as dd
-from .fused_linear import fused_linear_kd_loss, fused_linear_topk
-from .sampling import sample_targets
-from .store import TopKReader, TopKWriter
+from ..fused_linear import fused_linear_kd_loss, fused_linear_topk
+from ..sampling import sample_targets
+from ..store import TopKReader, TopKWriter
+from . import data as dd
+from .report import format_table, write_report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +83,9 @@ def _lr(step: int, total: int, peak: float) -> float:
 
 
 def _peak_memory():
-    from .benchmark import _PeakRSS
+    from ..bench.measure import PeakRSS
 
-    return _PeakRSS()
+    return PeakRSS()
 
 
 class _Stage:
@@ -412,7 +413,7 @@ def run_demo(quick: bool = True, corpus: str | None = None, out: str | None = "d
     table = format_table(report)
     log(table)
     if out:
-        _write(report, results, table, Path(out))
+        write_report(report, table, Path(out))
     return report
 
 
@@ -428,60 +429,3 @@ def _run_entry(r: dict[str, Any], angles: dict[str, float], cfg: Config) -> dict
             "grad_angle_deg": angles.get(name), "tokens_per_s": r["tokens_per_s"],
             "peak_mib": r["peak_mib"], "curve": r["curve"],
             "reliability": r["reliability"]}
-
-
-def format_table(report: dict[str, Any]) -> str:
-    dense = next((r["heldout_loss"] for r in report["runs"] if r["name"] == "dense"), None)
-    lines = ["| run | held-out loss | vs full KD | perplexity | ECE | grad angle to full KD | "
-             "tokens/s | peak MiB |", "|---|---|---|---|---|---|---|---|"]
-    for r in report["runs"]:
-        rel = "-" if dense is None else f"{100 * (r['heldout_loss'] / dense - 1):+.2f}%"
-        angle = "-" if r["grad_angle_deg"] is None else f"{r['grad_angle_deg']:.1f}°"
-        lines.append(f"| {r['name']} | {r['heldout_loss']:.4f} | {rel} | {r['perplexity']:.2f} "
-                     f"| {r['ece']:.4f} | {angle} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['peak_mib']:.0f} |")
-    t = report["teacher"]
-    lines.append(f"\nteacher: held-out loss {t['heldout_loss']:.4f}, ECE {t['ece']:.4f}; "
-                 f"sampled targets: {report['config']['sampled_draws']} draws per token")
-    return "\n".join(lines)
-
-
-def _write(report: dict[str, Any], results: list[dict[str, Any]], table: str,
-           out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.json").write_text(json.dumps(report, indent=1))
-    (out / "demo.md").write_text(f"# distill-ops demo\n\n{table}\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is in the dev extras
-        return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in report["runs"]:
-        steps, losses = zip(*r["curve"], strict=True)
-        ax.plot(steps, losses, label=r["name"])
-    ax.axhline(report["teacher"]["heldout_loss"], color="k", ls=":", label="teacher")
-    ax.set_xlabel("student step")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.legend(fontsize=8)
-    ax.set_title("Held-out loss of each student")
-    fig.tight_layout()
-    fig.savefig(out / "demo-loss.png", dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], "k:", lw=1)
-    for r in report["runs"]:
-        rel = r["reliability"]
-        pts = [(c, a) for c, a, n in zip(rel["confidence"], rel["accuracy"], rel["count"],
-                                         strict=True) if n > 0]
-        ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=f"{r['name']} "
-                f"(ECE {r['ece']:.3f})")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=7)
-    ax.set_title("Calibration (reliability)")
-    fig.tight_layout()
-    fig.savefig(out / "demo-calibration.png", dpi=120)
-    plt.close(fig)

@@ -46,7 +46,7 @@ def run_ingest_bench(lines: int = 500, positions: int = 100, k: int = 20,
                      vocab: int = 151936, reps: int = 3) -> dict[str, Any]:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from .store.ingest import ingest
+    from ..store.ingest import ingest
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

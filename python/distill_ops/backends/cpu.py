@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._ext import dtype_code, fused_outputs, native, ptr
-from ._validation import LossScalars
+from ..validation import LossScalars
+from .extension import dtype_code, fused_outputs, native, ptr
 
 
 def kd_params(sc: LossScalars):

@@ -16,8 +16,8 @@ is scheduled: it has to do less work per logit. These are static counts (each lo
 once; predicated-off instructions still issue), a check that runs on the CPU, not a
 measurement: the GPU's profile (ncu) is the judge.
 
-    python -m distill_ops.triton.isa                # the dense, sparse and top-k kernels
-    python -m distill_ops.triton.isa --spec 'dense_kd[div=2,bf16,opts=0]' --cc 80
+    python -m distill_ops.backends.triton.isa                # the dense, sparse and top-k kernels
+    python -m distill_ops.backends.triton.isa --spec 'dense_kd[div=2,bf16,opts=0]' --cc 80
 """
 
 from __future__ import annotations

@@ -1,0 +1,68 @@
+"""The demo's report: the markdown table, demo.json and the plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Markdown: one row per student, its held-out loss against the full-KD student's."""
+    dense = next((r["heldout_loss"] for r in report["runs"] if r["name"] == "dense"), None)
+    lines = ["| run | held-out loss | vs full KD | perplexity | ECE | grad angle to full KD | "
+             "tokens/s | peak MiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        rel = "-" if dense is None else f"{100 * (r['heldout_loss'] / dense - 1):+.2f}%"
+        angle = "-" if r["grad_angle_deg"] is None else f"{r['grad_angle_deg']:.1f}°"
+        lines.append(f"| {r['name']} | {r['heldout_loss']:.4f} | {rel} | {r['perplexity']:.2f} "
+                     f"| {r['ece']:.4f} | {angle} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['peak_mib']:.0f} |")
+    t = report["teacher"]
+    lines.append(f"\nteacher: held-out loss {t['heldout_loss']:.4f}, ECE {t['ece']:.4f}; "
+                 f"sampled targets: {report['config']['sampled_draws']} draws per token")
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], table: str, out: Path) -> None:
+    """`out`/demo.json, demo.md (the table) and the PNG plots (loss curves, calibration)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(report, indent=1))
+    (out / "demo.md").write_text(f"# distill-ops demo\n\n{table}\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is in the dev extras
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in report["runs"]:
+        steps, losses = zip(*r["curve"], strict=True)
+        ax.plot(steps, losses, label=r["name"])
+    ax.axhline(report["teacher"]["heldout_loss"], color="k", ls=":", label="teacher")
+    ax.set_xlabel("student step")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.legend(fontsize=8)
+    ax.set_title("Held-out loss of each student")
+    fig.tight_layout()
+    fig.savefig(out / "demo-loss.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    for r in report["runs"]:
+        rel = r["reliability"]
+        pts = [(c, a) for c, a, n in zip(rel["confidence"], rel["accuracy"], rel["count"],
+                                         strict=True) if n > 0]
+        ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=f"{r['name']} "
+                f"(ECE {r['ece']:.3f})")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    ax.set_title("Calibration (reliability)")
+    fig.tight_layout()
+    fig.savefig(out / "demo-calibration.png", dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["format_table", "write_report"]
