@@ -319,8 +319,8 @@ def test_peaked_distributions_absolute_error(seed, backend, divergence):
                                                      ("forward_kl", "student")])
 def test_kl_of_huge_logits_has_no_cancellation(seed, backend, divergence, extreme):
     """One side's logits scaled to ~1e4 while the divergence stays moderate (reverse KL of a
-    near one-hot student is -log p of its token: a few nats). Every row is held to fp32
-    accuracy on its own: a cross term accumulated as raw z_s - z_t and shifted by the maxima
+    near one-hot student is -log p of its token: a few nats). Every row is held to PyTorch's
+    fp32 accuracy on its own: a cross term accumulated as raw z_s - z_t and shifted by the maxima
     at the end loses ~2e-5 of such a row's loss and 3e-4 of its gradient (H200, 2026-11-28),
     which a mean over many ordinary rows hides."""
     dev = device_for(backend)
@@ -330,10 +330,32 @@ def test_kl_of_huge_logits_has_no_cancellation(seed, backend, divergence, extrem
     for temperature in (0.7, 2.0):
         loss, g, ref, g64 = run(backend, s, t, divergence=divergence, temperature=temperature,
                                 reduction="none")
-        row_err = (loss.double().cpu() - ref.cpu()).abs() / ref.abs().cpu().clamp_min(1.0)
-        assert row_err.max().item() <= 4e-6, row_err
+        # Bounded by PyTorch's own fp32 maths on the same rows (flash-attention's rule):
+        # at |z| ~ 1e4 the fp32 rounding of z = x / T alone moves a row by up to ~5e-5 when
+        # the teacher's top two logits are close, for any fp32 implementation.
+        torch32 = reference.kd_loss(s.cpu(), t.cpu(), divergence=divergence,
+                                    temperature=temperature, reduction="none")
+        den = ref.abs().cpu().clamp_min(1.0)
+        row_err = (loss.double().cpu() - ref.cpu()).abs() / den
+        torch_err = (torch32.double() - ref.cpu()).abs() / den
+        assert (row_err <= 2 * torch_err + 2e-6).all(), (row_err, torch_err)
         # Row gradients are tiny where q is near one-hot (the floor makes rel_err absolute
         # there: 1e-6 of absolute fp32 noise in q (lq - lp - KL), terms of size ~7, reads as
         # 1e-4); the cancellation gave 1e-2 to 0.3.
         for r in range(5):
             assert_close(g[r], g64[r], 1e-3, f"grad of row {r}")
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_cpu_kernel_rows_are_as_accurate_as_torch_fp32(seed, divergence):
+    """At V = 32000 fp32 each row's loss is no further from float64 than PyTorch's own fp32
+    maths (cascaded sums) on the same rows; a plain vectorised sum over the row was ~4x
+    further (1.1e-5 against 2.8e-6)."""
+    s, t = logits(8, 32000), logits(8, 32000)
+    ours = distill_ops.kd_loss(s, t, divergence=divergence, reduction="none", backend="cpu")
+    ref = reference.kd_loss(s.double(), t.double(), divergence=divergence, reduction="none")
+    torch32 = reference.kd_loss(s, t, divergence=divergence, reduction="none")
+    den = ref.abs().clamp_min(1.0)
+    ours_err = ((ours.double() - ref).abs() / den).max().item()
+    torch_err = ((torch32.double() - ref).abs() / den).max().item()
+    assert ours_err <= torch_err + 2e-7, (ours_err, torch_err)

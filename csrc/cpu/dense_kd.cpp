@@ -25,25 +25,33 @@ Acc divergence_row(Divergence div, Acc beta, const Acc* zs, const Acc* zt, const
   Acc loss = 0;
   switch (div) {
     case Divergence::ForwardKL: {
-#pragma omp simd reduction(+ : loss)
-      for (int64_t j = 0; j < n; ++j) {
-        const Acc lq = (zs[j] - s.m) - s.log_s;
-        const Acc lp = (zt[j] - t.m) - t.log_s;
-        const Acc p = et[j] * t.inv_s;
-        loss += xlogratio(p, lp, lq);
-        et[j] = es[j] * s.inv_s - p;
-      }
+      loss = Acc(blocked_sum(n, [&](int64_t j0, int64_t j1) {
+        Acc part = 0;
+#pragma omp simd reduction(+ : part)
+        for (int64_t j = j0; j < j1; ++j) {
+          const Acc lq = (zs[j] - s.m) - s.log_s;
+          const Acc lp = (zt[j] - t.m) - t.log_s;
+          const Acc p = et[j] * t.inv_s;
+          part += xlogratio(p, lp, lq);
+          et[j] = es[j] * s.inv_s - p;
+        }
+        return part;
+      }));
       break;
     }
     case Divergence::ReverseKL: {
-#pragma omp simd reduction(+ : loss)
-      for (int64_t j = 0; j < n; ++j) {
-        const Acc lq = (zs[j] - s.m) - s.log_s;
-        const Acc lp = (zt[j] - t.m) - t.log_s;
-        const Acc q = es[j] * s.inv_s;
-        loss += xlogratio(q, lq, lp);
-        et[j] = q > Acc(0) ? lq - lp : Acc(0);  // g_j - 1
-      }
+      loss = Acc(blocked_sum(n, [&](int64_t j0, int64_t j1) {
+        Acc part = 0;
+#pragma omp simd reduction(+ : part)
+        for (int64_t j = j0; j < j1; ++j) {
+          const Acc lq = (zs[j] - s.m) - s.log_s;
+          const Acc lp = (zt[j] - t.m) - t.log_s;
+          const Acc q = es[j] * s.inv_s;
+          part += xlogratio(q, lq, lp);
+          et[j] = q > Acc(0) ? lq - lp : Acc(0);  // g_j - 1
+        }
+        return part;
+      }));
       if (want_grad) {
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
@@ -55,18 +63,22 @@ Acc divergence_row(Divergence div, Acc beta, const Acc* zs, const Acc* zt, const
     }
     case Divergence::JSD: {
       const Acc log_b = log_acc(beta), log_1mb = log_acc(Acc(1) - beta);
-      Acc kl_p = 0, kl_q = 0;
-#pragma omp simd reduction(+ : kl_p, kl_q)
-      for (int64_t j = 0; j < n; ++j) {
-        const Acc lq = (zs[j] - s.m) - s.log_s;
-        const Acc lp = (zt[j] - t.m) - t.log_s;
-        const Acc q = es[j] * s.inv_s;
-        const Acc p = et[j] * t.inv_s;
-        const Acc lm = jsd_log_mixture(lp, lq, log_b, log_1mb);
-        kl_p += xlogratio(p, lp, lm);
-        kl_q += xlogratio(q, lq, lm);
-        et[j] = q > Acc(0) ? (Acc(1) - beta) * (lq - lm) : Acc(0);  // g_j
-      }
+      const auto [sum_p, sum_q] = blocked_sum2(n, [&](int64_t j0, int64_t j1) {
+        Acc part_p = 0, part_q = 0;
+#pragma omp simd reduction(+ : part_p, part_q)
+        for (int64_t j = j0; j < j1; ++j) {
+          const Acc lq = (zs[j] - s.m) - s.log_s;
+          const Acc lp = (zt[j] - t.m) - t.log_s;
+          const Acc q = es[j] * s.inv_s;
+          const Acc p = et[j] * t.inv_s;
+          const Acc lm = jsd_log_mixture(lp, lq, log_b, log_1mb);
+          part_p += xlogratio(p, lp, lm);
+          part_q += xlogratio(q, lq, lm);
+          et[j] = q > Acc(0) ? (Acc(1) - beta) * (lq - lm) : Acc(0);  // g_j
+        }
+        return std::pair<Acc, Acc>(part_p, part_q);
+      });
+      const Acc kl_p = Acc(sum_p), kl_q = Acc(sum_q);
       loss = beta * kl_p + (Acc(1) - beta) * kl_q;
       if (want_grad) {
         const Acc sum_qg = (Acc(1) - beta) * kl_q;
@@ -76,17 +88,21 @@ Acc divergence_row(Divergence div, Acc beta, const Acc* zs, const Acc* zt, const
       break;
     }
     case Divergence::TVD: {
-      Acc sum_qg = 0;
-#pragma omp simd reduction(+ : loss, sum_qg)
-      for (int64_t j = 0; j < n; ++j) {
-        const Acc q = es[j] * s.inv_s;
-        const Acc p = et[j] * t.inv_s;
-        const Acc g = tvd_sign(q, p);
-        loss += std::abs(q - p);
-        sum_qg += q * g;
-        et[j] = g;
-      }
-      loss *= Acc(0.5);
+      const auto [sum_abs, sum_g] = blocked_sum2(n, [&](int64_t j0, int64_t j1) {
+        Acc part_abs = 0, part_qg = 0;
+#pragma omp simd reduction(+ : part_abs, part_qg)
+        for (int64_t j = j0; j < j1; ++j) {
+          const Acc q = es[j] * s.inv_s;
+          const Acc p = et[j] * t.inv_s;
+          const Acc g = tvd_sign(q, p);
+          part_abs += std::abs(q - p);
+          part_qg += q * g;
+          et[j] = g;
+        }
+        return std::pair<Acc, Acc>(part_abs, part_qg);
+      });
+      loss = Acc(0.5 * sum_abs);
+      const Acc sum_qg = Acc(sum_g);
       if (want_grad) {
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) et[j] = es[j] * s.inv_s * (et[j] - sum_qg);

@@ -171,8 +171,12 @@ void sparse_kd_impl(RowView student, const int64_t* indices, const void* tlp, in
               es[id] = 0;
             }
           }
-#pragma omp simd reduction(+ : s_rest)
-          for (int64_t j = 0; j < vocab; ++j) s_rest += es[j];
+          s_rest = Acc(blocked_sum(vocab, [&](int64_t j0, int64_t j1) {
+            Acc part = 0;
+#pragma omp simd reduction(+ : part)
+            for (int64_t j = j0; j < j1; ++j) part += es[j];
+            return part;
+          }));
           for (int64_t i = 0; i < k; ++i)
             if (c.id[size_t(i)] >= 0) es[c.id[size_t(i)]] = e_sup[size_t(i)];
         }
