@@ -1,10 +1,9 @@
-# Quick start on a fresh machine: `make run` (build; the demo at quick size: a teacher
-# distilled into students through CE, dense, top-12 and sampled targets, measured; then the
-# benchmark at quick sizes: tables on the terminal, JSON, markdown and plots under bench/out)
-# and
-# `make test` (the whole suite). Both create .venv and install torch==2.13.0 first: on the
-# development machines that pin is a CPU wheel already on disk, where a bare `torch` would
-# pull a several-GB CUDA build.
+# Quick start on a fresh machine (README "Two commands"): `make run` (build; the demo at quick
+# size: a teacher distilled into students through CE, dense, top-12 and sampled targets,
+# measured; then the benchmark harness at quick sizes: tables on the terminal, JSON, markdown
+# and plots under bench/out) and `make test` (ruff and the whole suite). Both create .venv and
+# install $(TORCH) into it first, so that no other requirement pulls a CUDA build of torch
+# onto a CPU-only machine; TORCH=... picks another build.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin

@@ -7,9 +7,9 @@
 # at canonical sizes. Only 8 files come back from $OUT (two folders deep at most), so $OUT
 # holds: summary.txt, env.txt, tests.log, failures.txt, bench.md, bench.json,
 # auto_backends.json (the fastest of our backends per op here: commit it into
-# python/distill_ops/backends/auto_backends.json) and results.tar.gz with everything else (build log,
-# ptxas report, plots with the bandwidth floor, the autotuner's picks in bench.log
-# (TRITON_PRINT_AUTOTUNING), the compile-peer run).
+# python/distill_ops/backends/auto_backends.json) and results.tar.gz with everything else
+# (build log, ptxas report, plots with the bandwidth floor, the autotuner's picks in
+# bench.log (TRITON_PRINT_AUTOTUNING), the compile-peer run).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
 WORK=$(mktemp -d)

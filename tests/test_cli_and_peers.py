@@ -260,3 +260,17 @@ def test_plots_draw_the_bandwidth_floor(tmp_path, monkeypatch):
                              floor_mib=v / 100) for v in (1000, 4000)]
     files = benchmark.plot(rows, tmp_path, copy_gbps=40.0)
     assert files and "bandwidth floor (40 GB/s)" in labels
+
+
+def test_every_cli_flag_has_help_and_there_is_a_version(capsys):
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == {"bench", "extract", "demo", "ingest", "inspect"}
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"distill-ops {name} {action.option_strings or action.dest}"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"distill-ops {distill_ops.__version__}"

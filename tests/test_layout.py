@@ -115,3 +115,60 @@ def test_the_cycle_finder_sees_a_lazy_cycle(tmp_path, monkeypatch):
     fake.write_text("def f():\n    from ..topk import topk_logprobs\n")
     modules["distill_ops.distributed.fake"] = fake
     assert "distill_ops.topk" in _imports("distill_ops.distributed.fake", modules)
+
+
+REPO = PACKAGE.parents[1]
+
+
+def _doc_files() -> list[Path]:
+    return [REPO / "README.md", REPO / "CHANGELOG.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def test_the_readme_is_a_front_door_and_the_docs_are_behind_it():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    for page in ("guide", "api", "backends", "store", "cli", "design", "benchmarks"):
+        assert (REPO / "docs" / f"{page}.md").exists(), page
+        assert f"docs/{page}.md" in readme, f"README does not link docs/{page}.md"
+
+
+@pytest.mark.parametrize("doc", _doc_files(), ids=lambda p: p.name)
+def test_every_relative_link_in_the_docs_resolves(doc):
+    import re
+
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+        if "://" in target:
+            continue
+        assert (doc.parent / target).exists(), f"{doc.name}: broken link {target}"
+
+
+def test_the_api_reference_names_every_public_name_and_option():
+    import inspect
+
+    import distill_ops
+
+    api = (REPO / "docs" / "api.md").read_text()
+    for name in distill_ops.__all__:
+        if name != "__version__":
+            assert f"{name}" in api, f"docs/api.md does not mention {name}"
+    for fn in (distill_ops.kd_loss, distill_ops.sparse_kd_loss, distill_ops.topk_logprobs,
+               distill_ops.sample_targets, distill_ops.fused_linear_kd_loss,
+               distill_ops.fused_linear_topk):
+        for param in inspect.signature(fn).parameters:
+            assert param in api, f"docs/api.md does not document {fn.__name__}({param}=)"
+
+
+def test_the_cli_reference_names_every_flag():
+    import argparse
+
+    from distill_ops import cli
+
+    doc = (REPO / "docs" / "cli.md").read_text()
+    commands = next(a for a in cli.build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        assert f"## {name}" in doc
+        for action in sub._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help":
+                    assert flag in doc, f"docs/cli.md does not document {name} {flag}"
