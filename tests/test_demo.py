@@ -82,7 +82,9 @@ def test_a_user_corpus_and_the_cli(tmp_path, capsys):
 def test_cli_arguments_reach_the_demo(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr("distill_ops.demo.run_demo", lambda **kw: seen.update(kw))
-    assert cli.main(["demo", "--quick", "--corpus", "x", "--out", str(tmp_path),
+    corpus = tmp_path / "x.txt"
+    corpus.write_text("some text")
+    assert cli.main(["demo", "--quick", "--corpus", str(corpus), "--out", str(tmp_path),
                      "--device", "cpu", "--no-progress"]) == 0
-    assert seen == dict(quick=True, corpus="x", out=str(tmp_path), device="cpu", cache=None,
-                        progress=False)
+    assert seen == dict(quick=True, corpus=str(corpus), out=str(tmp_path), device="cpu",
+                        cache=None, progress=False)

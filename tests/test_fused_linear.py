@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import device_for, kernel_backends
-from helpers import LOSS_FLOOR, assert_close
+from helpers import LOSS_FLOOR, assert_close, logits
 
 import distill_ops
 from distill_ops import reference
@@ -248,3 +248,26 @@ def test_torch_backend_is_the_materialised_reference(seed):
     ref = reference.kd_loss(hs @ ws.T + bs, ht @ wt.T, **kw)
     assert torch.equal(a, ref)
     assert_close(b, ref.double(), 1e-5, "loss", LOSS_FLOOR)
+
+
+def test_under_autocast_the_logits_stay_fp32_from_autocast_dtype_operands(seed):
+    """torch.autocast("cpu", bf16): the LM-head ops take bf16 operands, as autocast gives a
+    linear layer, but never round the logits to bf16 (the GPU's tensor-core path): the loss
+    equals the fp32 maths of the bf16-rounded operands, and fp32 leaves get fp32 grads."""
+    hs, ws = logits(6, 16).requires_grad_(), (logits(50, 16) * 0.25).requires_grad_()
+    ht, wt = logits(6, 24), logits(50, 24) * 0.25
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = distill_ops.fused_linear_kd_loss(hs, ws, ht, wt, temperature=2.0)
+        top = distill_ops.fused_linear_topk(ht, wt, 5)
+    loss.backward()
+    r = lambda x: x.detach().to(torch.bfloat16).double()
+    want = reference.kd_loss(r(hs) @ r(ws).T, r(ht) @ r(wt).T, temperature=2.0)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - want.item()) <= 1e-5 * max(1.0, abs(want.item()))
+    assert hs.grad.dtype == torch.float32 and ws.grad.dtype == torch.float32
+    rounded = reference.kd_loss((r(hs) @ r(ws).T).to(torch.bfloat16).double(),
+                                (r(ht) @ r(wt).T).to(torch.bfloat16).double(), temperature=2.0)
+    assert abs(rounded.item() - want.item()) > 10 * abs(loss.item() - want.item())
+    want_top = reference.topk_logprobs(r(ht) @ r(wt).T, 5)
+    assert torch.equal(top.indices, want_top[0])
+    torch.testing.assert_close(top.logprobs.double(), want_top[1], rtol=1e-5, atol=1e-5)

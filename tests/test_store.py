@@ -4,6 +4,7 @@ corruption, distributed writing, datasets."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -46,6 +47,15 @@ def targets(kind: str, t: int, v: int, k: int) -> tuple[torch.Tensor, torch.Tens
         return top.indices, top.logprobs
     s = distill_ops.sample_targets(x, k)  # unique ids, -1 padding, log(count / k)
     return s.indices, s.logprobs
+
+
+def as_logprobs(x):
+    """Random values made log-probabilities of one distribution: each row shifted to hold 95%
+    of the mass (the store refuses a mass above 1), numpy or torch alike."""
+    if isinstance(x, np.ndarray):
+        return (x - np.logaddexp.reduce(x, axis=1, keepdims=True) + np.log(0.95)).astype(
+            x.dtype)
+    return x - torch.logsumexp(x, dim=1, keepdim=True) + math.log(0.95)
 
 
 def by_id(ids: torch.Tensor, lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +123,7 @@ def test_bit_packing_at_powers_of_two(tmp_path, seed, enc, bits, delta):
     ids = torch.stack([torch.randperm(v)[:k] for _ in range(t)]).int()
     ids[0, 0] = v - 1  # both ends of the range
     ids[0, 1:] = torch.arange(k - 1)
-    lp = torch.randn(t, k).abs().neg() * 3
+    lp = as_logprobs(torch.randn(t, k).abs().neg() * 3)
     with TopKWriter(tmp_path, vocab_size=v, k=k, temperature=1.0, value_encoding=enc) as w:
         w.append(0, ids, lp)
     r = TopKReader(tmp_path)
@@ -163,7 +173,7 @@ def test_compact_size_and_errors_at_k128_qwen_vocab(tmp_path, seed, kind, param)
 def test_compact_extremes(tmp_path, seed):
     """-inf targets, constant rows, huge ranges (raw float32 fallback), one-id vocabularies."""
     v, k = 300, 20
-    lp = torch.randn(6, k) * 3 - 5
+    lp = as_logprobs(torch.randn(6, k) * 3 - 5)
     lp[0, 5:] = float("-inf")                 # head finite, tail all -inf
     lp[1, :] = float("-inf")                  # everything -inf
     lp[2, :] = -3.0                           # constant
@@ -235,7 +245,7 @@ def test_shard_rotation(tmp_path, seed):
 
 def test_bad_appends(tmp_path):
     with TopKWriter(tmp_path, vocab_size=10, k=3, temperature=1.0) as w:
-        ok_i, ok_lp = torch.tensor([[0, 1, 2]]), torch.full((1, 3), -1.0)
+        ok_i, ok_lp = torch.tensor([[0, 1, 2]]), torch.full((1, 3), -1.5)
         with pytest.raises(ValueError, match=r"shape \[T, k=3\]"):
             w.append(0, ok_i[:, :2], ok_lp[:, :2])
         with pytest.raises(ValueError, match="shape of indices"):
@@ -338,7 +348,7 @@ def _payload(seq_id: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seq_id)
     t = 40 + seq_id % 50
     ids = np.stack([rng.permutation(5000)[:16] for _ in range(t)]).astype(np.int32)
-    lp = -np.abs(rng.standard_normal((t, 16)) * 4).astype(np.float32)
+    lp = as_logprobs(-np.abs(rng.standard_normal((t, 16)) * 4).astype(np.float32))
     return ids, lp
 
 
@@ -488,7 +498,7 @@ def test_string_keys_and_token_ids_round_trip(tmp_path, encoding, vocab):
             t = 5 + n
             ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(t)])
             ids[0, k - 1] = -1  # padding
-            lp = -rng.uniform(0.1, 8, (t, k)).astype(np.float32)
+            lp = as_logprobs(-rng.uniform(0.1, 8, (t, k)).astype(np.float32))
             tokens = None
             if n % 2 == 0:  # tokens the targets predict, after a two-token prefix
                 tokens = np.concatenate([rng.integers(0, vocab, 2), ids[:, 1]])

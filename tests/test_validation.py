@@ -65,8 +65,11 @@ def test_bad_tensors():
         distill_ops.kd_loss(s, t, labels=torch.zeros(4, dtype=torch.long))
     with pytest.raises(TypeError, match=r"labels must be an integer tensor, got torch\.float32"):
         distill_ops.kd_loss(s, t, labels=torch.zeros(3))
-    with pytest.raises(TypeError, match="mask must be a bool tensor"):
-        distill_ops.kd_loss(s, t, mask=torch.ones(3))
+    with pytest.raises(ValueError, match=r"mask must be bool or hold only 0 and 1 .* 0\.5"):
+        distill_ops.kd_loss(s, t, mask=torch.tensor([1.0, 0.5, 0.0]))
+    with pytest.raises(ValueError, match="got the value 2"):
+        distill_ops.sparse_kd_loss(s, torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, 1),
+                                   mask=torch.tensor([1, 2, 0]))
     with pytest.raises(ValueError, match="mask must have the logits' leading shape"):
         distill_ops.kd_loss(s, t, mask=torch.ones(2, dtype=torch.bool))
 

@@ -151,6 +151,11 @@ void dense_kd_impl(RowView student, RowView teacher, const uint8_t* valid, const
         const RowStats<Acc> t = softmax_stats(zt, vocab, et);
         const bool want_grad = grow != nullptr;
         row_loss = soft_c * divergence_row(div, beta, zs, zt, es, et, s, t, vocab, want_grad);
+        // A NaN or +inf logit makes its side's sum NaN: the row's loss is NaN whatever the
+        // divergence's 0 * log 0 guards would hide (the op layer then makes its gradient
+        // row NaN too).
+        if (std::isnan(s.log_s) || std::isnan(t.log_s))
+          row_loss = std::numeric_limits<Acc>::quiet_NaN();
 
         // Cross-entropy on the labels at T = 1: z * T is f(x) again.
         const int64_t label = hard ? labels[r] : -1;

@@ -131,6 +131,9 @@ __device__ __forceinline__ bool dense_needs_second(const DenseArgs& a) {
 __device__ __forceinline__ float dense_loss(const DenseArgs& a, DenseRow& r, float z_label,
                                             int64_t label) {
   float loss = a.soft_coef * r.dv;
+  // A NaN or +inf logit makes its side's sum NaN: the row's loss is NaN whatever the
+  // divergence's 0 * log 0 guards would hide (the op layer then makes its gradient NaN).
+  if (isnan(r.log_ss) || isnan(r.log_st)) loss = NAN;
   if (a.hard_weight != 0.0f) {
     r.found = label >= 0 && label < a.vocab;
     loss += a.hard_weight * (r.found ? (r.ms - z_label) * a.temperature + r.log_s1 : NAN);

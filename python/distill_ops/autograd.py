@@ -43,6 +43,17 @@ def apply_row_scale(grad: Tensor, row_scale: Tensor | None, backend: str) -> Ten
     return grad
 
 
+def propagate_nan_rows(rows: Tensor) -> Tensor:
+    """rows * (NaN where a row's loss is NaN, else exactly 1).
+
+    A kernel marks a row whose inputs hold a NaN or +inf with a NaN loss; this makes its
+    gradient row NaN too (backward scales the saved gradient by NaN), where the divergence's
+    own guards (0 * log 0 = 0) could leave it finite. Other rows get a factor of exactly 1,
+    so a plain backward still skips them. One [N] pass, no host synchronisation."""
+    nan = torch.full((), float("nan"), dtype=rows.dtype, device=rows.device)
+    return rows * torch.where(torch.isnan(rows.detach()), nan, torch.ones_like(nan))
+
+
 def _setup_context(ctx, inputs, output):
     ctx.backend = inputs[-1]
     ctx.save_for_backward(output[1], inputs[-2])

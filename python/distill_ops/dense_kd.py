@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .autograd import apply_row_scale, register_fused_autograd
+from .autograd import apply_row_scale, propagate_nan_rows, register_fused_autograd
 from .backends import cpu as _cpu
 from .backends import cuda as _cuda
 from .backends.extension import fused_outputs
 from .dispatch import resolve_backend
-from .reduction import reduce_rows, reduction_weight, valid_rows
+from .reduction import reduce_rows, reduction_weight, resolve_batchmean, valid_rows
 from .validation import (
     REDUCTIONS,
     LossScalars,
@@ -34,6 +34,7 @@ from .validation import (
     check_same_device,
     loss_scalars,
     resolve_vocab,
+    teacher_wants_grad,
 )
 
 __all__ = ["kd_loss"]
@@ -123,16 +124,20 @@ def kd_loss(
     Args:
         student_logits: ``[..., V_s]`` fp32/bf16/fp16 (fp64 on the cpu and torch backends).
             Receives the gradient.
-        teacher_logits: ``[..., V_t]``, same leading shape. Receives no gradient.
+        teacher_logits: ``[..., V_t]``, same leading shape. Receives its exact gradient when
+            it requires grad (mutual / online distillation: the PyTorch path), else none
+            and costs nothing.
         divergence: ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"tvd"``.
         temperature: T > 0 of the soft term (the hard term is always at T = 1).
         beta: JSD mixing weight in [0, 1].
         labels: integer ``[...]``; rows equal to ``ignore_index`` contribute nothing. Needed
             when ``hard_weight > 0``.
-        mask: bool ``[...]``; rows where False contribute nothing.
+        mask: ``[...]``, bool or 0/1 of any dtype; rows where False (0) contribute nothing.
         hard_weight, soft_weight, scale_by_t2: weights of the two terms.
         reduction: ``"mean"`` (over valid rows, or over ``num_items_in_batch``), ``"sum"``,
-            ``"none"`` (shape ``[...]``).
+            ``"none"`` (shape ``[...]``), ``"batchmean"`` (``F.kl_div`` and TRL: the sum
+            over valid rows / their number with labels or a mask, else / the input's first
+            dimension).
         vocab_size: use only the first K columns of both sides (padded vocabularies).
         process_group: vocab-parallel logits: each rank of the group holds a contiguous
             slice ``[..., V_r]`` of the vocabulary (rank order, possibly uneven; student and
@@ -164,11 +169,13 @@ def kd_loss(
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         )
     lead = student_logits.shape[:-1]
-    check_row_tensors(lead, labels, mask, ignore_index)
+    mask = check_row_tensors(lead, labels, mask, ignore_index)
     device = check_same_device(student_logits=student_logits, teacher_logits=teacher_logits,
                                labels=labels, mask=mask)
     check_choice("reduction", reduction, REDUCTIONS)
     check_num_items(num_items_in_batch)
+    reduction, num_items_in_batch = resolve_batchmean(
+        reduction, lead, labels is not None or mask is not None, num_items_in_batch)
     shard = None
     if process_group is not None:
         shard, vocab = _vocab_parallel_shard(process_group, student_logits, teacher_logits,
@@ -184,13 +191,20 @@ def kd_loss(
     )
     if labels is not None and sc.hard_weight > 0:
         check_labels_in_range(labels, ignore_index, vocab)
+    teacher_grad = teacher_wants_grad(teacher_logits)
     if shard is not None:
+        if teacher_grad:
+            raise ValueError("teacher_logits requires grad, but the vocab-parallel kd_loss "
+                             "(process_group=) gives the teacher no gradient: detach it")
         return _vocab_parallel_kd(student_logits, teacher_logits, labels, ignore_index, mask,
                                   sc, shard, vocab, reduction, num_items_in_batch)
     be = resolve_backend(backend, device, "dense")
     check_kernel_dtype(be, student_logits=student_logits, teacher_logits=teacher_logits)
 
-    if be == "torch":
+    # A teacher that requires grad (mutual or online distillation) gets its exact gradient
+    # from the PyTorch path, autograd through both sides; the fused kernels write the
+    # student's only. A detached teacher (the usual case) costs nothing here.
+    if be == "torch" or teacher_grad:
         return reference.kd_loss(
             student_logits, teacher_logits, divergence=divergence, temperature=temperature,
             beta=beta, labels=labels, ignore_index=ignore_index, mask=mask,
@@ -214,7 +228,8 @@ def kd_loss(
         sc.student_scale, sc.student_softcap, sc.teacher_scale, sc.teacher_softcap,
         sc.hard_weight, sc.soft_coef, vocab, compute_grad, row_scale, be,
     )
-    return reduce_rows(rows, valid, reduction, num_items_in_batch, lead, row_scale)
+    return reduce_rows(propagate_nan_rows(rows), valid, reduction, num_items_in_batch, lead,
+                       row_scale)
 
 
 def _vocab_parallel_shard(group, student_logits: Tensor, teacher_logits: Tensor,

@@ -13,6 +13,9 @@ grad_output) backward runs the chunks again.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +26,7 @@ from .backends import cuda as _cuda
 from .backends import head_matmul as hm
 from .dispatch import resolve_backend
 from .distributed import vocab_parallel as vp
-from .reduction import valid_rows
+from .reduction import resolve_batchmean, valid_rows
 from .topk import TopK, local_topk_candidates, topk_logprobs
 from .validation import (
     REDUCTIONS,
@@ -37,8 +40,10 @@ from .validation import (
     check_row_tensors,
     check_same_device,
     check_sparse_targets,
+    check_teacher_logprobs,
     loss_scalars,
     resolve_vocab,
+    teacher_wants_grad,
 )
 
 __all__ = ["default_chunk_size", "fused_linear_kd_loss", "fused_linear_topk"]
@@ -151,11 +156,17 @@ def _chunks(
         if grads:
             if per_row:
                 g.mul_(row_weight[a:e, None].to(g.dtype))
-            part = hm.head_grads(g, h_s[a:e], w_s, gw, gh is not None, mode)
+            # A row whose loss is NaN (a NaN or +inf in its logits) gets NaN gradients, where
+            # the divergence's own guards could leave g finite: its hidden state is scaled by
+            # NaN for grad_W, its grad_hidden row too ([chunk, H] work, no host sync).
+            poison = torch.where(torch.isnan(r), torch.full_like(r, float("nan")),
+                                 torch.ones_like(r))
+            h_c = h_s[a:e] * poison[:, None].to(h_s.dtype)
+            part = hm.head_grads(g, h_c, w_s, gw, gh is not None, mode)
             if gh is not None:
-                gh[a:e] = part
+                gh[a:e] = part * poison[:, None].to(part.dtype)
             if gb is not None:
-                gb += g.sum(0, dtype=torch.float32)
+                gb += g.sum(0, dtype=torch.float32) + (poison - 1).sum()
     if gh is not None and spec.shard is not None:
         # Each rank's g W_r is its slice's share of grad_hidden: the sum is the gradient.
         from .distributed.comm import all_reduce
@@ -237,6 +248,37 @@ def _check_head(name_h: str, h: object, name_w: str, w: object, name_b: str,
     return h, w, b
 
 
+
+def _autocast_operands(*names: str) -> Callable:
+    """Under torch.autocast, the LM-head ops take the operands autocast would give a linear
+    layer (fp32 hidden states, heads and biases cast to the autocast dtype) and still
+    project them to fp32 logits, never rounded to that dtype: the GPU's tensor-core path,
+    on every device. Without autocast, the call is unchanged."""
+    def wrap(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            if not isinstance(first, Tensor):
+                return fn(*args, **kwargs)
+            kind = first.device.type
+            if not torch.is_autocast_enabled(kind):
+                return fn(*args, **kwargs)
+            dt = torch.get_autocast_dtype(kind)
+            bound = sig.bind(*args, **kwargs)
+            for name in names:
+                value = bound.arguments.get(name)
+                if isinstance(value, Tensor) and value.dtype == torch.float32:
+                    bound.arguments[name] = value.to(dt)
+            with torch.autocast(kind, enabled=False):
+                return fn(*bound.args, **bound.kwargs)
+        return inner
+    return wrap
+
+
+@_autocast_operands("student_hidden", "student_weight", "teacher_hidden", "teacher_weight",
+                    "student_bias", "teacher_bias")
 def fused_linear_kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -280,7 +322,8 @@ def fused_linear_kd_loss(
     (default: a few fp32 [chunk, V] buffers within ~256 MiB); only rows that count (label not
     ``ignore_index``, ``mask`` True) are projected, which costs one device-to-host read of
     their number. Gradients flow to ``student_hidden``, ``student_weight`` and
-    ``student_bias``; the teacher gets none.
+    ``student_bias``; the teacher gets none, and a teacher tensor that requires grad is a
+    ValueError that says so (freeze or detach the teacher).
 
     With ``process_group`` the heads are vocab-parallel: each rank holds a contiguous slice
     of the rows of ``student_weight`` (and ``teacher_weight``, sliced alike; biases too) and
@@ -308,9 +351,19 @@ def fused_linear_kd_loss(
                          f"{'both' if dense else 'neither'}")
     lead = h_s.shape[:-1]
     v_s = w_s.shape[0]
-    check_row_tensors(lead, labels, mask, ignore_index)
+    for name, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                    ("teacher_bias", teacher_bias), ("teacher_logprobs", teacher_logprobs)):
+        if isinstance(t, Tensor) and teacher_wants_grad(t):
+            raise ValueError(
+                f"{name} requires grad, but fused_linear_kd_loss gives the teacher no "
+                "gradient (its head's logits never exist): detach the teacher, or for mutual "
+                "or online distillation project its logits and use kd_loss, which returns the "
+                "teacher's exact gradient")
+    mask = check_row_tensors(lead, labels, mask, ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
     check_num_items(num_items_in_batch)
+    reduction, num_items_in_batch = resolve_batchmean(
+        reduction, lead, labels is not None or mask is not None, num_items_in_batch)
     if chunk_size is not None and (isinstance(chunk_size, bool)
                                    or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -342,6 +395,8 @@ def fused_linear_kd_loss(
             raise ValueError("sparse targets need both teacher_indices and teacher_logprobs")
         if process_group is None:
             check_sparse_targets(lead, v_s, teacher_indices, teacher_logprobs)
+            check_teacher_logprobs(teacher_indices, teacher_logprobs,
+                                   valid_rows(labels, mask, ignore_index))
         check_choice("tail", tail, TAILS)
         source_t = check_positive("source_temperature", source_temperature)
         tail_code, vocab = TAIL_CODES[tail], v_s
@@ -442,6 +497,7 @@ def fused_linear_kd_loss(
     return (out, per_token(spec.entropy)) if return_entropy else out
 
 
+@_autocast_operands("hidden", "weight", "bias")
 def fused_linear_topk(
     hidden: Tensor,
     weight: Tensor,

@@ -17,6 +17,23 @@ def valid_rows(labels: Tensor | None, mask: Tensor | None, ignore_index: int) ->
     return None if valid is None else valid.contiguous()
 
 
+def resolve_batchmean(
+    reduction: str,
+    lead: torch.Size,
+    counted: bool,
+    num_items_in_batch: int | float | Tensor | None,
+) -> tuple[str, int | float | Tensor | None]:
+    """``"batchmean"`` as ``F.kl_div`` and TRL's ``generalized_jsd_loss`` define it: the sum
+    over counted rows divided by their number where labels or a mask say which rows count
+    (or by ``num_items_in_batch``), else by the input's first dimension (B of [B, T, V]).
+    Returns the equivalent ("mean", denominator); other reductions pass through."""
+    if reduction != "batchmean":
+        return reduction, num_items_in_batch
+    if num_items_in_batch is None and not counted:
+        num_items_in_batch = max(lead[0], 1) if len(lead) else 1
+    return "mean", num_items_in_batch
+
+
 def reduce_rows(
     rows: Tensor,
     valid: Tensor | None,

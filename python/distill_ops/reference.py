@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .reduction import resolve_batchmean
+
 __all__ = [
     "divergence_from_logprobs",
     "divergence_rows",
@@ -93,8 +95,20 @@ def _valid_rows(n: int, device: torch.device, labels: Tensor | None, ignore_inde
     if labels is not None:
         valid = valid & (labels.reshape(-1) != ignore_index)
     if mask is not None:
-        valid = valid & mask.reshape(-1)
+        valid = valid & (mask.reshape(-1) != 0)  # bool, or 0/1 of any dtype
     return valid
+
+
+def _non_finite(z: Tensor) -> Tensor:
+    """bool [N]: rows holding a NaN or +inf (-inf is a masked entry, legal)."""
+    return (torch.isnan(z) | (z == math.inf)).any(dim=-1)
+
+
+def _poison(rows: Tensor, bad: Tensor, z: Tensor) -> Tensor:
+    """A row whose inputs hold a NaN or +inf has a NaN loss and a NaN gradient w.r.t. the
+    student's z, whatever the divergence's 0 * log 0 guards would hide (as the kernels)."""
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    return torch.where(bad, z.sum(dim=-1) * torch.where(bad, zero + math.nan, zero), rows)
 
 
 def _reduce(rows: Tensor, valid: Tensor, reduction: str,
@@ -133,10 +147,14 @@ def kd_loss(
 ) -> Tensor:
     """Reference of `distill_ops.kd_loss` (same arguments, no validation, no backend)."""
     lead = student_logits.shape[:-1]
+    reduction, num_items_in_batch = resolve_batchmean(
+        reduction, lead, labels is not None or mask is not None, num_items_in_batch)
     k = vocab_size if vocab_size is not None else student_logits.shape[-1]
     dtype = _compute_dtype(student_logits, teacher_logits)
     xs = student_logits.reshape(-1, student_logits.shape[-1])[:, :k]
-    xt = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, :k].detach()
+    # Not detached: a teacher that requires grad gets its exact gradient (mutual and
+    # online distillation), as from F.kl_div.
+    xt = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, :k]
     n = xs.shape[0]
 
     valid = _valid_rows(n, xs.device, labels, ignore_index, mask)
@@ -153,6 +171,7 @@ def kd_loss(
         z1 = transform_logits(xs, student_logit_scale, student_softcap, 1.0, dtype)
         safe_labels = torch.where(valid, labels.reshape(-1), 0)
         rows = rows + hard_weight * F.cross_entropy(z1, safe_labels, reduction="none")
+    rows = _poison(rows, _non_finite(zs) | _non_finite(zt), zs)
     return _reduce(rows, valid, reduction, num_items_in_batch, lead)
 
 
@@ -240,12 +259,14 @@ def sparse_kd_loss(
 ) -> Tensor:
     """Reference of `distill_ops.sparse_kd_loss` (same arguments, no validation)."""
     lead = student_logits.shape[:-1]
+    reduction, num_items_in_batch = resolve_batchmean(
+        reduction, lead, labels is not None or mask is not None, num_items_in_batch)
     v = student_logits.shape[-1]
     k = indices.shape[-1]
     dtype = _compute_dtype(student_logits, teacher_logprobs)
     xs = student_logits.reshape(-1, v)
     idx = indices.reshape(-1, k).long()
-    lt_in = teacher_logprobs.reshape(-1, k).detach()
+    lt_in = teacher_logprobs.reshape(-1, k)
     n = xs.shape[0]
 
     valid = _valid_rows(n, xs.device, labels, ignore_index, mask)
@@ -281,4 +302,7 @@ def sparse_kd_loss(
     if hard_weight != 0.0:
         safe_labels = torch.where(valid, labels.reshape(-1), 0)
         rows = rows + hard_weight * F.cross_entropy(xs.to(dtype), safe_labels, reduction="none")
+    lt_valid = torch.where(idx >= 0, lt_in, torch.zeros((), dtype=lt_in.dtype,
+                                                        device=lt_in.device))
+    rows = _poison(rows, _non_finite(z) | _non_finite(lt_valid), z)
     return _reduce(rows, valid, reduction, num_items_in_batch, lead)

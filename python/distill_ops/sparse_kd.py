@@ -8,18 +8,19 @@ gradient per row; no dense teacher tensor is ever built.
 """
 
 # No `from __future__ import annotations`: torch.library reads the op's annotations.
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import reference
-from .autograd import apply_row_scale, register_fused_autograd
+from .autograd import apply_row_scale, propagate_nan_rows, register_fused_autograd
 from .backends import cpu as _cpu
 from .backends import cuda as _cuda
 from .backends.extension import fused_outputs
 from .dispatch import resolve_backend
-from .reduction import reduce_rows, reduction_weight, valid_rows
+from .reduction import reduce_rows, reduction_weight, resolve_batchmean, valid_rows
 from .validation import (
     REDUCTIONS,
     TAIL_CODES,
@@ -34,7 +35,9 @@ from .validation import (
     check_row_tensors,
     check_same_device,
     check_sparse_targets,
+    check_teacher_logprobs,
     loss_scalars,
+    teacher_wants_grad,
 )
 
 __all__ = ["sparse_kd_loss"]
@@ -142,12 +145,14 @@ def sparse_kd_loss(
                             device=student_logits.device)
         vocab = shard.total
     k = check_sparse_targets(lead, vocab, indices, teacher_logprobs)
-    check_row_tensors(lead, labels, mask, ignore_index)
+    mask = check_row_tensors(lead, labels, mask, ignore_index)
     device = check_same_device(student_logits=student_logits, indices=indices,
                                teacher_logprobs=teacher_logprobs, labels=labels, mask=mask)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("tail", tail, TAILS)
     check_num_items(num_items_in_batch)
+    reduction, num_items_in_batch = resolve_batchmean(
+        reduction, lead, labels is not None or mask is not None, num_items_in_batch)
     source_t = check_positive("source_temperature", source_temperature)
     sc = loss_scalars(
         divergence=divergence, temperature=temperature, beta=beta, hard_weight=hard_weight,
@@ -158,12 +163,21 @@ def sparse_kd_loss(
     if labels is not None and sc.hard_weight > 0:
         check_labels_in_range(labels, ignore_index, vocab)
     check_indices_in_range(indices, vocab)
+    bad_targets = check_teacher_logprobs(indices, teacher_logprobs,
+                                         valid_rows(labels, mask, ignore_index))
+    teacher_grad = teacher_wants_grad(teacher_logprobs)
     if shard is not None:
+        if teacher_grad:
+            raise ValueError("teacher_logprobs requires grad, but the vocab-parallel "
+                             "sparse_kd_loss (process_group=) gives the teacher no gradient: "
+                             "detach it")
         return _vocab_parallel_sparse(student_logits, indices, teacher_logprobs, labels,
                                       ignore_index, mask, sc, tail, source_t, shard,
                                       reduction, num_items_in_batch)
     be = resolve_backend(backend, device, "sparse")
-    if be == "torch":
+    # Teacher log-probabilities that require grad get their exact gradient from the PyTorch
+    # path (autograd through both sides); the fused kernels write the student's only.
+    if be == "torch" or teacher_grad:
         return reference.sparse_kd_loss(
             student_logits, indices, teacher_logprobs, divergence=divergence, tail=tail,
             temperature=temperature, source_temperature=source_temperature, beta=beta,
@@ -190,7 +204,11 @@ def sparse_kd_loss(
         sc.temperature, source_t, sc.beta, sc.hard_weight, sc.soft_coef, compute_grad,
         row_scale, be,
     )
-    return reduce_rows(rows, valid, reduction, num_items_in_batch, lead, row_scale)
+    if bad_targets is not None:  # invalid targets on a GPU: their rows are NaN, no host sync
+        one = torch.ones((), dtype=rows.dtype, device=rows.device)
+        rows = rows * torch.where(bad_targets, one * math.nan, one)
+    return reduce_rows(propagate_nan_rows(rows), valid, reduction, num_items_in_batch, lead,
+                       row_scale)
 
 
 def _vocab_parallel_sparse(student_logits, indices, teacher_logprobs, labels, ignore_index,

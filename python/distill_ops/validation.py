@@ -15,7 +15,7 @@ from torch import Tensor
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 DIVERGENCE_CODES = {name: i for i, name in enumerate(DIVERGENCES)}
-REDUCTIONS = ("mean", "sum", "none")
+REDUCTIONS = ("mean", "sum", "none", "batchmean")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -82,6 +82,11 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value
 
 
+def teacher_wants_grad(*tensors: Tensor | None) -> bool:
+    """Whether a teacher tensor asks for its gradient (it requires grad and grad mode is on)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def check_kernel_dtype(backend: str, **tensors: Tensor) -> None:
     """The GPU kernels (triton, cuda) take fp32/bf16/fp16: float64 is a TypeError naming the
     tensor (float64 runs on the cpu and torch backends)."""
@@ -110,8 +115,13 @@ def check_row_tensors(
     labels: Tensor | None,
     mask: Tensor | None,
     ignore_index: object,
-) -> None:
-    """labels (integer) and mask (bool) must have the logits' leading shape."""
+) -> Tensor | None:
+    """labels (integer) and mask must have the logits' leading shape; returns the mask as bool.
+
+    A mask is bool, or 0/1 values of any integer or float dtype (what Hugging Face's
+    attention masks and TRL's completion masks are), equal to the bool mask. Other values
+    are refused: a ValueError naming one on CPU tensors; on a GPU an asynchronous device
+    assertion (no host synchronisation), so a weight never passes for a mask."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if labels is not None:
@@ -125,12 +135,31 @@ def check_row_tensors(
             )
     if mask is not None:
         check_tensor("mask", mask)
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        if mask.dtype.is_complex:
+            raise TypeError(f"mask must be bool or hold 0/1 values, got {mask.dtype}")
         if mask.shape != lead:
             raise ValueError(
                 f"mask must have the logits' leading shape {tuple(lead)}, got {tuple(mask.shape)}"
             )
+        if mask.dtype != torch.bool:
+            mask = _mask_from_01(mask)
+    return mask
+
+
+def _mask_from_01(mask: Tensor) -> Tensor:
+    """mask != 0, after checking that every value is 0 or 1."""
+    ok = (mask == 0) | (mask == 1)
+    if not torch.compiler.is_compiling():
+        if mask.device.type == "cpu":
+            if not bool(ok.all()):
+                seen = mask[~ok].reshape(-1)[0].item()
+                raise ValueError(
+                    f"mask must be bool or hold only 0 and 1 ({mask.dtype}), got the value "
+                    f"{seen}; per-token weights are not a mask"
+                )
+        elif mask.numel():
+            torch._assert_async(ok.all(), "mask must be bool or hold only 0 and 1")
+    return mask != 0
 
 
 def check_num_items(num_items_in_batch: object) -> None:
@@ -259,6 +288,55 @@ def check_sparse_targets(lead: torch.Size, vocab: int, indices: object,
     if not 1 <= k <= vocab:
         raise ValueError(f"k (the last dim of indices) must lie in [1, V={vocab}], got {k}")
     return k
+
+
+# How far sparse targets may stray from a distribution before they are refused: a
+# log-probability above 0, or a support holding more than all the mass, by more than the
+# rounding of the store's encodings (compact keeps the top 16 within 0.02 nats).
+LOGPROB_SLACK = 0.02
+MASS_SLACK = 0.05
+
+
+def check_teacher_logprobs(indices: Tensor, teacher_logprobs: Tensor,
+                           counted: Tensor | None = None, *,
+                           raise_errors: bool | None = None) -> Tensor | None:
+    """Sparse teacher targets must be log-probabilities: at valid ids (>= 0) not NaN or
+    +inf, at most 0, and summing to at most 1 per row (each up to rounding: LOGPROB_SLACK,
+    MASS_SLACK). Probabilities passed as log-probabilities fail the first test. Only the rows
+    that count are checked (`counted`: bool [N], None = all): an ignored row may hold
+    anything, as everywhere.
+
+    On CPU tensors in eager mode a violation is a ValueError naming the row and the value
+    (the check is free there); returns None. Elsewhere it would cost a host sync: returns a
+    bool [N] of the rows that violate it, which the op makes NaN (loss and gradient)."""
+    k = teacher_logprobs.shape[-1]
+    lp = teacher_logprobs.detach().reshape(-1, k).float()
+    on = indices.reshape(-1, k) >= 0
+    ninf = torch.full((), -math.inf, dtype=lp.dtype, device=lp.device)
+    lp = torch.where(on, lp, ninf)
+    mass = torch.logsumexp(lp, dim=-1)
+    bad_value = torch.isnan(lp) | (lp > LOGPROB_SLACK)
+    bad = bad_value.any(dim=-1) | (mass > math.log1p(MASS_SLACK))
+    if counted is not None:
+        bad = bad & counted
+        bad_value = bad_value & counted[:, None]
+    if raise_errors is None:
+        raise_errors = teacher_logprobs.device.type == "cpu" and \
+            not torch.compiler.is_compiling()
+    if not raise_errors:
+        return bad
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        values = lp[row][bad_value[row]]
+        if values.numel():
+            seen = values[0].item()
+            hint = " (probabilities passed as log-probabilities?)" if 0 < seen <= 1 else ""
+            raise ValueError(f"teacher_logprobs must be log-probabilities (finite or -inf, "
+                             f"<= 0): row {row} holds {seen}{hint}")
+        raise ValueError(f"teacher_logprobs of row {row} hold a probability mass of "
+                         f"{math.exp(mass[row].item()):.4g} > 1: not log-probabilities of one "
+                         "distribution")
+    return None
 
 
 def check_indices_in_range(indices: Tensor, vocab: int) -> None:

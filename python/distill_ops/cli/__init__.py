@@ -9,11 +9,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .. import __version__
 from ..bench.shapes import DIVERGENCES, OPS, TAILS
 from .bench_commands import _shape, bench
+from .common import CommandError, positive_float, positive_int
 from .store_commands import extract, ingest, inspect
 
 DESCRIPTION = ("Fused kernels for knowledge distillation of language models: time the ops "
@@ -29,9 +32,16 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (`distill-ops <cmd>: error: ...`, exit 2), no usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `distill-ops` parser: every command and flag, each with its help."""
-    ap = argparse.ArgumentParser(prog="distill-ops", description=DESCRIPTION)
+    ap = _Parser(prog="distill-ops", description=DESCRIPTION)
     ap.add_argument("--version", action="version", version=f"distill-ops {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time every op against its peers and the hardware limit")
@@ -41,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small CPU-friendly sizes, 3 repetitions, no torch.compile")
     b.add_argument("--shape", type=_shape, action="append",
                    help="NxV (repeatable), replacing every op's default sizes")
-    b.add_argument("--k", type=int, nargs="+", help="targets per row (ops that take k)")
-    b.add_argument("--hidden", type=int, nargs=2, metavar=("HS", "HT"),
+    b.add_argument("--k", type=positive_int, nargs="+",
+                   help="targets per row (ops that take k)")
+    b.add_argument("--hidden", type=positive_int, nargs=2, metavar=("HS", "HT"),
                    help="student and teacher hidden widths of the LM-head ops")
     b.add_argument("--divergence", nargs="+", default=list(DIVERGENCES), choices=DIVERGENCES,
                    metavar="D", help=f"divergences of the dense rows (default: all of "
@@ -51,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tail modes of the sparse rows (default: all of {', '.join(TAILS)})")
     b.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="default: bf16 on a GPU, fp32 on the CPU")
-    b.add_argument("--temperature", type=float, default=2.0,
+    b.add_argument("--temperature", type=positive_float, default=2.0,
                    help="the temperature every case runs at (default 2)")
-    b.add_argument("--reps", type=int, default=None,
+    b.add_argument("--reps", type=positive_int, default=None,
                    help="timed repetitions per case, after one warm-up (default: 10, 3 with "
                         "--quick)")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
@@ -63,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None,
                    help="folder for <device>-<date>.json, .md and -plots/*.png")
     b.add_argument("--no-plots", action="store_true", help="write no PNG plots")
-    b.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+    b.add_argument("--budget", type=positive_float, default=None, metavar="SECONDS",
                    help="start no new case after this long (the rest say so); results are "
                         "still written")
     b.add_argument("--no-progress", action="store_true",
@@ -78,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--trl-step", action="store_true",
                    help="one training step of TRL's DistillationTrainer against "
                         "distill_ops.integrations.trl's (--hidden HS HT, V from --shape)")
-    b.add_argument("--world", type=int, default=None, metavar="N",
+    b.add_argument("--world", type=positive_int, default=None, metavar="N",
                    help="time the vocab-parallel ops on N processes (gloo on CPUs, NCCL with "
                         "a GPU per rank) and the bytes each sends per row; first --shape")
     b.set_defaults(func=bench)
@@ -87,17 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--teacher", required=True, help="local Hugging Face causal LM directory")
     e.add_argument("--data", nargs="+", required=True, help=".txt, .jsonl, .npy or .pt files")
     e.add_argument("--out", required=True, help="the store directory (resumed if it exists)")
-    e.add_argument("--k", type=int, default=64, help="top-k targets per token")
-    e.add_argument("--sample", type=int, default=None,
+    e.add_argument("--k", type=positive_int, default=64, help="top-k targets per token")
+    e.add_argument("--sample", type=positive_int, default=None,
                    help="store N sampled draws per token instead of the top-k")
-    e.add_argument("--temperature", type=float, default=1.0,
+    e.add_argument("--temperature", type=positive_float, default=1.0,
                    help="the temperature the targets are taken at, recorded in the manifest")
     e.add_argument("--encoding", default="compact", choices=["compact", "fp16", "bf16"],
                    help="how values are stored (default compact: ~half of fp16's bytes, "
                         "errors bounded per token)")
-    e.add_argument("--max-length", type=int, default=None,
+    e.add_argument("--max-length", type=positive_int, default=None,
                    help="cut each sequence to this many tokens")
-    e.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    e.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
     e.add_argument("--device", default=None,
                    help="where the teacher runs (default: cuda if present; under torchrun "
                         "cuda:LOCAL_RANK)")
@@ -128,9 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", required=True,
                    help="the student's tokenizer: a directory with tokenizer.json, or the file")
     g.add_argument("--out", required=True, help="the store directory (continued if it exists)")
-    g.add_argument("--k", type=int, default=None, help="targets per position (default: from "
-                   "the first response, or the existing store's)")
-    g.add_argument("--temperature", type=float, default=None,
+    g.add_argument("--k", type=positive_int, default=None,
+                   help="targets per position (default: from the first response, or the "
+                        "existing store's)")
+    g.add_argument("--temperature", type=positive_float, default=None,
                    help="the teacher's sampling temperature (recorded in the manifest)")
     g.add_argument("--encoding", default="compact", choices=["compact", "fp16", "bf16"],
                    help="how values are stored (default compact)")
@@ -149,11 +161,68 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors found before any work: paths that do not exist, a GPU that is not there."""
+    def need(flag: str, path: str, kind: str = "path") -> None:
+        p = Path(path)
+        ok = p.is_dir() if kind == "directory" else p.exists()
+        if not ok:
+            parser.error(f"{flag} {path}: no such {kind}")
+
+    cmd = args.command
+    if cmd == "extract":
+        need("--teacher", args.teacher, "directory")
+        for f in args.data:
+            need("--data", f, "file")
+    elif cmd == "ingest":
+        for f in args.files:
+            need("file", f, "file")
+        need("--tokenizer", args.tokenizer)
+    elif cmd == "inspect":
+        need("store", args.store, "directory")
+    elif cmd == "demo" and args.corpus is not None:
+        need("--corpus", args.corpus)
+    device = getattr(args, "device", None)
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {device}: no CUDA device is available here (torch "
+                         f"{torch.__version__}, CUDA {torch.version.cuda})")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. A user mistake prints `distill-ops <cmd>: error: <what>` on stderr
+    and exits 2 (usage: argparse's own errors, missing paths, bad numbers) or 1 (the command
+    failed); DISTILL_OPS_TRACEBACK=1 shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
     args.argv = argv
-    return args.func(args)
+    sub = next(a for a in parser._actions
+               if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    if extra:  # named by the command they were given to
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
+    _check_paths(sub, args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"distill-ops {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("DISTILL_OPS_TRACEBACK", "") not in ("", "0"):
+            raise
+        what = "" if isinstance(exc, (CommandError, ValueError, OSError)) \
+            else f"{type(exc).__name__}: "
+        print(f"distill-ops {args.command}: error: {what}{_one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

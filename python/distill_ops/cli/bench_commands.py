@@ -23,8 +23,15 @@ def _git_commit() -> str | None:
 
 
 def _shape(text: str) -> tuple[int, int]:
-    n, v = text.lower().split("x")
-    return int(n), int(v)
+    """NxV, both >= 1 (an argparse type: anything else is a usage error)."""
+    try:
+        n, v = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be NxV (e.g. 2048x32000), got {text!r}") \
+            from None
+    if n < 1 or v < 1:
+        raise argparse.ArgumentTypeError(f"N and V must be >= 1, got {text!r}")
+    return n, v
 
 
 def _shapes(args: argparse.Namespace, device: str) -> dict:

@@ -7,6 +7,8 @@ import json
 
 import torch
 
+from .common import CommandError
+
 
 def extract(args: argparse.Namespace) -> int:
     import os
@@ -29,6 +31,9 @@ def extract(args: argparse.Namespace) -> int:
     rate = counts["tokens"] / counts["seconds"] if counts["seconds"] else 0.0
     print(f"wrote {counts['written']} sequences ({counts['tokens']} tokens, {rate:,.0f} tokens/s)"
           f", skipped {counts['skipped']} already stored, into {args.out}")
+    if counts["written"] == 0 and counts["skipped"] == 0:
+        raise CommandError(f"no sequence found in {', '.join(map(str, args.data))}: "
+                           "nothing stored")
     return 0
 
 
@@ -51,6 +56,10 @@ def ingest(args: argparse.Namespace) -> int:
                         ("alternatives past k", r.dropped_alternatives)):
         if count:
             print(f"  left out {count} {what}")
+    if r.written == 0 and r.already_stored == 0:
+        why = ", ".join(f"{c} {w}" for w, c in sorted(r.skipped.items())) or "no lines"
+        raise CommandError(f"no sequence stored from {', '.join(map(str, args.files))} "
+                           f"({why})")
     return 0
 
 
@@ -58,5 +67,5 @@ def inspect(args: argparse.Namespace) -> int:
     from ..store.extract import format_inspection, inspect_store
 
     info = inspect_store(args.store, verify=not args.no_verify)
-    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    print(json.dumps(info, indent=2, allow_nan=False) if args.json else format_inspection(info))
     return 0

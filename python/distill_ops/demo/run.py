@@ -155,7 +155,7 @@ def prepare(cfg: Config, corpus: str | None, cache: Path, device: torch.device,
                   device, _Stage("teacher", cfg.teacher_steps, progress))
         where.mkdir(parents=True, exist_ok=True)
         torch.save(teacher.state_dict(), t_path)
-    teacher.eval()
+    teacher.eval().requires_grad_(False)  # distilled from, never trained by the students
     return {"where": where, "tokenizer": tok, "vocab": vocab, "train": train, "held": held,
             "seen": seen, "teacher": teacher, "files": len(files),
             "train_tokens": train.numel(), "held_tokens": held.numel()}

@@ -76,8 +76,12 @@ class DistillTrainer(Trainer):
         if self.teacher is not None:
             with torch.no_grad():
                 t_hidden, t_weight, t_bias = self._hidden_and_head(self.teacher, model_inputs)
-            loss = fused_linear_kd_loss(hidden[:, :-1], weight, t_hidden[:, :-1], t_weight,
-                                        teacher_bias=t_bias, **kwargs)
+            # The teacher is not trained here: its head is detached (a parameter that
+            # requires grad would otherwise be refused by fused_linear_kd_loss).
+            loss = fused_linear_kd_loss(hidden[:, :-1], weight, t_hidden[:, :-1],
+                                        t_weight.detach(),
+                                        teacher_bias=None if t_bias is None else t_bias.detach(),
+                                        **kwargs)
         elif indices is None or logprobs is None:
             raise ValueError("DistillTrainer without a teacher needs 'teacher_indices' and "
                              "'teacher_logprobs' in every batch (keep them with "

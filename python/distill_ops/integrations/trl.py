@@ -107,8 +107,10 @@ class DistillationTrainer(_trl.DistillationTrainer):
         cfg_s = unwrapped_student.config.get_text_config()
         cfg_t = unwrapped_teacher.config.get_text_config()
         w_s, b_s = _full(head_s.weight), _full(head_s.bias)
-        w_t = _full(head_t.weight).to(h_t.dtype)
+        # The teacher is not trained (TRL runs it under no_grad): its head goes in detached.
+        w_t = _full(head_t.weight).detach().to(h_t.dtype)
         b_t = _full(head_t.bias)
+        b_t = None if b_t is None else b_t.detach()
         mask = loss_mask.to(device) != 0
         loss, entropy = fused_linear_kd_loss(
             h_s.to(device), w_s, h_t.to(device), w_t, student_bias=b_s, teacher_bias=b_t,

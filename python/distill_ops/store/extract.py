@@ -9,7 +9,6 @@ the LM head through :func:`fused_linear_topk` (vocabulary tiles), sampled target
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -251,25 +250,29 @@ def inspect_store(path: str | os.PathLike[str], *, verify: bool = True,
         "value_encoding": m["value_encoding"], "temperature": m["temperature"],
         "ranks": len(reader.rank_states), "shards": len(shards),
         "payload_bytes": payload, "index_bytes": index,
-        "bytes_per_token": (payload + index) / tokens if tokens else math.nan,
-        "mean_mass_covered": mass_sum / tokens if tokens else math.nan,
+        # None (JSON null) for an empty store: a ratio over no tokens is no number.
+        "bytes_per_token": (payload + index) / tokens if tokens else None,
+        "mean_mass_covered": mass_sum / tokens if tokens else None,
         "mass_histogram": {f"[{lo:g}, {min(hi, 1):g}{']' if hi > 1 else ')'}": int(c)
                            for lo, hi, c in zip(bins[:-1], bins[1:], mass_hist, strict=True)},
         "max_error_head": stats["max_err_head"], "max_error_tail": stats["max_err_tail"],
-        "checksums_verified": checked, "metadata": m.get("metadata", {}),
+        "verified": verify, "checksums_verified": checked, "metadata": m.get("metadata", {}),
     }
 
 
 def format_inspection(info: dict[str, Any]) -> str:
+    def num(x: float | None, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
     lines = [
         f"store        {info['path']}",
         f"targets      {info['kind']}, k={info['k']}, V={info['vocab_size']}, "
         f"T={info['temperature']:g}, {info['value_encoding']}",
         f"sequences    {info['sequences']:,} ({info['ranks']} rank(s), {info['shards']} shard(s))",
         f"tokens       {info['tokens']:,}",
-        f"bytes/token  {info['bytes_per_token']:.1f} (payload {info['payload_bytes']:,} B, "
-        f"index {info['index_bytes']:,} B)",
-        f"mass covered mean {info['mean_mass_covered']:.4f}",
+        f"bytes/token  {num(info['bytes_per_token'], '.1f')} (payload {info['payload_bytes']:,} "
+        f"B, index {info['index_bytes']:,} B)",
+        f"mass covered mean {num(info['mean_mass_covered'], '.4f')}",
     ]
     total = max(1, sum(info["mass_histogram"].values()))
     for label, count in info["mass_histogram"].items():
@@ -278,5 +281,5 @@ def format_inspection(info: dict[str, Any]) -> str:
     lines.append(f"max |error|  head {info['max_error_head']:.4g} nats, rest "
                  f"{info['max_error_tail']:.4g} nats (at write time)")
     lines.append(f"checksums    {info['checksums_verified']:,} sequences verified, all shards OK"
-                 if info["checksums_verified"] else "checksums    not verified (--no-verify)")
+                 if info["verified"] else "checksums    not verified (--no-verify)")
     return "\n".join(lines)

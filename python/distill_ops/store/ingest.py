@@ -483,7 +483,10 @@ def ingest(files: Iterable[str | os.PathLike[str]], out: str | os.PathLike[str],
                 report.already_stored += 1
                 continue
             ids, lps = _arrays(seq, k, report)
-            writer.append(seq.key, ids, lps, tokens=np.asarray(seq.tokens, dtype=np.int64))
+            try:
+                writer.append(seq.key, ids, lps, tokens=np.asarray(seq.tokens, dtype=np.int64))
+            except ValueError as exc:  # invalid targets: name the line they came from
+                raise ValueError(f"{where}: {exc}") from None
             report.written += 1
             report.positions += ids.shape[0]
     finally:

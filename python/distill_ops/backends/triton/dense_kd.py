@@ -291,6 +291,10 @@ def dense_kd_kernel(
             sum_qg = tl.sum(acc_b, 0)
 
     loss = soft_coef * div
+    # A NaN or +inf logit makes its side's sum NaN, and the row's loss NaN whatever the
+    # divergence's own guards (0 * log 0) would hide; the op layer turns a NaN row loss into
+    # a NaN gradient row (autograd.propagate_nan_rows).
+    loss = tl.where((log_ss != log_ss) | (log_st != log_st), float("nan"), loss)
     log_s1 = 0.0
     found = True
     if HAS_HARD:
