@@ -360,6 +360,7 @@ def fused_linear_kd_loss(
                 "or online distillation project its logits and use kd_loss, which returns the "
                 "teacher's exact gradient")
     mask = check_row_tensors(lead, labels, mask, ignore_index)
+    valid = valid_rows(labels, mask, ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
     check_num_items(num_items_in_batch)
     reduction, num_items_in_batch = resolve_batchmean(
@@ -395,8 +396,7 @@ def fused_linear_kd_loss(
             raise ValueError("sparse targets need both teacher_indices and teacher_logprobs")
         if process_group is None:
             check_sparse_targets(lead, v_s, teacher_indices, teacher_logprobs)
-            check_teacher_logprobs(teacher_indices, teacher_logprobs,
-                                   valid_rows(labels, mask, ignore_index))
+            check_teacher_logprobs(teacher_indices, teacher_logprobs, valid)
         check_choice("tail", tail, TAILS)
         source_t = check_positive("source_temperature", source_temperature)
         tail_code, vocab = TAIL_CODES[tail], v_s
@@ -449,13 +449,11 @@ def fused_linear_kd_loss(
                                            torch.float32)
             lq = torch.log_softmax(z, -1)
             ent = -(lq.exp() * torch.where(lq.exp() > 0, lq, 0.0)).sum(-1)
-            counted = valid_rows(labels, mask, ignore_index)
-            if counted is not None:
-                ent = torch.where(counted.reshape(lead), ent, 0.0)
+            if valid is not None:
+                ent = torch.where(valid.reshape(lead), ent, 0.0)
         return loss, ent
 
     n = h_s.reshape(-1, h_s.shape[-1]).shape[0]
-    valid = valid_rows(labels, mask, ignore_index)
     keep = None if valid is None else valid.nonzero().squeeze(1)  # the one host read
     def rows_of(x: Tensor) -> Tensor:
         x = x.reshape(n, *x.shape[len(lead):])

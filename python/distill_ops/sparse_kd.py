@@ -163,8 +163,8 @@ def sparse_kd_loss(
     if labels is not None and sc.hard_weight > 0:
         check_labels_in_range(labels, ignore_index, vocab)
     check_indices_in_range(indices, vocab)
-    bad_targets = check_teacher_logprobs(indices, teacher_logprobs,
-                                         valid_rows(labels, mask, ignore_index))
+    valid = valid_rows(labels, mask, ignore_index)
+    bad_targets = check_teacher_logprobs(indices, teacher_logprobs, valid)
     teacher_grad = teacher_wants_grad(teacher_logprobs)
     if shard is not None:
         if teacher_grad:
@@ -194,7 +194,6 @@ def sparse_kd_loss(
     idx = indices.reshape(-1, k).to(torch.int64).contiguous()
     tlp = teacher_logprobs.detach().reshape(-1, k).to(
         torch.float64 if wide else torch.float32).contiguous()
-    valid = valid_rows(labels, mask, ignore_index)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous() if sc.hard_weight > 0 else None
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     row_scale = reduction_weight(student, valid, reduction, num_items_in_batch) \

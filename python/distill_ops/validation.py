@@ -152,7 +152,7 @@ def _mask_from_01(mask: Tensor) -> Tensor:
     if not torch.compiler.is_compiling():
         if mask.device.type == "cpu":
             if not bool(ok.all()):
-                seen = mask[~ok].reshape(-1)[0].item()
+                seen = mask[~ok].reshape(-1)[0].item()  # host-sync-ok: CPU, to an error
                 raise ValueError(
                     f"mask must be bool or hold only 0 and 1 ({mask.dtype}), got the value "
                     f"{seen}; per-token weights are not a mask"
@@ -298,8 +298,8 @@ MASS_SLACK = 0.05
 
 
 def check_teacher_logprobs(indices: Tensor, teacher_logprobs: Tensor,
-                           counted: Tensor | None = None, *,
-                           raise_errors: bool | None = None) -> Tensor | None:
+                           counted: Tensor | None = None, *, raise_errors: bool | None = None,
+                           name: str = "teacher_logprobs", row: str = "row") -> Tensor | None:
     """Sparse teacher targets must be log-probabilities: at valid ids (>= 0) not NaN or
     +inf, at most 0, and summing to at most 1 per row (each up to rounding: LOGPROB_SLACK,
     MASS_SLACK). Probabilities passed as log-probabilities fail the first test. Only the rows
@@ -307,7 +307,8 @@ def check_teacher_logprobs(indices: Tensor, teacher_logprobs: Tensor,
     anything, as everywhere.
 
     On CPU tensors in eager mode a violation is a ValueError naming the row and the value
-    (the check is free there); returns None. Elsewhere it would cost a host sync: returns a
+    (`name` and `row` say what the caller calls them; the store writer: "logprobs" and
+    "token"; the check is free there); returns None. Elsewhere it would cost a host sync: returns a
     bool [N] of the rows that violate it, which the op makes NaN (loss and gradient)."""
     k = teacher_logprobs.shape[-1]
     lp = teacher_logprobs.detach().reshape(-1, k).float()
@@ -326,16 +327,16 @@ def check_teacher_logprobs(indices: Tensor, teacher_logprobs: Tensor,
     if not raise_errors:
         return bad
     if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        values = lp[row][bad_value[row]]
+        r = int(bad.nonzero()[0, 0])
+        values = lp[r][bad_value[r]]
         if values.numel():
-            seen = values[0].item()
+            seen = values[0].item()  # host-sync-ok: CPU tensors, on the way to an error
             hint = " (probabilities passed as log-probabilities?)" if 0 < seen <= 1 else ""
-            raise ValueError(f"teacher_logprobs must be log-probabilities (finite or -inf, "
-                             f"<= 0): row {row} holds {seen}{hint}")
-        raise ValueError(f"teacher_logprobs of row {row} hold a probability mass of "
-                         f"{math.exp(mass[row].item()):.4g} > 1: not log-probabilities of one "
-                         "distribution")
+            raise ValueError(f"{name} must be log-probabilities (<= 0), not NaN or +inf: "
+                             f"{row} {r} holds {seen:g}{hint}")
+        total = math.exp(mass[r].item())  # host-sync-ok: CPU tensors, on the way to an error
+        raise ValueError(f"{name} of {row} {r} hold a probability mass of {total:.4g} > 1: "
+                         "not log-probabilities of one distribution")
     return None
 
 

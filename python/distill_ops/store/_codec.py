@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..backends.extension import native
-from ..validation import LOGPROB_SLACK, MASS_SLACK
+from ..validation import check_teacher_logprobs
 from ._format import ENCODINGS
 
 
@@ -68,20 +68,11 @@ def check_targets(indices: Any, logprobs: Any, vocab: int,
         if np.isnan(valid_lp).any() or np.isposinf(valid_lp).any():
             raise ValueError("logprobs must be finite or -inf where indices are valid; got "
                              + ("NaN" if np.isnan(valid_lp).any() else "+inf"))
-        on = np.where(pad, -np.inf, lp.astype(np.float64))
-        high = on > LOGPROB_SLACK
-        if high.any():
-            row = int(np.nonzero(high.any(axis=1))[0][0])
-            seen = float(on[row][high[row]][0])
-            hint = " (probabilities passed as log-probabilities?)" if seen <= 1 else ""
-            raise ValueError(f"logprobs must be log-probabilities (<= 0): token {row} holds "
-                             f"{seen:g}{hint}")
-        with np.errstate(under="ignore"):
-            mass = np.exp(on).sum(axis=1)
-        if (mass > 1 + MASS_SLACK).any():
-            row = int(np.nonzero(mass > 1 + MASS_SLACK)[0][0])
-            raise ValueError(f"logprobs of token {row} hold a probability mass of "
-                             f"{mass[row]:.4g} > 1: not log-probabilities of one distribution")
+        # The loss's own check (values <= 0, mass <= 1, up to the encodings' rounding), on
+        # copies: the arrays may be read-only views (the ingest scanner's buffers).
+        check_teacher_logprobs(torch.from_numpy(ids.astype(np.int64)),
+                               torch.from_numpy(lp.astype(np.float32)), raise_errors=True,
+                               name="logprobs", row="token")
     return (np.ascontiguousarray(ids, dtype=np.int32),
             np.ascontiguousarray(lp, dtype=np.float32))
 
