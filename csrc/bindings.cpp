@@ -187,6 +187,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("divergence", &KDParams::divergence)
       .def_readwrite("temperature", &KDParams::temperature)
       .def_readwrite("beta", &KDParams::beta)
+      .def_readwrite("param2", &KDParams::param2)
+      .def_readwrite("interp", &KDParams::interp)
       .def_readwrite("scale_s", &KDParams::scale_s)
       .def_readwrite("cap_s", &KDParams::cap_s)
       .def_readwrite("scale_t", &KDParams::scale_t)
@@ -201,6 +203,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("temperature", &SparseParams::temperature)
       .def_readwrite("source_temperature", &SparseParams::source_temperature)
       .def_readwrite("beta", &SparseParams::beta)
+      .def_readwrite("param2", &SparseParams::param2)
+      .def_readwrite("interp", &SparseParams::interp)
       .def_readwrite("hard_weight", &SparseParams::hard_weight)
       .def_readwrite("soft_coef", &SparseParams::soft_coef);
 

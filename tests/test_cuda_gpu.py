@@ -15,7 +15,7 @@ import torch
 from helpers import GRAD_RTOL, LOSS_FLOOR, LOSS_RTOL, assert_close, logits
 
 import distill_ops
-from distill_ops import reference
+from distill_ops import reference, validation
 from distill_ops.backends.extension import has_native, native
 
 ON_GPU = torch.cuda.is_available()
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
     not (ON_GPU and BUILT),
     reason="needs a CUDA GPU" if not ON_GPU else "distill_ops was built without CUDA kernels")
 
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd"]
+DIVERGENCES = list(validation.DIVERGENCES)
 TAILS = ["bucket", "renorm", "support", "none"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

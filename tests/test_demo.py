@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -87,4 +88,20 @@ def test_cli_arguments_reach_the_demo(monkeypatch, tmp_path):
     assert cli.main(["demo", "--quick", "--corpus", str(corpus), "--out", str(tmp_path),
                      "--device", "cpu", "--no-progress"]) == 0
     assert seen == dict(quick=True, corpus=str(corpus), out=str(tmp_path), device="cpu",
-                        cache=None, progress=False)
+                        cache=None, progress=False, runs=RUNS)
+    assert cli.main(["demo", "--quick", "--divergence", "ab", "akl"]) == 0
+    assert seen["runs"] == (*RUNS, "dense-ab", "dense-akl")
+
+
+def test_research_divergence_rows(tmp_path):
+    """dense-<divergence> rows train with that divergence and the log names the best."""
+    lines = []
+    report = run_demo(cfg=TINY, out=None, cache=str(tmp_path / "c"), device="cpu",
+                      progress=False, runs=("dense", "dense-skew_kl", "dense-ab", "dense-akl"),
+                      log=lines.append)
+    runs = {r["name"]: r for r in report["runs"]}
+    assert runs["dense-ab"]["divergence"] == "ab" and runs["dense"]["divergence"] == "forward_kl"
+    assert all(r["targets"] == "dense" and math.isfinite(r["heldout_loss"])
+               for r in runs.values())
+    assert len({r["heldout_loss"] for r in runs.values()}) == 4
+    assert any("best divergence on this corpus" in x for x in lines)

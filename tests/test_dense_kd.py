@@ -10,10 +10,10 @@ from conftest import device_for, kernel_backends
 from helpers import GRAD_RTOL, LOSS_FLOOR, LOSS_RTOL, assert_close, logits, rel_err
 
 import distill_ops
-from distill_ops import reference
+from distill_ops import reference, validation
 
 BACKENDS = kernel_backends()
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd"]
+DIVERGENCES = list(validation.DIVERGENCES)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -33,13 +33,20 @@ def run(backend, student, teacher, *, grad_scale=True, **kw):
     return loss, g, ref, g64
 
 
+# Gradients whose fp32 sum cancels more than the others' (terms of both signs against a
+# centring): PyTorch's own fp32 maths of the same formula is this much further from float64
+# (skew reverse KL at T = 0.5: 1.8e-5 against 1e-5; measured over 300 seeds).
+GRAD_CONDITION = {"skew_reverse_kl": 4.0, "ab": 2.0}
+
+
 def check(backend, student, teacher, **kw):
     loss, g, ref, g64 = run(backend, student, teacher, **kw)
     dtype = student.dtype
     assert loss.dtype == torch.float32
     assert g.dtype == dtype and g.shape == student.shape
     assert_close(loss, ref, LOSS_RTOL[dtype], "loss", LOSS_FLOOR)
-    assert_close(g, g64, GRAD_RTOL[dtype], "grad")
+    cond = GRAD_CONDITION.get(kw.get("divergence"), 1.0) if dtype == torch.float32 else 1.0
+    assert_close(g, g64, GRAD_RTOL[dtype] * cond, "grad")
     return loss, g
 
 
@@ -206,7 +213,9 @@ def test_masked_vocab_neg_inf_gives_no_nan(seed, backend, divergence, dtype):
     banned = torch.rand(4, 700, device=dev) < 0.3
     s[banned] = float("-inf")
     t[banned] = float("-inf")
-    (s if divergence == "reverse_kl" else t)[:, :50] = float("-inf")
+    # One-side masks: where the divergence stays finite (AKL holds both KLs: neither side).
+    if divergence != "akl":
+        (s if divergence == "reverse_kl" else t)[:, :50] = float("-inf")
     loss, g = check(backend, s, t, divergence=divergence, temperature=2.0)
     assert torch.isfinite(loss).all() and torch.isfinite(g).all()
 

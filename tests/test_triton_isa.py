@@ -19,6 +19,17 @@ from test_triton_aot import TRITON_36, _install_triton36
 pytest.importorskip("triton")
 
 
+# The research divergences' loops, as a multiple of their memory time they may take (the
+# static model's issue or MUFU time; bench/results/isa-2026-12-02.md has the tables). The
+# skew KLs' loss pass needs 4 MUFU a logit (p, q, the mixture's lg2 and q / m): 1.03x of its
+# bytes. AB's stable element (three exponentials and two short series, so that it keeps its
+# accuracy as either parameter tends to 0) issues 114 instructions a logit in its loss pass:
+# 3.6x, compute-bound. AKL's loops are under their bytes, but its threshold search reads the
+# teacher row 31 more times. A ceiling here stops them growing unnoticed.
+RESEARCH_CEILING = {"dense skew KL + grad": 1.05, "dense skew reverse KL + grad": 1.05,
+                    "dense AB + grad": 3.8, "dense AKL + grad": 1.0}
+
+
 def _records(extra_path: str | None) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
@@ -33,14 +44,17 @@ def _records(extra_path: str | None) -> list[dict]:
 @pytest.mark.parametrize("which", ["newest", TRITON_36])
 def test_row_kernel_loops_are_not_compute_bound(which):
     records = _records(None if which == "newest" else str(_install_triton36()))
-    dense = [r for r in records if r["kernel"].startswith("dense")]
+    research = [r for r in records if r["kernel"] in RESEARCH_CEILING]
+    dense = [r for r in records if r["kernel"].startswith("dense") and r not in research]
     sparse = [r for r in records if r["kernel"].startswith("sparse")]
-    assert len(dense) == 10, records  # 2 loops for the KLs, 3 for JSD and TVD
+    assert len(dense) == 12, records  # 2 loops for the KLs (and TAID's), 3 for JSD and TVD
     assert len(sparse) == 3, records  # maximum, sum, gradient
-    for r in dense + sparse:
+    assert len(research) == 14, records  # 3 loops each for the skews and AB, 5 for AKL
+    for r in dense + sparse + research:
         assert r["wide_loads"], r  # 16-byte loads: 8 bf16 logits per instruction
-        assert r["issue_ms"] <= r["memory_ms"], r
-        assert r["mufu_ms"] <= r["memory_ms"], r
+        ceiling = RESEARCH_CEILING.get(r["kernel"], 1.0)
+        assert r["issue_ms"] <= ceiling * r["memory_ms"], r
+        assert r["mufu_ms"] <= ceiling * r["memory_ms"], r
     for r in dense:
         if r["loop"] == 1:  # statistics: one ex2 per logit and side, one per group of 8
             assert r["mufu"] <= 2.25 + 1e-9, r

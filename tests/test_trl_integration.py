@@ -108,6 +108,41 @@ def test_distillation_trainer_loss_and_every_gradient_equal_trls(tmp_path, beta,
             assert _rel(go[name], gt[name]) <= 1e-4, name
 
 
+@pytest.mark.parametrize(("divergence", "options"), [
+    ("skew_kl", {"skew": 0.2}), ("skew_reverse_kl", {}), ("ab", {"ab_alpha": 0.3}),
+    ("akl", {"akl_head_mass": 0.6}), ("forward_kl", {"teacher_interpolation": 0.7})])
+def test_distillation_trainer_takes_the_research_divergences(tmp_path, divergence, options):
+    """divergence= swaps TRL's JSD for any of ours (finite loss and gradients, not JSD's
+    value); a bad option is refused when the trainer is built."""
+    from datasets import Dataset
+
+    from distill_ops.integrations import trl as ours
+
+    config = trl.DistillationConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=3, report_to=[], use_cpu=True,
+        temperature=1.5, max_completion_length=6)
+    ds = Dataset.from_dict({"prompt": ["w1 w2 w3"]})
+    trainer = ours.DistillationTrainer(model=tiny(32, 0), teacher_model=tiny(48, 1), args=config,
+                                       train_dataset=ds, processing_class=tokenizer(),
+                                       divergence=divergence, divergence_options=options)
+    inputs = _inputs(5, tool_mask=False)
+    loss, _, _, grads = _loss_and_grads(trainer, inputs, None)
+    assert torch.isfinite(loss) and len(grads) > 0
+    plain = ours.DistillationTrainer(model=copy.deepcopy(trainer.model),
+                                     teacher_model=trainer.teacher_model, args=config,
+                                     train_dataset=ds, processing_class=tokenizer())
+    jsd, _, _, _ = _loss_and_grads(plain, inputs, None)
+    assert abs(loss.item() - jsd.item()) > 1e-6  # the divergence did change
+    with pytest.raises(ValueError, match="ab_alpha"):
+        ours.DistillationTrainer(model=tiny(32, 0), teacher_model=tiny(48, 1), args=config,
+                                 train_dataset=ds, processing_class=tokenizer(),
+                                 divergence="ab", divergence_options={"ab_alpha": 0.0})
+    with pytest.raises(ValueError, match="divergence_options"):
+        ours.DistillationTrainer(model=tiny(32, 0), teacher_model=tiny(48, 1), args=config,
+                                 train_dataset=ds, processing_class=tokenizer(),
+                                 divergence="ab", divergence_options={"alpha": 0.3})
+
+
 def test_distillation_trainer_trains_and_logs_entropy(tmp_path):
     _, ours = _trainers(tmp_path, 0.5, 1.0, tiny(32, 0), tiny(48, 1), max_steps=3,
                         logging_steps=1, learning_rate=1e-2)

@@ -14,10 +14,11 @@ from conftest import device_for, kernel_backends
 from helpers import logits
 
 import distill_ops
+from distill_ops import validation
 from distill_ops.validation import check_teacher_logprobs
 
 BACKENDS = [*kernel_backends(), "torch"]
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+DIVERGENCES = validation.DIVERGENCES
 
 
 def _device(backend):

@@ -17,10 +17,11 @@ import torch
 from dist_helpers import run_ranks
 
 import distill_ops
+from distill_ops import validation
 from distill_ops.distributed import comm_stats, reset_comm_stats
 
 SPLITS = {2: [120, 181], 4: [50, 1, 0, 250]}  # V = 301
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd"]
+DIVERGENCES = list(validation.DIVERGENCES)
 TAILS = ["bucket", "renorm", "support", "none"]
 BAR = 1e-6
 
@@ -89,6 +90,8 @@ def _dense_case(rank, world, widths, seed, dtype, extreme):
     for div in DIVERGENCES:
         for name, kw in {
             "T0.7": dict(temperature=0.7, beta=0.3),
+            "taid": dict(temperature=1.3, teacher_interpolation=0.6, skew=0.3, ab_alpha=0.3,
+                         ab_beta=0.8, akl_head_mass=0.7),
             "hard": dict(temperature=2.0, labels=labels, hard_weight=0.4, soft_weight=0.6,
                          scale_by_t2=True),
             "mask-sum": dict(temperature=1.0, mask=mask, reduction="sum"),
@@ -131,7 +134,8 @@ def _sparse_case(rank, world, widths, seed, dtype):
     for div in DIVERGENCES:
         for tail in TAILS:
             kw = dict(divergence=div, tail=tail, temperature=2.0, source_temperature=1.0,
-                      labels=labels, hard_weight=0.3)
+                      labels=labels, hard_weight=0.3,
+                      teacher_interpolation=0.7 if div in ("ab", "akl") else 1.0)
             lu, gu = _loss_and_grad(lambda x, kw=kw: distill_ops.sparse_kd_loss(
                 x, idx, lp, **kw), s)
             ls, gs = _loss_and_grad(lambda x, kw=kw: distill_ops.sparse_kd_loss(

@@ -19,10 +19,121 @@ namespace {
 
 // Computes the divergence of one row and leaves in d[j] its gradient w.r.t. z_s[j].
 // es/et hold exp(z - max) of student/teacher; et is overwritten by d.
+// AKL's head threshold: the largest tau with sum_{p_j >= tau} p_j >= head_mass, i.e. the
+// smallest probability of the head (the teacher's most probable ids up to that cumulative
+// mass, its top-1 always, ties at the boundary all in). Found by selection, not a sort: a
+// three-way partition around a pivot keeps the side that holds the boundary (expected O(n)).
 template <typename Acc>
-Acc divergence_row(Divergence div, Acc beta, const Acc* zs, const Acc* zt, const Acc* es,
-                   Acc* et, RowStats<Acc> s, RowStats<Acc> t, int64_t n, bool want_grad) {
+Acc akl_threshold(const Acc* et, Acc inv_s, int64_t n, Acc head_mass, std::vector<Acc>& buf) {
+  if (head_mass >= Acc(1)) return Acc(0);  // the whole vocabulary, whatever its sum rounds to
+  buf.resize(size_t(n));
+  for (int64_t j = 0; j < n; ++j) buf[size_t(j)] = et[j] * inv_s;
+  Acc* lo = buf.data();
+  Acc* hi = lo + n;
+  double need = double(head_mass);
+  Acc tau = Acc(0);
+  while (lo < hi) {
+    const Acc pivot = std::max(std::min(lo[0], hi[-1]), std::min(std::max(lo[0], hi[-1]),
+                                                                  lo[(hi - lo) / 2]));
+    if (!(pivot == pivot)) break;  // a NaN row: its loss is NaN anyway
+    Acc* gt_end = std::partition(lo, hi, [&](Acc v) { return v > pivot; });
+    Acc* eq_end = std::partition(gt_end, hi, [&](Acc v) { return v == pivot; });
+    double above = 0, at = 0;
+    for (Acc* v = lo; v < gt_end; ++v) above += double(*v);
+    for (Acc* v = gt_end; v < eq_end; ++v) at += double(*v);
+    if (gt_end > lo && above >= need) {
+      hi = gt_end;  // the boundary lies among the larger values
+    } else if (above + at >= need || eq_end == hi) {
+      tau = pivot;  // the pivot's ties close the head (or nothing smaller is left)
+      break;
+    } else {
+      need -= above + at;
+      tau = pivot;
+      lo = eq_end;
+    }
+  }
+  return tau;
+}
+
+// The research divergences of one row: the loss, with h_j = dL/dlog q_j left in et[j].
+template <typename Acc>
+Acc research_row(Divergence div, Acc prm, Acc prm2, const Acc* zs, const Acc* zt,
+                 const Acc* es, Acc* et, RowStats<Acc> s, RowStats<Acc> t, int64_t n,
+                 std::vector<Acc>& buf) {
+  if (div == Divergence::AKL) {
+    const Acc tau = akl_threshold(et, t.inv_s, n, prm, buf);
+    double fkl = 0, rkl = 0, g_head = 0, g_tail = 0;
+    for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
+      const int64_t j1 = std::min(n, j0 + kSumBlock);
+      Acc f = 0, r = 0, gh = 0, gt = 0;
+#pragma omp simd reduction(+ : f, r, gh, gt)
+      for (int64_t j = j0; j < j1; ++j) {
+        const Acc lq = (zs[j] - s.m) - s.log_s;
+        const Acc lp = (zt[j] - t.m) - t.log_s;
+        const Acc q = es[j] * s.inv_s;
+        const Acc p = et[j] * t.inv_s;
+        f += xlogratio(p, lp, lq);
+        r += xlogratio(q, lq, lp);
+        const Acc gap = std::abs(p - q);
+        gh += p >= tau ? gap : Acc(0);
+        gt += p >= tau ? Acc(0) : gap;
+      }
+      fkl += double(f);
+      rkl += double(r);
+      g_head += double(gh);
+      g_tail += double(gt);
+    }
+    const Acc w = akl_head_weight(Acc(g_head), Acc(g_tail));
+    // The gradient written directly (q and p both sum to one): w (q - p) + (1 - w) q (lq - lp
+    // - RKL); et takes it with h's meaning for a zero sum.
+    const Acc rk = Acc(rkl);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const Acc lq = (zs[j] - s.m) - s.log_s;
+      const Acc lp = (zt[j] - t.m) - t.log_s;
+      const Acc q = es[j] * s.inv_s;
+      const Acc p = et[j] * t.inv_s;
+      et[j] = w * (q - p) + (Acc(1) - w) * (q > Acc(0) ? q * ((lq - lp) - rk) : Acc(0));
+    }
+    return w * Acc(fkl) + (Acc(1) - w) * rk;
+  }
+  const Acc log_s = div == Divergence::AB ? Acc(0) : log_acc(prm);
+  const Acc log_1ms = div == Divergence::AB ? Acc(0) : log_acc(Acc(1) - prm);
+  const auto [sum_loss, sum_h] = blocked_sum2(n, [&](int64_t j0, int64_t j1) {
+    Acc part = 0, part_h = 0;
+#pragma omp simd reduction(+ : part, part_h)
+    for (int64_t j = j0; j < j1; ++j) {
+      const Acc lq = (zs[j] - s.m) - s.log_s;
+      const Acc lp = (zt[j] - t.m) - t.log_s;
+      Acc h;
+      if (div == Divergence::SkewKL) {
+        part += skew_kl_term(lp, lq, et[j] * t.inv_s, prm, log_s, log_1ms, h);
+      } else if (div == Divergence::SkewReverseKL) {
+        const Acc q = es[j] * s.inv_s;
+        part += skew_reverse_kl_term(lp, lq, q, prm, log_s, log_1ms, h);
+        h -= q;  // its "+ q" term centres to 0 (q sums to one): dropped, less to cancel
+      } else {
+        part += ab_loss(lp, lq, prm, prm2);
+        h = ab_dlogq(lp, lq, prm, prm2);
+      }
+      part_h += h;
+      et[j] = h;
+    }
+    return std::pair<Acc, Acc>(part, part_h);
+  });
+  const Acc sh = Acc(sum_h);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) et[j] -= es[j] * s.inv_s * sh;
+  return Acc(sum_loss);
+}
+
+template <typename Acc>
+Acc divergence_row(Divergence div, Acc beta, Acc prm2, const Acc* zs, const Acc* zt,
+                   const Acc* es, Acc* et, RowStats<Acc> s, RowStats<Acc> t, int64_t n,
+                   bool want_grad, std::vector<Acc>& buf) {
   Acc loss = 0;
+  if (int(div) >= int(Divergence::SkewKL))
+    return research_row(div, beta, prm2, zs, zt, es, et, s, t, n, buf);
   switch (div) {
     case Divergence::ForwardKL: {
       loss = Acc(blocked_sum(n, [&](int64_t j0, int64_t j1) {
@@ -109,6 +220,8 @@ Acc divergence_row(Divergence div, Acc beta, const Acc* zs, const Acc* zt, const
       }
       break;
     }
+    default:
+      break;
   }
   return loss;
 }
@@ -123,7 +236,7 @@ void dense_kd_impl(RowView student, RowView teacher, const uint8_t* valid, const
   const Acc scale_s = Acc(prm.scale_s), cap_s = Acc(prm.cap_s);
   const Acc scale_t = Acc(prm.scale_t), cap_t = Acc(prm.cap_t);
   const Acc hard_w = Acc(prm.hard_weight), soft_c = Acc(prm.soft_coef);
-  const Acc beta = Acc(prm.beta);
+  const Acc beta = Acc(prm.beta), prm2 = Acc(prm.param2), interp = Acc(prm.interp);
   const bool hard = prm.hard_weight != 0.0;
   const auto div = static_cast<Divergence>(prm.divergence);
   advise_huge_pages(grad, n_rows * grad_stride * dtype_size(grad_dtype));
@@ -135,6 +248,7 @@ void dense_kd_impl(RowView student, RowView teacher, const uint8_t* valid, const
     Acc* zt = zs + vocab;
     Acc* es = zt + vocab;
     Acc* et = es + vocab;
+    std::vector<Acc> select_buf;
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < n_rows; ++r) {
@@ -147,10 +261,15 @@ void dense_kd_impl(RowView student, RowView teacher, const uint8_t* valid, const
                          student.dtype, vocab, scale_s, cap_s, inv_t, zs);
         load_transformed(row_ptr(teacher.ptr, teacher.dtype, r * teacher.row_stride),
                          teacher.dtype, vocab, scale_t, cap_t, inv_t, zt);
+        if (interp != Acc(1)) {  // TAID: the target moves from the student to the teacher
+#pragma omp simd
+          for (int64_t j = 0; j < vocab; ++j) zt[j] = taid_logit(zs[j], zt[j], interp);
+        }
         const RowStats<Acc> s = softmax_stats(zs, vocab, es);
         const RowStats<Acc> t = softmax_stats(zt, vocab, et);
         const bool want_grad = grow != nullptr;
-        row_loss = soft_c * divergence_row(div, beta, zs, zt, es, et, s, t, vocab, want_grad);
+        row_loss = soft_c * divergence_row(div, beta, prm2, zs, zt, es, et, s, t, vocab,
+                                             want_grad, select_buf);
         // A NaN or +inf logit makes its side's sum NaN: the row's loss is NaN whatever the
         // divergence's 0 * log 0 guards would hide (the op layer then makes its gradient
         // row NaN too).

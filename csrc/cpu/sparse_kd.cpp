@@ -66,10 +66,32 @@ void teacher_classes(Coarse<Acc>& c, const void* tlp, int tlp_dtype, int64_t k, 
 // gradient needs (forward KL's is -p_c, finite even where q_hat_c underflows), and returns
 // (loss, sum_c q_hat_c g_c). An id j of class c then gets q_j / q_hat_c * qg_c.
 template <typename Acc>
-std::pair<Acc, Acc> class_divergence(Coarse<Acc>& c, int64_t n_cls, Divergence div, Acc beta) {
+std::pair<Acc, Acc> class_divergence(Coarse<Acc>& c, int64_t n_cls, Divergence div, Acc beta,
+                                     Acc prm2) {
   Acc loss = 0, sum_qg = 0;
-  const Acc log_b = div == Divergence::JSD ? log_acc(beta) : Acc(0);
-  const Acc log_1mb = div == Divergence::JSD ? std::log1p(-beta) : Acc(0);
+  const bool mixes = div == Divergence::JSD || div == Divergence::SkewKL ||
+                     div == Divergence::SkewReverseKL;
+  const Acc log_b = mixes ? log_acc(beta) : Acc(0);
+  const Acc log_1mb = mixes ? std::log1p(-beta) : Acc(0);
+  Acc akl_w = 0, rkl = 0;
+  if (div == Divergence::AKL) {
+    // The head among the classes: those with less than head_mass (beta) strictly above them.
+    Acc fkl = 0, g_head = 0, g_tail = 0;
+    for (int64_t i = 0; i < n_cls; ++i) {
+      const Acc lp = c.lp[size_t(i)], lq = c.lq[size_t(i)];
+      const Acc p = exp_acc(lp), q = exp_acc(lq);
+      Acc above = 0;
+      for (int64_t j = 0; j < n_cls; ++j) {
+        const Acc pj = exp_acc(c.lp[size_t(j)]);
+        above += pj > p ? pj : Acc(0);
+      }
+      fkl += xlogratio(p, lp, lq);
+      rkl += xlogratio(q, lq, lp);
+      (above < beta || beta >= Acc(1) ? g_head : g_tail) += std::abs(p - q);
+    }
+    akl_w = akl_head_weight(g_head, g_tail);
+    loss = akl_w * fkl + (Acc(1) - akl_w) * rkl;
+  }
   for (int64_t i = 0; i < n_cls; ++i) {
     const Acc lp = c.lp[size_t(i)], lq = c.lq[size_t(i)];
     const Acc p = exp_acc(lp), q = exp_acc(lq);
@@ -94,6 +116,19 @@ std::pair<Acc, Acc> class_divergence(Coarse<Acc>& c, int64_t n_cls, Divergence d
         loss += Acc(0.5) * std::abs(q - p);
         qg = q * tvd_sign(q, p);
         break;
+      case Divergence::SkewKL:
+        loss += skew_kl_term(lp, lq, p, beta, log_b, log_1mb, qg);
+        break;
+      case Divergence::SkewReverseKL:
+        loss += skew_reverse_kl_term(lp, lq, q, beta, log_b, log_1mb, qg);
+        break;
+      case Divergence::AB:
+        loss += ab_loss(lp, lq, beta, prm2);
+        qg = ab_dlogq(lp, lq, beta, prm2);
+        break;
+      case Divergence::AKL:  // loss summed above
+        qg = -akl_w * p + (Acc(1) - akl_w) * (q > Acc(0) ? q * (lq - lp + Acc(1)) : Acc(0));
+        break;
     }
     c.qg[size_t(i)] = qg;
     sum_qg += qg;
@@ -107,7 +142,8 @@ void sparse_kd_impl(RowView student, const int64_t* indices, const void* tlp, in
                     int loss_dtype, void* grad, int grad_dtype, int64_t grad_stride,
                     int64_t n_rows, int64_t vocab, const SparseParams& prm, int num_threads) {
   const Acc temperature = Acc(prm.temperature), inv_t = Acc(1) / temperature;
-  const Acc beta = Acc(prm.beta), hard_w = Acc(prm.hard_weight), soft_c = Acc(prm.soft_coef);
+  const Acc beta = Acc(prm.beta), prm2 = Acc(prm.param2), interp = Acc(prm.interp);
+  const Acc hard_w = Acc(prm.hard_weight), soft_c = Acc(prm.soft_coef);
   const Acc ratio = Acc(prm.source_temperature / prm.temperature);
   const auto div = static_cast<Divergence>(prm.divergence);
   const auto tail = static_cast<Tail>(prm.tail);
@@ -184,7 +220,14 @@ void sparse_kd_impl(RowView student, const int64_t* indices, const void* tlp, in
                               ? log_acc(s_rest) - s.log_s
                               : kNegInf<Acc>;
         const int64_t n_cls = row_tail == Tail::Bucket ? k + 1 : k;
-        const auto [div_loss, sum_qg] = class_divergence(c, n_cls, div, beta);
+        if (interp != Acc(1)) {  // TAID over the classes: the target moves from the student
+          for (int64_t i = 0; i < n_cls; ++i)
+            c.lp[size_t(i)] = taid_logit(c.lq[size_t(i)], c.lp[size_t(i)], interp);
+          const Acc norm = logsumexp(c.lp.data(), n_cls);
+          if (norm != kNegInf<Acc>)
+            for (int64_t i = 0; i < n_cls; ++i) c.lp[size_t(i)] -= norm;
+        }
+        const auto [div_loss, sum_qg] = class_divergence(c, n_cls, div, beta, prm2);
         row_loss = soft_c * (ids_ok ? div_loss : nan);
 
         const int64_t label = hard ? labels[r] : -1;

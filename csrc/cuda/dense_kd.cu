@@ -49,6 +49,36 @@ __global__ void __launch_bounds__(kThreads) dense_kd_kernel(DenseArgs a) {
     }
     dense_finish_second(r, a, block_reduce(acc, AddSum2{}, Sum2{0.0f, 0.0f}, sm_sum));
   }
+  if (static_cast<Divergence>(a.divergence) == Divergence::AKL) {
+    // The head threshold (the largest tau with sum_{p >= tau} p >= head mass): bisection over
+    // tau's fp32 bits, one read of the teacher row a step; then both KLs and the head's and
+    // tail's sum |p - q| in one more pass.
+    __shared__ float sm_float[32];
+    int lo = 0, hi = 0x3F800001;  // [0, 1.0 + 1 ulp)
+    for (int step = 0; step < 31; ++step) {
+      const int mid = lo + (hi - lo) / 2;
+      const float tau = __int_as_float(mid);
+      float mass = 0.0f;
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        const float p = dense_p(a, r, dense_zs(a, load_as_float(s_row, a.s_dtype, j)),
+                                dense_zt(a, load_as_float(t_row, a.t_dtype, j)));
+        mass += p >= tau ? p : 0.0f;
+      }
+      mass = block_reduce(mass, AddFloat{}, 0.0f, sm_float);
+      if (mass >= a.beta) lo = mid; else hi = mid;
+    }
+    const float tau = a.beta >= 1.0f ? 0.0f : __int_as_float(lo);
+    Sum2 kl{0.0f, 0.0f}, gap{0.0f, 0.0f};
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      akl_push(kl, gap, a, r, tau, dense_zs(a, load_as_float(s_row, a.s_dtype, j)),
+               dense_zt(a, load_as_float(t_row, a.t_dtype, j)));
+    }
+    kl = block_reduce(kl, AddSum2{}, Sum2{0.0f, 0.0f}, sm_sum);
+    gap = block_reduce(gap, AddSum2{}, Sum2{0.0f, 0.0f}, sm_sum);
+    r.akl_w = akl_head_weight(gap.x, gap.y);
+    r.sum_qg = kl.y;
+    r.dv = r.akl_w * kl.x + (1.0f - r.akl_w) * kl.y;
+  }
   const float row_loss = dense_loss(a, r, st.z_label, label);
   if (threadIdx.x == 0) a.loss[row] = is_valid ? row_loss : 0.0f;
   if (a.grad == nullptr) return;
@@ -91,7 +121,7 @@ void dense_kd(const void* s, int s_dtype, int64_t s_stride, const void* t, int t
   DenseArgs a{s, s_dtype, s_stride, t, t_dtype, t_stride, valid, labels, loss, grad, g_stride,
               grad_cols, vocab, float(p.temperature), float(p.beta), float(p.scale_s),
               float(p.cap_s), float(p.scale_t), float(p.cap_t), float(p.hard_weight),
-              float(p.soft_coef), p.divergence};
+              float(p.soft_coef), p.divergence, float(p.param2), float(p.interp)};
   if (variant != int(DenseVariant::Portable) &&
       dense_kd_cluster(a, n_rows, variant == int(DenseVariant::Cluster), stream)) {
     return;

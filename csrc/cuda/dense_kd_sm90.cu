@@ -221,6 +221,9 @@ bool dense_kd_cluster(const DenseArgs& a, int64_t n_rows, bool required, void* s
     return false;
   };
   if (dev.major < 9) return refuse("needs a Hopper (sm_90) GPU or newer");
+  if (static_cast<Divergence>(a.divergence) == Divergence::AKL)
+    return refuse("does not take divergence='akl' (its threshold search runs in the portable "
+                  "kernel)");
   const int64_t es = dtype_bytes(a.s_dtype), et = dtype_bytes(a.t_dtype);
   const int64_t static_smem = int64_t(sizeof(ClusterShared));
   for (int c = 1; c <= 16; c *= 2) {

@@ -22,7 +22,15 @@ struct DenseArgs {
   int64_t vocab;
   float temperature, beta, scale_s, cap_s, scale_t, cap_t, hard_weight, soft_coef;
   int divergence;
+  float param2;  // AB's beta (beta holds the divergence's first parameter)
+  float interp;  // TAID t (1: the plain teacher)
 };
+
+// The research divergences that sum one element-separable term and h = dL/dlog q.
+__device__ __forceinline__ bool is_separable_research(int divergence) {
+  const auto div = static_cast<Divergence>(divergence);
+  return div == Divergence::SkewKL || div == Divergence::SkewReverseKL || div == Divergence::AB;
+}
 
 // What one pass over a (part of a) row accumulates: student / teacher statistics with the
 // KL's centred cross term (OnlineKL, kd_math.h: the host tests run the same code), T = 1
@@ -62,6 +70,7 @@ __device__ __forceinline__ float dense_zt(const DenseArgs& a, float x) {
 // Accumulates element j (z_s, z_t) into a partial.
 __device__ __forceinline__ void dense_push(DensePartial& st, const DenseArgs& a, float zs,
                                            float zt, int64_t j, int64_t label) {
+  zt = taid_logit(zs, zt, a.interp);
   st.kl = online_kl_push(st.kl, zs, zt, kl_mode(a.divergence));
   if (a.hard_weight != 0.0f) {
     st.one = push(st.one, zs == kNegInf ? zs : zs * a.temperature, 0.0f);
@@ -73,7 +82,8 @@ __device__ __forceinline__ void dense_push(DensePartial& st, const DenseArgs& a,
 struct DenseRow {
   float ms, log_ss, mt, log_st;  // student / teacher max and log-sum
   float dv;                      // the divergence
-  float sum_qg;                  // sum_j q_j g_j of the JSD / TVD gradient
+  float sum_qg;                  // sum_j q_j g_j of the JSD / TVD gradient (sum h, AKL: RKL)
+  float akl_w;                   // AKL's forward-KL weight
   float log_s1;                  // log-sum at T = 1 (hard term)
   float log_b, log_1mb;
   bool found;                    // the label lies in [0, V)
@@ -90,19 +100,42 @@ __device__ __forceinline__ DenseRow dense_row(const DenseArgs& a, const DensePar
   r.log_s1 = logf(st.one.a);
   r.dv = 0.0f;
   r.sum_qg = 0.0f;
+  r.akl_w = 0.0f;
   r.found = true;
   const int mode = kl_mode(a.divergence);
   if (mode != OnlineKLMode::kNone) r.dv = online_kl_value(st.kl, mode);
   return r;
 }
 
+// Skew KL, skew reverse KL (skew = beta; log_b, log_1mb its logs) or AB (beta, param2): the
+// element's loss term, h = dL/dlog q through `h`.
+__device__ __forceinline__ float research_term(const DenseArgs& a, const DenseRow& r, float lp,
+                                               float lq, float p, float q, float& h) {
+  switch (static_cast<Divergence>(a.divergence)) {
+    case Divergence::SkewKL: return skew_kl_term(lp, lq, p, a.beta, r.log_b, r.log_1mb, h);
+    case Divergence::SkewReverseKL: {
+      const float term = skew_reverse_kl_term(lp, lq, q, a.beta, r.log_b, r.log_1mb, h);
+      h -= q;  // its "+ q" centres to 0 (q sums to one): dropped, less to cancel
+      return term;
+    }
+    default:
+      h = ab_dlogq(lp, lq, a.beta, a.param2);
+      return ab_loss(lp, lq, a.beta, a.param2);
+  }
+}
+
 // The second sums of JSD (beta KL(p||m), (1 - beta) KL(q||m) halves) and TVD (|q - p|,
 // q sign(q - p)) for one element.
 __device__ __forceinline__ void dense_push_second(Sum2& acc, const DenseArgs& a,
                                                   const DenseRow& r, float zs, float zt) {
+  zt = taid_logit(zs, zt, a.interp);
   const float lq = (zs - r.ms) - r.log_ss, lp = (zt - r.mt) - r.log_st;
   const float q = expf(lq), p = expf(lp);
-  if (static_cast<Divergence>(a.divergence) == Divergence::JSD) {
+  if (is_separable_research(a.divergence)) {
+    float h;
+    acc.x += research_term(a, r, lp, lq, p, q, h);
+    acc.y += h;
+  } else if (static_cast<Divergence>(a.divergence) == Divergence::JSD) {
     const float lm = jsd_log_mixture(lp, lq, r.log_b, r.log_1mb);
     acc.x += xlogratio(p, lp, lm);
     acc.y += xlogratio(q, lq, lm);
@@ -113,7 +146,10 @@ __device__ __forceinline__ void dense_push_second(Sum2& acc, const DenseArgs& a,
 }
 
 __device__ __forceinline__ void dense_finish_second(DenseRow& r, const DenseArgs& a, Sum2 acc) {
-  if (static_cast<Divergence>(a.divergence) == Divergence::JSD) {
+  if (is_separable_research(a.divergence)) {
+    r.dv = acc.x;
+    r.sum_qg = acc.y;
+  } else if (static_cast<Divergence>(a.divergence) == Divergence::JSD) {
     r.dv = a.beta * acc.x + (1.0f - a.beta) * acc.y;
     r.sum_qg = (1.0f - a.beta) * acc.y;
   } else {
@@ -124,7 +160,25 @@ __device__ __forceinline__ void dense_finish_second(DenseRow& r, const DenseArgs
 
 __device__ __forceinline__ bool dense_needs_second(const DenseArgs& a) {
   const auto div = static_cast<Divergence>(a.divergence);
-  return div == Divergence::JSD || div == Divergence::TVD;
+  return div == Divergence::JSD || div == Divergence::TVD || is_separable_research(a.divergence);
+}
+
+// AKL's pieces of one element at threshold tau: (forward KL, reverse KL) and (|p - q| in the
+// head, in the tail).
+__device__ __forceinline__ void akl_push(Sum2& kl, Sum2& gap, const DenseArgs& a,
+                                         const DenseRow& r, float tau, float zs, float zt) {
+  zt = taid_logit(zs, zt, a.interp);
+  const float lq = (zs - r.ms) - r.log_ss, lp = (zt - r.mt) - r.log_st;
+  const float q = expf(lq), p = expf(lp);
+  kl.x += xlogratio(p, lp, lq);
+  kl.y += xlogratio(q, lq, lp);
+  (p >= tau ? gap.x : gap.y) += fabsf(p - q);
+}
+
+// The teacher's probability of an element (AKL's threshold search).
+__device__ __forceinline__ float dense_p(const DenseArgs& a, const DenseRow& r, float zs,
+                                         float zt) {
+  return expf((taid_logit(zs, zt, a.interp) - r.mt) - r.log_st);
 }
 
 // The row's loss (soft term, plus the hard term when asked).
@@ -144,10 +198,23 @@ __device__ __forceinline__ float dense_loss(const DenseArgs& a, DenseRow& r, flo
 // d loss / d x_j of the student logit j.
 __device__ __forceinline__ float dense_grad(const DenseArgs& a, const DenseRow& r, float zs,
                                             float zt, int64_t j, int64_t label) {
+  zt = taid_logit(zs, zt, a.interp);
   const float lq = (zs - r.ms) - r.log_ss, lp = (zt - r.mt) - r.log_st;
   const float q = expf(lq), p = expf(lp);
   float d;
   switch (static_cast<Divergence>(a.divergence)) {
+    case Divergence::SkewKL:
+    case Divergence::SkewReverseKL:
+    case Divergence::AB: {
+      float h;
+      research_term(a, r, lp, lq, p, q, h);
+      d = h - q * r.sum_qg;
+      break;
+    }
+    case Divergence::AKL:
+      d = r.akl_w * (q - p) +
+          (1.0f - r.akl_w) * (q > 0.0f ? q * ((lq - lp) - r.sum_qg) : 0.0f);
+      break;
     case Divergence::ForwardKL: d = q - p; break;
     case Divergence::ReverseKL: d = q > 0.0f ? q * ((lq - lp) - r.dv) : 0.0f; break;
     case Divergence::JSD: {

@@ -35,6 +35,7 @@ struct SparseArgs {
   int64_t vocab;
   float temperature, ratio, beta, hard_weight, soft_coef;
   int divergence, tail;
+  float param2, interp;  // AB's beta; TAID t over the classes
 };
 
 // log-sum-exp over v[0..n) of shared memory, by the whole block.
@@ -172,7 +173,36 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(SparseArgs a) {
 
   // The divergence over the classes, and q_hat_c * dL/dq_hat_c per class.
   const int64_t n_cls = tail == Tail::Bucket ? k + 1 : k;
+  if (a.interp != 1.0f) {  // TAID over the classes: the target moves from the student
+    for (int64_t i = threadIdx.x; i < n_cls; i += blockDim.x)
+      lp[i] = taid_logit(lq[i], lp[i], a.interp);
+    __syncthreads();
+    const float norm = block_logsumexp(lp, n_cls, red_f);
+    if (norm != kNegInf)
+      for (int64_t i = threadIdx.x; i < n_cls; i += blockDim.x) lp[i] -= norm;
+    __syncthreads();
+  }
   const float log_b = logf(a.beta), log_1mb = log1pf(-a.beta);
+  float akl_w = 0.0f, akl_loss = 0.0f;
+  if (div == Divergence::AKL) {
+    // The head: the classes with less than the head mass (beta) strictly above them.
+    Sum2 kl{0.0f, 0.0f}, gap{0.0f, 0.0f};
+    for (int64_t i = threadIdx.x; i < n_cls; i += blockDim.x) {
+      const float p = expf(lp[i]), q = expf(lq[i]);
+      float above = 0.0f;
+      for (int64_t c = 0; c < n_cls; ++c) {
+        const float pc = expf(lp[c]);
+        above += pc > p ? pc : 0.0f;
+      }
+      kl.x += xlogratio(p, lp[i], lq[i]);
+      kl.y += xlogratio(q, lq[i], lp[i]);
+      (above < a.beta || a.beta >= 1.0f ? gap.x : gap.y) += fabsf(p - q);
+    }
+    kl = block_reduce(kl, AddSum2{}, Sum2{0.0f, 0.0f}, reinterpret_cast<Sum2*>(red_online));
+    gap = block_reduce(gap, AddSum2{}, Sum2{0.0f, 0.0f}, reinterpret_cast<Sum2*>(red_online));
+    akl_w = akl_head_weight(gap.x, gap.y);
+    akl_loss = akl_w * kl.x + (1.0f - akl_w) * kl.y;
+  }
   Sum2 acc{0.0f, 0.0f};  // (loss, sum_c q_hat_c g_c)
   for (int64_t i = threadIdx.x; i < n_cls; i += blockDim.x) {
     const float p_l = lp[i], q_l = lq[i];
@@ -194,6 +224,19 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(SparseArgs a) {
         g = (1.0f - a.beta) * kq;
         break;
       }
+      case Divergence::SkewKL:
+        loss_i = skew_kl_term(p_l, q_l, p, a.beta, log_b, log_1mb, g);
+        break;
+      case Divergence::SkewReverseKL:
+        loss_i = skew_reverse_kl_term(p_l, q_l, q, a.beta, log_b, log_1mb, g);
+        break;
+      case Divergence::AB:
+        loss_i = ab_loss(p_l, q_l, a.beta, a.param2);
+        g = ab_dlogq(p_l, q_l, a.beta, a.param2);
+        break;
+      case Divergence::AKL:  // the loss was summed above
+        g = -akl_w * p + (1.0f - akl_w) * (q > 0.0f ? q * (q_l - p_l + 1.0f) : 0.0f);
+        break;
       default:
         loss_i = 0.5f * fabsf(q - p);
         g = q * tvd_sign(q, p);
@@ -204,6 +247,7 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(SparseArgs a) {
   }
   acc = block_reduce(acc, AddSum2{}, Sum2{0.0f, 0.0f}, reinterpret_cast<Sum2*>(red_online));
   const float sum_qg = acc.y;
+  if (div == Divergence::AKL) acc.x = akl_loss;
 
   float row_loss = a.soft_coef * (ids_ok ? acc.x : NAN);
   float log_s1 = 0.0f;
@@ -263,7 +307,8 @@ void sparse_kd(const void* s, int s_dtype, int64_t s_stride, const int64_t* indi
   }
   SparseArgs a{s, s_dtype, s_stride, indices, teacher_logprobs, k, valid, labels, loss, grad,
                vocab, float(p.temperature), float(p.source_temperature / p.temperature),
-               float(p.beta), float(p.hard_weight), float(p.soft_coef), p.divergence, p.tail};
+               float(p.beta), float(p.hard_weight), float(p.soft_coef), p.divergence, p.tail,
+               float(p.param2), float(p.interp)};
   sparse_kd_kernel<<<dim3(unsigned(n_rows)), kThreads, size_t(smem),
                      static_cast<cudaStream_t>(stream)>>>(a);
   check_launch("sparse_kd_kernel");

@@ -56,6 +56,8 @@ def dense_kd(
     divergence: int,
     temperature: float,
     beta: float,
+    param2: float,
+    interp: float,
     student_scale: float,
     student_softcap: float,
     teacher_scale: float,
@@ -70,7 +72,7 @@ def dense_kd(
     """Per-row dense KD loss [N] and, when compute_grad, d(loss_r)/d(student) [N, V_s]
     times `row_scale` (a 0-dim tensor, see _fused.py) when given."""
     sc = LossScalars(divergence, temperature, beta, student_scale, student_softcap,
-                     teacher_scale, teacher_softcap, hard_weight, soft_coef)
+                     teacher_scale, teacher_softcap, hard_weight, soft_coef, param2, interp)
     if backend == "triton":
         return triton_impl().dense_kd_forward(student, teacher, valid, labels, sc, vocab,
                                               compute_grad, row_scale=row_scale)
@@ -80,13 +82,14 @@ def dense_kd(
 
 
 @dense_kd.register_fake
-def _(student, teacher, valid, labels, divergence, temperature, beta, student_scale,
+def _(student, teacher, valid, labels, divergence, temperature, beta, param2, interp,
+      student_scale,
       student_softcap, teacher_scale, teacher_softcap, hard_weight, soft_coef, vocab,
       compute_grad, row_scale, backend):
     return fused_outputs(student, torch.float64 in (student.dtype, teacher.dtype), compute_grad)
 
 
-register_fused_autograd(dense_kd, n_inputs=17)
+register_fused_autograd(dense_kd, n_inputs=19)
 
 
 def kd_loss(
@@ -109,6 +112,11 @@ def kd_loss(
     teacher_logit_scale: float = 1.0,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
+    skew: float = 0.1,
+    ab_alpha: float = 0.5,
+    ab_beta: float = 0.5,
+    akl_head_mass: float = 0.5,
+    teacher_interpolation: float = 1.0,
     process_group: object | None = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -119,7 +127,13 @@ def kd_loss(
     ``hard_weight * CE(f(x_s), label) + soft_weight * (T^2 if scale_by_t2) * D(p, q)`` with
     D one of ``forward_kl`` KL(p||q), ``reverse_kl`` KL(q||p), ``jsd``
     beta*KL(p||m) + (1-beta)*KL(q||m), m = beta*p + (1-beta)*q (forward KL at beta=0,
-    reverse KL at beta=1, as TRL and Liger define the endpoints), or ``tvd`` 0.5*sum|q - p|.
+    reverse KL at beta=1, as TRL and Liger define the endpoints), ``tvd`` 0.5*sum|q - p|,
+    or one of the research family (docs/api.md has each one's maths and paper):
+    ``skew_kl`` KL(p||skew*p + (1-skew)*q), ``skew_reverse_kl`` KL(q||skew*q + (1-skew)*p),
+    ``ab`` the alpha-beta divergence -1/(a*b) sum[p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)],
+    ``akl`` w*KL(p||q) + (1-w)*KL(q||p) with w = g_head / (g_head + g_tail) from sum|p - q|
+    over the teacher's head (cumulative mass ``akl_head_mass``) and tail. With
+    ``teacher_interpolation`` t < 1 (TAID) p is softmax((1-t)*stopgrad(z_s) + t*z_t).
 
     Args:
         student_logits: ``[..., V_s]`` fp32/bf16/fp16 (fp64 on the cpu and torch backends).
@@ -127,9 +141,16 @@ def kd_loss(
         teacher_logits: ``[..., V_t]``, same leading shape. Receives its exact gradient when
             it requires grad (mutual / online distillation: the PyTorch path), else none
             and costs nothing.
-        divergence: ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"tvd"``.
+        divergence: ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"``, ``"tvd"``, ``"skew_kl"``,
+            ``"skew_reverse_kl"``, ``"ab"`` or ``"akl"``.
         temperature: T > 0 of the soft term (the hard term is always at T = 1).
         beta: JSD mixing weight in [0, 1].
+        skew: the skew KLs' mixing weight in [0, 1) (0: forward / reverse KL).
+        ab_alpha, ab_beta: the alpha-beta divergence's a > 0, b > 0.
+        akl_head_mass: AKL's head, the teacher's most probable ids up to this cumulative
+            mass, in (0, 1].
+        teacher_interpolation: TAID's t in [0, 1] (1: the plain teacher; 0: the student
+            itself, loss 0), for any divergence.
         labels: integer ``[...]``; rows equal to ``ignore_index`` contribute nothing. Needed
             when ``hard_weight > 0``.
         mask: ``[...]``, bool or 0/1 of any dtype; rows where False (0) contribute nothing.
@@ -187,7 +208,8 @@ def kd_loss(
         soft_weight=soft_weight, scale_by_t2=scale_by_t2,
         student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
         student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-        has_labels=labels is not None,
+        has_labels=labels is not None, skew=skew, ab_alpha=ab_alpha, ab_beta=ab_beta,
+        akl_head_mass=akl_head_mass, teacher_interpolation=teacher_interpolation,
     )
     if labels is not None and sc.hard_weight > 0:
         check_labels_in_range(labels, ignore_index, vocab)
@@ -211,7 +233,9 @@ def kd_loss(
             hard_weight=hard_weight, soft_weight=soft_weight, scale_by_t2=scale_by_t2,
             reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
             student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
-            student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+            student_softcap=student_softcap, teacher_softcap=teacher_softcap, skew=skew,
+            ab_alpha=ab_alpha, ab_beta=ab_beta, akl_head_mass=akl_head_mass,
+            teacher_interpolation=teacher_interpolation,
         )
 
     student = _rows(student_logits)
@@ -224,8 +248,8 @@ def kd_loss(
     row_scale = reduction_weight(student, valid, reduction, num_items_in_batch) \
         if compute_grad and be == "triton" else None
     rows, _ = dense_kd(
-        student, teacher, valid, flat_labels, sc.divergence, sc.temperature, sc.beta,
-        sc.student_scale, sc.student_softcap, sc.teacher_scale, sc.teacher_softcap,
+        student, teacher, valid, flat_labels, sc.divergence, sc.temperature, sc.beta, sc.param2,
+        sc.interp, sc.student_scale, sc.student_softcap, sc.teacher_scale, sc.teacher_softcap,
         sc.hard_weight, sc.soft_coef, vocab, compute_grad, row_scale, be,
     )
     return reduce_rows(propagate_nan_rows(rows), valid, reduction, num_items_in_batch, lead,

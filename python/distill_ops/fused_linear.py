@@ -92,28 +92,26 @@ def _chunk_loss(spec: _Spec, logits: Tensor, teacher_rows, labels: Tensor | None
         if spec.sparse:
             r, g = vp.sparse_rows(logits, *teacher_rows, None, labels, sc.divergence,
                                   TAILS[spec.tail], sc.temperature,
-                                  spec.source_temperature / sc.temperature, sc.beta,
-                                  sc.hard_weight, sc.soft_coef, spec.shard, grads)
+                                  spec.source_temperature / sc.temperature, sc, spec.shard,
+                                  grads)
         else:
             r, g = vp.dense_rows(logits, teacher_rows, None, labels, sc, spec.shard,
                                  spec.vocab, grads)
         return r, (g.to(grad_dtype) if grads else g)
+    sparse_args = (logits, *teacher_rows, None, labels, sc.divergence, spec.tail,
+                   sc.temperature, spec.source_temperature, sc.beta, sc.param2, sc.interp,
+                   sc.hard_weight, sc.soft_coef, grads)
     if spec.backend == "triton":
         from .backends.triton import dense_kd as tdense
         from .backends.triton import sparse_kd as tsparse
 
         if spec.sparse:
-            return tsparse.sparse_kd_forward(
-                logits, *teacher_rows, None, labels, sc.divergence, spec.tail, sc.temperature,
-                spec.source_temperature, sc.beta, sc.hard_weight, sc.soft_coef, grads,
-                grad_dtype)
+            return tsparse.sparse_kd_forward(*sparse_args, grad_dtype)
         return tdense.dense_kd_forward(logits, teacher_rows, None, labels, sc, spec.vocab,
                                        grads, grad_dtype)
     impl = _cuda if spec.backend == "cuda" else _cpu
     if spec.sparse:
-        r, g = impl.sparse_kd_forward(
-            logits, *teacher_rows, None, labels, sc.divergence, spec.tail, sc.temperature,
-            spec.source_temperature, sc.beta, sc.hard_weight, sc.soft_coef, grads)
+        r, g = impl.sparse_kd_forward(*sparse_args)
     else:
         r, g = impl.dense_kd_forward(logits, teacher_rows, None, labels, sc, spec.vocab, grads)
     # One rounding of the fp32 gradient, as the Triton kernel's own store makes it.
@@ -308,6 +306,11 @@ def fused_linear_kd_loss(
     teacher_softcap: float | None = None,
     tail: str = "bucket",
     source_temperature: float = 1.0,
+    skew: float = 0.1,
+    ab_alpha: float = 0.5,
+    ab_beta: float = 0.5,
+    akl_head_mass: float = 0.5,
+    teacher_interpolation: float = 1.0,
     process_group: object | None = None,
     return_entropy: bool = False,
     backend: str = "auto",
@@ -318,23 +321,22 @@ def fused_linear_kd_loss(
     (``teacher_hidden``, ``teacher_weight``), or ``sparse_kd_loss(h_s @ W_s.T + b_s,
     teacher_indices, teacher_logprobs, ...)`` with sparse targets; every option of those
     applies (``tail``/``source_temperature`` to the sparse form; logit scales, softcaps and
-    ``vocab_size`` to the dense one). Tokens are processed ``chunk_size`` at a time
+    ``vocab_size`` to the dense one; every divergence and its parameter, and
+    ``teacher_interpolation``, to both). Tokens are processed ``chunk_size`` at a time
     (default: a few fp32 [chunk, V] buffers within ~256 MiB); only rows that count (label not
     ``ignore_index``, ``mask`` True) are projected, which costs one device-to-host read of
     their number. Gradients flow to ``student_hidden``, ``student_weight`` and
     ``student_bias``; the teacher gets none, and a teacher tensor that requires grad is a
     ValueError that says so (freeze or detach the teacher).
 
-    With ``process_group`` the heads are vocab-parallel: each rank holds a contiguous slice
-    of the rows of ``student_weight`` (and ``teacher_weight``, sliced alike; biases too) and
-    the same hidden states; ``teacher_indices`` are global ids. The loss equals the unsharded
-    one; each rank gets its slice of the weight and bias gradients, and the gradient of
-    ``student_hidden`` is all-reduced over the group (the head's input is replicated, so do
-    not all-reduce it again in a tensor-parallel region around this call).
+    With ``process_group`` the heads are vocab-parallel (each rank holds a contiguous slice
+    of the rows of both weights and biases, the same hidden states; ``teacher_indices`` are
+    global ids): the loss is the unsharded one, each rank gets its slice of the weight and
+    bias gradients, and ``student_hidden``'s gradient is all-reduced over the group (do not
+    all-reduce it again in a tensor-parallel region around this call).
 
-    ``return_entropy=True`` also returns the student's entropy at T per token (shape of the
-    leading dims, no gradient, 0 where the row does not count), from the chunk's logits: the
-    quantity TRL logs, at the cost of one more read of each chunk.
+    ``return_entropy=True`` also returns the student's entropy at T per token (leading dims,
+    no gradient, 0 where the row does not count): what TRL logs, for one more read a chunk.
 
     Example:
         >>> loss = fused_linear_kd_loss(h_s, lm_head_s.weight, h_t, lm_head_t.weight,
@@ -368,6 +370,8 @@ def fused_linear_kd_loss(
     if chunk_size is not None and (isinstance(chunk_size, bool)
                                    or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    research = dict(skew=skew, ab_alpha=ab_alpha, ab_beta=ab_beta, akl_head_mass=akl_head_mass,
+                    teacher_interpolation=teacher_interpolation)
     sc = loss_scalars(
         divergence=divergence, temperature=temperature, beta=beta, hard_weight=hard_weight,
         soft_weight=soft_weight, scale_by_t2=scale_by_t2,
@@ -375,7 +379,7 @@ def fused_linear_kd_loss(
         teacher_logit_scale=teacher_logit_scale if dense else 1.0,
         student_softcap=student_softcap if dense else None,
         teacher_softcap=teacher_softcap if dense else None,
-        has_labels=labels is not None,
+        has_labels=labels is not None, **research,
     )
     if dense:
         if teacher_hidden is None or teacher_weight is None:
@@ -430,7 +434,7 @@ def fused_linear_kd_loss(
         common = dict(divergence=divergence, temperature=temperature, beta=beta, labels=labels,
                       ignore_index=ignore_index, mask=mask, hard_weight=hard_weight,
                       soft_weight=soft_weight, scale_by_t2=scale_by_t2, reduction=reduction,
-                      num_items_in_batch=num_items_in_batch)
+                      num_items_in_batch=num_items_in_batch, **research)
         if dense:
             t_logits = hm.project(h_t.detach(), w_t.detach(), b_t, "fp32")
             loss = reference.kd_loss(
@@ -449,9 +453,7 @@ def fused_linear_kd_loss(
                                            torch.float32)
             lq = torch.log_softmax(z, -1)
             ent = -(lq.exp() * torch.where(lq.exp() > 0, lq, 0.0)).sum(-1)
-            if valid is not None:
-                ent = torch.where(valid.reshape(lead), ent, 0.0)
-        return loss, ent
+        return loss, ent if valid is None else torch.where(valid.reshape(lead), ent, 0.0)
 
     n = h_s.reshape(-1, h_s.shape[-1]).shape[0]
     keep = None if valid is None else valid.nonzero().squeeze(1)  # the one host read

@@ -55,6 +55,8 @@ def sparse_kd(
     temperature: float,
     source_temperature: float,
     beta: float,
+    param2: float,
+    interp: float,
     hard_weight: float,
     soft_coef: float,
     compute_grad: bool,
@@ -64,7 +66,7 @@ def sparse_kd(
     """Per-row sparse KD loss [N] and, when compute_grad, d(loss_r)/d(student) [N, V]
     times `row_scale` (a 0-dim tensor, see _fused.py) when given."""
     args = (student, indices, teacher_logprobs, valid, labels, divergence, tail, temperature,
-            source_temperature, beta, hard_weight, soft_coef, compute_grad)
+            source_temperature, beta, param2, interp, hard_weight, soft_coef, compute_grad)
     if backend == "triton":
         from .backends.triton import sparse_kd as tsparse
 
@@ -76,11 +78,12 @@ def sparse_kd(
 
 @sparse_kd.register_fake
 def _(student, indices, teacher_logprobs, valid, labels, divergence, tail, temperature,
-      source_temperature, beta, hard_weight, soft_coef, compute_grad, row_scale, backend):
+      source_temperature, beta, param2, interp, hard_weight, soft_coef, compute_grad, row_scale,
+      backend):
     return fused_outputs(student, student.dtype == torch.float64, compute_grad)
 
 
-register_fused_autograd(sparse_kd, n_inputs=15)
+register_fused_autograd(sparse_kd, n_inputs=17)
 
 
 def sparse_kd_loss(
@@ -101,6 +104,11 @@ def sparse_kd_loss(
     scale_by_t2: bool = False,
     reduction: str = "mean",
     num_items_in_batch: int | Tensor | None = None,
+    skew: float = 0.1,
+    ab_alpha: float = 0.5,
+    ab_beta: float = 0.5,
+    akl_head_mass: float = 0.5,
+    teacher_interpolation: float = 1.0,
     process_group: object | None = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -119,7 +127,11 @@ def sparse_kd_loss(
     - ``"none"``: targets used as given (sampled targets, which already sum to one).
 
     Targets are re-tempered to ``temperature`` as p^(source_temperature / temperature),
-    renormalised over the support (+ rest for bucket). ``divergence``, ``beta``, ``labels``,
+    renormalised over the support (+ rest for bucket). Every divergence of :func:`kd_loss`
+    applies over the coarse classes with every tail (AKL's head is taken among the classes,
+    the rest class included), and ``teacher_interpolation`` t < 1 (TAID) makes the target
+    the softmax over the classes of (1-t)*stopgrad(log q_hat) + t*log p_hat.
+    ``divergence``, ``beta``, ``skew``, ``ab_alpha``, ``ab_beta``, ``akl_head_mass``, ``labels``,
     ``mask``, ``hard_weight``, ``soft_weight``, ``scale_by_t2``, ``reduction`` and
     ``num_items_in_batch`` mean what they mean in :func:`kd_loss`. With ``process_group``
     the student logits are a vocab-parallel slice (as in :func:`kd_loss`) and ``indices``
@@ -158,7 +170,8 @@ def sparse_kd_loss(
         divergence=divergence, temperature=temperature, beta=beta, hard_weight=hard_weight,
         soft_weight=soft_weight, scale_by_t2=scale_by_t2, student_logit_scale=1.0,
         teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
-        has_labels=labels is not None,
+        has_labels=labels is not None, skew=skew, ab_alpha=ab_alpha, ab_beta=ab_beta,
+        akl_head_mass=akl_head_mass, teacher_interpolation=teacher_interpolation,
     )
     if labels is not None and sc.hard_weight > 0:
         check_labels_in_range(labels, ignore_index, vocab)
@@ -183,7 +196,8 @@ def sparse_kd_loss(
             temperature=temperature, source_temperature=source_temperature, beta=beta,
             labels=labels, ignore_index=ignore_index, mask=mask, hard_weight=hard_weight,
             soft_weight=soft_weight, scale_by_t2=scale_by_t2, reduction=reduction,
-            num_items_in_batch=num_items_in_batch,
+            num_items_in_batch=num_items_in_batch, skew=skew, ab_alpha=ab_alpha, ab_beta=ab_beta,
+            akl_head_mass=akl_head_mass, teacher_interpolation=teacher_interpolation,
         )
 
     check_kernel_dtype(be, student_logits=student_logits)
@@ -200,8 +214,8 @@ def sparse_kd_loss(
         if compute_grad and be == "triton" else None
     rows, _ = sparse_kd(
         student, idx, tlp, valid, flat_labels, sc.divergence, TAIL_CODES[tail],
-        sc.temperature, source_t, sc.beta, sc.hard_weight, sc.soft_coef, compute_grad,
-        row_scale, be,
+        sc.temperature, source_t, sc.beta, sc.param2, sc.interp, sc.hard_weight, sc.soft_coef,
+        compute_grad, row_scale, be,
     )
     if bad_targets is not None:  # invalid targets on a GPU: their rows are NaN, no host sync
         one = torch.ones((), dtype=rows.dtype, device=rows.device)
@@ -224,8 +238,8 @@ def _vocab_parallel_sparse(student_logits, indices, teacher_logprobs, labels, ig
 
     def compute(x, want):
         return vp.sparse_rows(x, idx, tlp, valid, flat_labels, sc.divergence, tail,
-                              sc.temperature, source_t / sc.temperature, sc.beta,
-                              sc.hard_weight, sc.soft_coef, shard, want)
+                              sc.temperature, source_t / sc.temperature, sc,
+                              shard, want)
 
     rows = vp.saved_grad_rows(student, compute)
     return reduce_rows(rows, valid, reduction, num_items_in_batch, lead)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl", "ab",
+               "akl")
 DIVERGENCE_CODES = {name: i for i, name in enumerate(DIVERGENCES)}
 REDUCTIONS = ("mean", "sum", "none", "batchmean")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -25,13 +26,15 @@ class LossScalars:
 
     divergence: int  # code in DIVERGENCE_CODES; jsd at beta 0/1 is already forward/reverse KL
     temperature: float
-    beta: float
+    beta: float  # the divergence's parameter: JSD beta, skew, AB alpha or AKL head mass
     student_scale: float
     student_softcap: float  # 0.0 = none
     teacher_scale: float
     teacher_softcap: float  # 0.0 = none
     hard_weight: float
     soft_coef: float  # soft_weight, times T^2 when scale_by_t2
+    param2: float = 0.0  # AB beta
+    interp: float = 1.0  # TAID teacher interpolation t (1: the plain teacher)
 
 
 def check_tensor(name: str, t: object) -> Tensor:
@@ -226,19 +229,43 @@ def loss_scalars(
     student_softcap: object,
     teacher_softcap: object,
     has_labels: bool,
+    skew: object = 0.1,
+    ab_alpha: object = 0.5,
+    ab_beta: object = 0.5,
+    akl_head_mass: object = 0.5,
+    teacher_interpolation: object = 1.0,
 ) -> LossScalars:
     """Validate the scalar options shared by the dense and sparse losses (`has_labels`: the
     hard term needs them)."""
     div = check_choice("divergence", divergence, DIVERGENCES)
     t = check_positive("temperature", temperature)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a number, got {type(beta).__name__}")
+    beta = _number("beta", beta)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
     if div == "jsd" and beta == 0.0:
         div = "forward_kl"
     elif div == "jsd" and beta == 1.0:
         div = "reverse_kl"
+    skew = _number("skew", skew)
+    if not 0.0 <= skew < 1.0:
+        raise ValueError(f"skew must lie in [0, 1), got {skew}")
+    ab_alpha = _number("ab_alpha", ab_alpha)
+    ab_beta = _number("ab_beta", ab_beta)
+    for name, v in (("ab_alpha", ab_alpha), ("ab_beta", ab_beta)):
+        if not 0.0 < v < math.inf:
+            raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    head_mass = _number("akl_head_mass", akl_head_mass)
+    if not 0.0 < head_mass <= 1.0:
+        raise ValueError(f"akl_head_mass must lie in (0, 1], got {head_mass}")
+    interp = _number("teacher_interpolation", teacher_interpolation)
+    if not 0.0 <= interp <= 1.0:
+        raise ValueError(f"teacher_interpolation must lie in [0, 1], got {interp}")
+    if div == "skew_kl" and skew == 0.0:  # the mixture is q itself: exactly forward KL
+        div = "forward_kl"
+    elif div == "skew_reverse_kl" and skew == 0.0:
+        div = "reverse_kl"
+    param, param2 = {"skew_kl": (skew, 0.0), "skew_reverse_kl": (skew, 0.0),
+                     "ab": (ab_alpha, ab_beta), "akl": (head_mass, 0.0)}.get(div, (beta, 0.0))
     if not isinstance(scale_by_t2, bool):
         raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__}")
     soft = check_non_negative("soft_weight", soft_weight)
@@ -248,14 +275,35 @@ def loss_scalars(
     return LossScalars(
         divergence=DIVERGENCE_CODES[div],
         temperature=t,
-        beta=float(beta),
+        beta=param,
         student_scale=check_positive("student_logit_scale", student_logit_scale),
         student_softcap=check_positive("student_softcap", student_softcap, allow_none=True),
         teacher_scale=check_positive("teacher_logit_scale", teacher_logit_scale),
         teacher_softcap=check_positive("teacher_softcap", teacher_softcap, allow_none=True),
         hard_weight=hard,
         soft_coef=soft * (t * t if scale_by_t2 else 1.0),
+        param2=param2,
+        interp=interp,
     )
+
+
+def divergence_options(sc: LossScalars) -> tuple[str, dict[str, float]]:
+    """The divergence's name and its parameter as `reference.divergence_from_logprobs`
+    takes it."""
+    name = DIVERGENCES[sc.divergence]
+    if name in ("skew_kl", "skew_reverse_kl"):
+        return name, {"skew": sc.beta}
+    if name == "ab":
+        return name, {"ab_alpha": sc.beta, "ab_beta": sc.param2}
+    if name == "akl":
+        return name, {"akl_head_mass": sc.beta}
+    return name, {"beta": sc.beta}
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
 
 
 TAILS = ("bucket", "renorm", "support", "none")

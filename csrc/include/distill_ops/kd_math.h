@@ -23,14 +23,22 @@ namespace distill_ops {
 
 // Codes shared with python/distill_ops/backends/extension.py.
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
-enum class Divergence : int { ForwardKL = 0, ReverseKL = 1, JSD = 2, TVD = 3 };
+enum class Divergence : int {
+  ForwardKL = 0, ReverseKL = 1, JSD = 2, TVD = 3,
+  // The research family: their parameter in `beta` (skew, AB's alpha, AKL's head mass) and
+  // `param2` (AB's beta).
+  SkewKL = 4, SkewReverseKL = 5, AB = 6, AKL = 7
+};
 enum class Tail : int { Bucket = 0, Renorm = 1, Support = 2, None = 3 };
 
 // Scalars of a dense or sparse KD loss, as the Python layer resolved them.
 struct KDParams {
   int divergence;       // Divergence
   double temperature;   // T > 0
-  double beta;          // JSD mixing weight, strictly inside (0, 1) (endpoints become KL)
+  double beta;          // JSD beta (strictly inside (0, 1): endpoints become KL), skew, AB
+                        // alpha or AKL head mass
+  double param2;        // AB beta
+  double interp;        // TAID teacher interpolation t in [0, 1] (1 = the plain teacher)
   double scale_s;       // student logit scale
   double cap_s;         // student softcap, 0 = none
   double scale_t;       // teacher logit scale
@@ -45,7 +53,9 @@ struct SparseParams {
   int tail;                   // Tail
   double temperature;         // T > 0 of the loss
   double source_temperature;  // T at which the targets were recorded
-  double beta;                // JSD mixing weight, strictly inside (0, 1)
+  double beta;                // the divergence's parameter, as KDParams::beta
+  double param2;              // AB beta
+  double interp;              // TAID t over the coarse classes (1 = the plain targets)
   double hard_weight;         // weight of the cross-entropy term at T = 1
   double soft_coef;           // soft_weight, times T^2 when scale_by_t2
 };
@@ -215,6 +225,109 @@ DOPS_HD Acc xlogratio(Acc p, Acc lp, Acc lo) {
 template <typename Acc>
 DOPS_HD Acc tvd_sign(Acc q, Acc p) {
   return q > p ? Acc(0.5) : (q < p ? Acc(-0.5) : Acc(0));
+}
+
+// ---------------------------------------------------------------------------------------
+// The research divergences (docs/api.md has their maths). Each element contributes a loss
+// term and h_j = dL/d(log q_j); the gradient w.r.t. z_s is then h_j - q_j sum_k h_k.
+
+// TAID's target logit (1 - t) z_s + t z_t (the student side carries no gradient); a masked
+// -inf on either side stays masked for 0 < t < 1.
+template <typename Acc>
+DOPS_HD Acc taid_logit(Acc zs, Acc zt, Acc t) {
+  const Acc ninf = -std::numeric_limits<Acc>::infinity();
+  if (t == Acc(1)) return zt;
+  if (t == Acc(0)) return zs;
+  return (zs == ninf || zt == ninf) ? ninf : (Acc(1) - t) * zs + t * zt;
+}
+
+// Horner sums of the exponential series from the term x^k0 / k0! on, divided by x^k0:
+// sum_{n >= 0} x^n k0! / (n + k0)! ... spelled for the two uses below, for |x| < 1/2
+// (float: truncation < 3e-8 relative; double: < 1e-16).
+template <typename Acc>
+DOPS_HD Acc exp_series_from(Acc x, int k0) {
+  const int last = sizeof(Acc) == 4 ? 9 : 17;  // highest power of x kept
+  Acc acc = Acc(0);
+  for (int n = last; n >= 0; --n) {
+    Acc inv_fact = Acc(1);  // 1 / (n + k0)!
+    for (int i = 2; i <= n + k0; ++i) inv_fact /= Acc(i);
+    acc = acc * x + inv_fact;
+  }
+  return acc;
+}
+
+// expm1(x) / x and (expm1(x) - x) / x^2 near 0.
+template <typename Acc>
+DOPS_HD Acc exprel_small(Acc x) { return exp_series_from(x, 1); }
+template <typename Acc>
+DOPS_HD Acc phi_small_over_x2(Acc x) { return exp_series_from(x, 2); }
+
+// The alpha-beta divergence's element (A - G) / (a b) with A = (a p^s + b q^s) / s, G = p^a
+// q^b, s = a + b (ABKD): 0 where p = q, stable as either parameter tends to 0. Expanded around
+// the side whose weight w = min(a, b) / s is smaller: with U its p^s (or q^s) and r = s times
+// the log-ratio of the other side to it, A - G = U (w phi(r) - phi(w r)), phi(x) = e^x - 1 - x,
+// which keeps O(w) accuracy as w -> 0; for r << 0 the direct form has no cancellation.
+template <typename Acc>
+DOPS_HD Acc ab_loss(Acc lp, Acc lq, Acc a, Acc b) {
+  const Acc ninf = -std::numeric_limits<Acc>::infinity();
+  const Acc s = a + b;
+  if (lp == ninf && lq == ninf) return Acc(0);
+  if (lp == ninf) return exp_acc(s * lq) / (a * s);
+  if (lq == ninf) return exp_acc(s * lp) / (b * s);
+  const bool around_p = b <= a;
+  const Acc w = (around_p ? b : a) / s;
+  const Acc lu = s * (around_p ? lp : lq);
+  const Acc r = s * (around_p ? lq - lp : lp - lq);
+  const Acc wr = w * r;
+  const Acc u = exp_acc(lu);
+  const Acc u_phi_r = (r < Acc(0.5) && r > Acc(-0.5)) ? u * r * r * phi_small_over_x2(r)
+                                                     : exp_acc(lu + r) - u - u * r;
+  const Acc u_phi_wr = (wr < Acc(0.5) && wr > Acc(-0.5))
+                           ? u * wr * wr * phi_small_over_x2(wr)
+                           : exp_acc(lu + wr) - u - u * wr;
+  const Acc a_minus_g = (r < Acc(0) && wr <= Acc(-1))
+                            ? (Acc(1) - w) * u + w * exp_acc(lu + r) - exp_acc(lu + wr)
+                            : w * u_phi_r - u_phi_wr;
+  return a_minus_g / (a * b);
+}
+
+// dL/d(log q) of ab_loss: q^b (q^a - p^a) / a = p^a q^b expm1(a (lq - lp)) / a. (The teacher
+// side's is ab_dlogq(lq, lp, b, a).)
+template <typename Acc>
+DOPS_HD Acc ab_dlogq(Acc lp, Acc lq, Acc a, Acc b) {
+  const Acc ninf = -std::numeric_limits<Acc>::infinity();
+  const Acc s = a + b;
+  if (lq == ninf) return Acc(0);
+  if (lp == ninf) return exp_acc(s * lq) / a;
+  const Acc d = lq - lp, x = a * d;
+  const Acc g = exp_acc(a * lp + b * lq);
+  return (x < Acc(0.5) && x > Acc(-0.5)) ? g * d * exprel_small(x)
+                                         : (exp_acc(s * lq) - g) / a;
+}
+
+// Skew KL: KL(p || m), m = skew p + (1 - skew) q; log_s = log(skew), log_1ms = log(1 - skew).
+// Returns the term, h through `h`.
+template <typename Acc>
+DOPS_HD Acc skew_kl_term(Acc lp, Acc lq, Acc p, Acc skew, Acc log_s, Acc log_1ms, Acc& h) {
+  const Acc lm = jsd_log_mixture(lp, lq, log_s, log_1ms);
+  h = p > Acc(0) ? -(Acc(1) - skew) * p * exp_acc(lq - lm) : Acc(0);
+  return xlogratio(p, lp, lm);
+}
+
+// Skew reverse KL: KL(q || m), m = skew q + (1 - skew) p.
+template <typename Acc>
+DOPS_HD Acc skew_reverse_kl_term(Acc lp, Acc lq, Acc q, Acc skew, Acc log_s, Acc log_1ms,
+                                 Acc& h) {
+  const Acc lm = jsd_log_mixture(lq, lp, log_s, log_1ms);
+  h = q > Acc(0) ? q * ((lq - lm) + Acc(1) - skew * exp_acc(lq - lm)) : Acc(0);
+  return xlogratio(q, lq, lm);
+}
+
+// AKL's weight of the forward KL: g_head / (g_head + g_tail), 1/2 where p = q everywhere.
+template <typename Acc>
+DOPS_HD Acc akl_head_weight(Acc g_head, Acc g_tail) {
+  const Acc total = g_head + g_tail;
+  return total > Acc(0) ? g_head / total : Acc(0.5);
 }
 
 // ---------------------------------------------------------------------------------------

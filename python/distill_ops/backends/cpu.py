@@ -15,6 +15,8 @@ def kd_params(sc: LossScalars):
     p.divergence = sc.divergence
     p.temperature = sc.temperature
     p.beta = sc.beta
+    p.param2 = sc.param2
+    p.interp = sc.interp
     p.scale_s = sc.student_scale
     p.cap_s = sc.student_softcap
     p.scale_t = sc.teacher_scale
@@ -25,7 +27,8 @@ def kd_params(sc: LossScalars):
 
 
 def sparse_params(divergence: int, tail: int, temperature: float, source_temperature: float,
-                  beta: float, hard_weight: float, soft_coef: float):
+                  beta: float, param2: float, interp: float, hard_weight: float,
+                  soft_coef: float):
     """The native SparseParams (shared by the CPU and CUDA launchers)."""
     p = native().SparseParams()
     p.divergence = divergence
@@ -33,6 +36,8 @@ def sparse_params(divergence: int, tail: int, temperature: float, source_tempera
     p.temperature = temperature
     p.source_temperature = source_temperature
     p.beta = beta
+    p.param2 = param2
+    p.interp = interp
     p.hard_weight = hard_weight
     p.soft_coef = soft_coef
     return p
@@ -82,6 +87,8 @@ def sparse_kd_forward(
     temperature: float,
     source_temperature: float,
     beta: float,
+    param2: float,
+    interp: float,
     hard_weight: float,
     soft_coef: float,
     compute_grad: bool,
@@ -90,8 +97,8 @@ def sparse_kd_forward(
     n, vocab = student.shape
     k = indices.shape[1]
     loss, grad = fused_outputs(student, student.dtype == torch.float64, compute_grad)
-    p = sparse_params(divergence, tail, temperature, source_temperature, beta, hard_weight,
-                      soft_coef)
+    p = sparse_params(divergence, tail, temperature, source_temperature, beta, param2, interp,
+                      hard_weight, soft_coef)
     native().sparse_kd_cpu(
         ptr(student), dtype_code(student), student.stride(0), ptr(indices),
         ptr(teacher_logprobs), dtype_code(teacher_logprobs), k, ptr(valid), ptr(labels),

@@ -66,6 +66,8 @@ def sparse_kd_forward(
     temperature: float,
     source_temperature: float,
     beta: float,
+    param2: float,
+    interp: float,
     hard_weight: float,
     soft_coef: float,
     compute_grad: bool,
@@ -73,8 +75,8 @@ def sparse_kd_forward(
     """(loss [N] fp32, grad [N, V] in the student's dtype or an empty tensor)."""
     n, vocab = student.shape
     loss, grad = fused_outputs(student, False, compute_grad)
-    p = sparse_params(divergence, tail, temperature, source_temperature, beta, hard_weight,
-                      soft_coef)
+    p = sparse_params(divergence, tail, temperature, source_temperature, beta, param2, interp,
+                      hard_weight, soft_coef)
     with torch.cuda.device(student.device):
         native().sparse_kd_cuda(
             ptr(student), dtype_code(student), student.stride(0), ptr(indices),

@@ -56,7 +56,38 @@ def eager_dense(divergence: str, temperature: float, beta: float = 0.5) -> Calla
         q, p = _logsm(s, temperature).exp(), _logsm(t, temperature).exp()
         return 0.5 * (q - p).abs().sum(-1).mean()
 
-    return {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tvd": tvd}[divergence]
+    def skew_kl(s: Tensor, t: Tensor, skew: float = 0.1) -> Tensor:
+        lq, lp = _logsm(s, temperature), _logsm(t, temperature)
+        lm = torch.log(skew * lp.exp() + (1 - skew) * lq.exp())
+        return (lp.exp() * (lp - lm)).sum(-1).mean()
+
+    def skew_reverse_kl(s: Tensor, t: Tensor, skew: float = 0.1) -> Tensor:
+        lq, lp = _logsm(s, temperature), _logsm(t, temperature)
+        lm = torch.log(skew * lq.exp() + (1 - skew) * lp.exp())
+        return (lq.exp() * (lq - lm)).sum(-1).mean()
+
+    def ab(s: Tensor, t: Tensor, a: float = 0.5, b: float = 0.5) -> Tensor:
+        q, p = _logsm(s, temperature).exp(), _logsm(t, temperature).exp()
+        terms = p**a * q**b - a / (a + b) * p ** (a + b) - b / (a + b) * q ** (a + b)
+        return (-terms.sum(-1) / (a * b)).mean()
+
+    def akl(s: Tensor, t: Tensor, head_mass: float = 0.5) -> Tensor:
+        lq, lp = _logsm(s, temperature), _logsm(t, temperature)
+        q, p = lq.exp(), lp.exp()
+        with torch.no_grad():  # the head by a sort of each row, as the paper's code does
+            ps, order = torch.sort(p, -1, descending=True)
+            head_sorted = (torch.cumsum(ps, -1) - ps) < head_mass
+            head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
+            gap = (p - q).abs()
+            g_head = (gap * head).sum(-1)
+            w = g_head / gap.sum(-1)
+        fkl = (p * (lp - lq)).sum(-1)
+        rkl = (q * (lq - lp)).sum(-1)
+        return (w * fkl + (1 - w) * rkl).mean()
+
+    return {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tvd": tvd,
+            "skew_kl": skew_kl, "skew_reverse_kl": skew_reverse_kl, "ab": ab,
+            "akl": akl}[divergence]
 
 
 def eager_sparse(tail: str, temperature: float) -> Callable[..., Tensor]:
@@ -213,7 +244,7 @@ def dense_cases(divergence: str, temperature: float, device: torch.device,
     trl = trl_jsd()
     beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}.get(divergence)
     if beta is None:
-        cases.append(Case("trl", None, "TRL has no TVD loss"))
+        cases.append(Case("trl", None, f"TRL has no {divergence} loss"))
     elif trl is None:
         cases.append(Case("trl", None, "TRL not installed"))
     else:
@@ -247,6 +278,8 @@ def dense_cases(divergence: str, temperature: float, device: torch.device,
         cases.append(Case("liger", lambda s, t: jsd(_logsm(s, temperature),
                                                     _logsm(t, temperature)),
                           "LigerJSD on log_softmax"))
+    elif divergence != "tvd":
+        cases.append(Case("liger", None, f"Liger has no {divergence} loss"))
     else:
         tvd = _liger("LigerTVDLoss")()
         cases.append(Case("liger", lambda s, t: tvd(torch.softmax(s.float() / temperature, -1),

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 OPS = ("dense", "sparse", "topk", "sample", "fused_linear", "fused_linear_sparse",
        "fused_linear_topk")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")  # the default rows
+# Every divergence `--divergence` takes (the research family: its issue and docs/api.md).
+ALL_DIVERGENCES = (*DIVERGENCES, "skew_kl", "skew_reverse_kl", "ab", "akl")
 TAILS = ("bucket", "renorm", "support", "none")
 
 
@@ -60,4 +62,5 @@ QUICK: dict[str, list[Shape]] = {
 }
 
 
-__all__ = ["CANONICAL", "CPU_FULL", "DIVERGENCES", "OPS", "QUICK", "TAILS", "Shape"]
+__all__ = ["ALL_DIVERGENCES", "CANONICAL", "CPU_FULL", "DIVERGENCES", "OPS", "QUICK", "TAILS",
+           "Shape"]

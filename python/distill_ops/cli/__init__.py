@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from ..bench.shapes import DIVERGENCES, OPS, TAILS
+from ..bench.shapes import ALL_DIVERGENCES, DIVERGENCES, OPS, TAILS
 from .bench_commands import _shape, bench
 from .common import CommandError, positive_float, positive_int
 from .store_commands import extract, ingest, inspect
@@ -26,9 +26,11 @@ DESCRIPTION = ("Fused kernels for knowledge distillation of language models: tim
 
 def demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
+    from ..demo.run import RUNS
 
+    runs = RUNS + tuple(f"dense-{d}" for d in args.divergence or ())
     run_demo(quick=args.quick, corpus=args.corpus, out=args.out, device=args.device,
-             cache=args.cache, progress=not args.no_progress)
+             cache=args.cache, progress=not args.no_progress, runs=runs)
     return 0
 
 
@@ -55,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="targets per row (ops that take k)")
     b.add_argument("--hidden", type=positive_int, nargs=2, metavar=("HS", "HT"),
                    help="student and teacher hidden widths of the LM-head ops")
-    b.add_argument("--divergence", nargs="+", default=list(DIVERGENCES), choices=DIVERGENCES,
+    b.add_argument("--divergence", nargs="+", default=list(DIVERGENCES),
+                   choices=ALL_DIVERGENCES,
                    metavar="D", help=f"divergences of the dense rows (default: all of "
                                      f"{', '.join(DIVERGENCES)})")
     b.add_argument("--tail", nargs="+", default=list(TAILS), choices=TAILS, metavar="TAIL",
@@ -129,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache", default=None,
                    help="tokenizer, teacher and stores (default ~/.cache/distill_ops/demo)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--divergence", nargs="+", default=None, choices=ALL_DIVERGENCES[1:],
+                   metavar="D", help="also train a dense student with each of these "
+                   "divergences (rows dense-D; the default rows use forward KL): "
+                   f"{', '.join(ALL_DIVERGENCES[1:])}")
     d.set_defaults(func=demo)
 
     g = sub.add_parser("ingest", help="API / inference-server logprobs (JSONL) into a store")

@@ -10,7 +10,10 @@ same windows with:
 - ``ce``: cross-entropy on the data alone;
 - ``dense``: forward KL to the full teacher distribution (the teacher run live);
 - ``top12-<tail>``: sparse KD to the stored top-12, for each tail mode;
-- ``sampled``: sparse KD to the stored sampled targets (``tail="none"``): unbiased.
+- ``sampled``: sparse KD to the stored sampled targets (``tail="none"``): unbiased;
+- ``dense-<divergence>`` (asked for with ``--divergence``): the dense run with another
+  divergence (skew KL, AB, AKL, ...: each at its default parameter), so the table says
+  which distils best on the corpus.
 
 Reported per run: held-out loss and perplexity, expected calibration error, the angle
 between its gradient and the full-KD gradient (at a common point: the CE student, on
@@ -243,11 +246,14 @@ def _loss_fn(run: str, stores: dict[str, Any], teacher, device: torch.device
     if run == "ce":
         return lambda s, ids, w: F.cross_entropy(s(w[:, :-1].to(device)).flatten(0, 1),
                                                  w[:, 1:].flatten().to(device))
-    if run == "dense":
+    if run == "dense" or run.startswith("dense-"):
+        divergence = run.split("-", 1)[1] if "-" in run else "forward_kl"
+
         def dense(s, ids, w):
             with torch.no_grad():
                 h_t = teacher.hidden(w[:, :-1].to(device))
-            return fused_linear_kd_loss(hidden(s, w), s.head.weight, h_t, teacher.head.weight)
+            return fused_linear_kd_loss(hidden(s, w), s.head.weight, h_t, teacher.head.weight,
+                                        divergence=divergence)
         return dense
     reader = stores["sampled" if run == "sampled" else "topk"]
     tail = "none" if run == "sampled" else run.split("-")[1]
@@ -395,6 +401,11 @@ def run_demo(quick: bool = True, corpus: str | None = None, out: str | None = "d
         results.append(r | {"name": run})
         log(f"  {run:14s} held-out loss {r['loss']:.4f}  ECE {r['ece']:.4f}  "
             f"{r['tokens_per_s']:,.0f} tokens/s")
+    dense_rows = [r for r in results if r["name"] == "dense" or r["name"].startswith("dense-")]
+    if len(dense_rows) > 1:
+        best = min(dense_rows, key=lambda r: r["loss"])
+        log(f"  best divergence on this corpus: {best['name']} (held-out loss "
+            f"{best['loss']:.4f})")
     point = models.get("ce")
     angles = gradient_angles(point, data["teacher"], data["held"], cfg, stores["draws"], dev) \
         if point is not None else {}
@@ -419,9 +430,12 @@ def run_demo(quick: bool = True, corpus: str | None = None, out: str | None = "d
 
 def _run_entry(r: dict[str, Any], angles: dict[str, float], cfg: Config) -> dict[str, Any]:
     name = r["name"]
-    targets = "ce" if name == "ce" else "dense" if name == "dense" else \
+    dense = name == "dense" or name.startswith("dense-")
+    targets = "ce" if name == "ce" else "dense" if dense else \
         "sampled" if name == "sampled" else "topk"
     return {"name": name, "targets": targets,
+            "divergence": (name.split("-", 1)[1] if name != "dense" else "forward_kl")
+            if dense else ("forward_kl" if targets != "ce" else None),
             "k": None if targets in ("ce", "dense") else (cfg.k if targets == "topk" else None),
             "tail": name.split("-")[1] if targets == "topk" else
             ("none" if targets == "sampled" else None),

@@ -30,11 +30,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..reference import divergence_from_logprobs, sparse_coarse_teacher, transform_logits
+from ..reference import (
+    divergence_from_logprobs,
+    sparse_coarse_teacher,
+    taid_logits,
+    transform_logits,
+)
+from ..validation import divergence_options
 from .comm import VocabShard, all_gather, all_reduce
 
-FORWARD_KL, REVERSE_KL, JSD, TVD = 0, 1, 2, 3
-DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+FORWARD_KL, REVERSE_KL, JSD, TVD, SKEW_KL, AKL = 0, 1, 2, 3, 4, 7
 _CHUNK_BUDGET = 256 << 20  # bytes of [chunk, V_local] temporaries
 
 
@@ -129,7 +134,7 @@ def _dense_chunk(xs, xt, valid, labels, sc, shard, dt, want_grad):
     cap_s = sc.student_softcap or None
     cap_t = sc.teacher_softcap or None
     zs = transform_logits(xs, sc.student_scale, cap_s, t, dt)
-    zt = transform_logits(xt, sc.teacher_scale, cap_t, t, dt)
+    zt = taid_logits(zs, transform_logits(xt, sc.teacher_scale, cap_t, t, dt), sc.interp)
     g = shard.group
 
     mx = all_reduce(torch.stack([_row_max(zs), _row_max(zt)], 1), dist.ReduceOp.MAX, g)
@@ -166,6 +171,8 @@ def _dense_chunk(xs, xt, valid, labels, sc, shard, dt, want_grad):
         div = sums[:, 2] / sums[:, 0] - log_ss + log_st
         if want_grad:
             d = torch.where(q > 0, q * ((lq - lp) - div[:, None]), zero)
+    elif sc.divergence >= SKEW_KL:
+        div, d = _research_chunk(sc, lp, lq, p, q, g, want_grad)
     else:
         if sc.divergence == JSD:
             beta = sc.beta
@@ -208,6 +215,61 @@ def _dense_chunk(xs, xt, valid, labels, sc, shard, dt, want_grad):
     return loss, gx
 
 
+def _research_chunk(sc, lp: Tensor, lq: Tensor, p: Tensor, q: Tensor, group, want_grad: bool
+                    ) -> tuple[Tensor, Tensor | None]:
+    """The research divergences of a chunk from its global log-probabilities: (div [c], the
+    gradient w.r.t. z_s of this rank's slice, or None)."""
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    if sc.divergence == AKL:
+        head = p.float() >= _akl_threshold(p, sc.beta, group)[:, None]
+        gap = (p - q).abs()
+        part = all_reduce(torch.stack([
+            torch.where(p > 0, p * (lp - lq), zero).sum(1),
+            torch.where(q > 0, q * (lq - lp), zero).sum(1),
+            torch.where(head, gap, zero).sum(1), torch.where(head, zero, gap).sum(1)], 1),
+            dist.ReduceOp.SUM, group)
+        total = part[:, 2] + part[:, 3]
+        w = torch.where(total > 0, part[:, 2] / torch.where(total > 0, total, zero + 1),
+                        zero + 0.5)
+        rkl = part[:, 1]
+        div = w * part[:, 0] + (1.0 - w) * rkl
+        if not want_grad:
+            return div, None
+        return div, w[:, None] * (q - p) + (1.0 - w[:, None]) * torch.where(
+            q > 0, q * ((lq - lp) - rkl[:, None]), zero)
+    # Element-separable: this slice's terms and h = dL/dlog q by autograd, one all-reduce of
+    # (loss, sum h), then dL/dz = h - q sum h.
+    name, params = divergence_options(sc)
+    with torch.enable_grad():
+        lq_ = lq.detach().requires_grad_(want_grad)
+        terms = divergence_from_logprobs(lp, lq_, name, **params)
+        h = torch.autograd.grad(terms.sum(), lq_)[0] if want_grad else torch.zeros_like(lq)
+    if name == "skew_reverse_kl":  # its "+ q" centres to 0 (q sums to one): less to cancel
+        h = h - q
+    part = all_reduce(torch.stack([terms.detach(), h.sum(1)], 1), dist.ReduceOp.SUM, group)
+    return part[:, 0], (h - q * part[:, 1:2]) if want_grad else None
+
+
+def _akl_threshold(p: Tensor, head_mass: float, group) -> Tensor:
+    """AKL's head threshold per row over the whole (sharded) vocabulary: the largest tau with
+    sum_{p_j >= tau} p_j >= head_mass, by bisection on the fp32 bit pattern of tau (31 steps,
+    each one all-reduce of a float a row): exactly the smallest probability of the head."""
+    pf = p.float()
+    c = p.shape[0]
+    lo = torch.zeros(c, dtype=torch.int64, device=p.device)
+    hi = torch.full((c,), 0x3F800001, dtype=torch.int64, device=p.device)  # just above 1.0
+    for _ in range(31):
+        mid = (lo + hi) // 2
+        tau = mid.to(torch.int32).view(torch.float32)
+        mass = all_reduce(torch.where(pf >= tau[:, None], pf, 0.0).sum(1, dtype=torch.float64),
+                          dist.ReduceOp.SUM, group)
+        ok = mass >= head_mass
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    tau = lo.to(torch.int32).view(torch.float32)
+    return torch.where(torch.tensor(head_mass >= 1.0, device=p.device), 0.0, tau)
+
+
 def _transform_grad(z: Tensor, scale: float, cap: float | None, t: float) -> Tensor | float:
     """f'(x) through z = f(x) / T (0 at a masked -inf logit under a softcap)."""
     if cap is None:
@@ -223,8 +285,8 @@ def _transform_grad(z: Tensor, scale: float, cap: float | None, t: float) -> Ten
 
 def sparse_rows(xs: Tensor, idx: Tensor, tlp: Tensor, valid: Tensor | None,
                 labels: Tensor | None, divergence: int, tail: str, temperature: float,
-                ratio: float, beta: float, hard_weight: float, soft_coef: float,
-                shard: VocabShard, want_grad: bool) -> tuple[Tensor, Tensor | None]:
+                ratio: float, sc, shard: VocabShard, want_grad: bool
+                ) -> tuple[Tensor, Tensor | None]:
     """Per-row sparse loss [N] and the gradient of this rank's slice; `idx` holds global
     ids (-1 pads), `tlp` the teacher log-probabilities, `ratio` = T_source / T."""
     n, width = xs.shape
@@ -236,7 +298,7 @@ def sparse_rows(xs: Tensor, idx: Tensor, tlp: Tensor, valid: Tensor | None,
         e = min(n, a + step)
         r, g = _sparse_chunk(xs[a:e], idx[a:e], tlp[a:e], None if valid is None else valid[a:e],
                              None if labels is None else labels[a:e], divergence, tail,
-                             temperature, ratio, beta, hard_weight, soft_coef, shard, dt,
+                             temperature, ratio, sc, shard, dt,
                              want_grad)
         rows[a:e] = r
         if want_grad:
@@ -244,8 +306,9 @@ def sparse_rows(xs: Tensor, idx: Tensor, tlp: Tensor, valid: Tensor | None,
     return rows, grad
 
 
-def _sparse_chunk(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, beta, hard_weight,
-                  soft_coef, shard, dt, want_grad):
+def _sparse_chunk(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, shard, dt,
+                  want_grad):
+    hard_weight, soft_coef = sc.hard_weight, sc.soft_coef
     c, width = xs.shape
     k = idx.shape[1]
     zero = torch.zeros((), dtype=dt, device=xs.device)
@@ -293,7 +356,12 @@ def _sparse_chunk(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, beta,
                               ninf)
         lq_all = torch.cat([lq_sup, lq_rest[:, None]], 1).detach().requires_grad_(want_grad)
         lp_all = torch.cat([lp_sup, lp_rest[:, None]], 1)
-        div = divergence_from_logprobs(lp_all, lq_all, DIVERGENCE_NAMES[divergence], beta)
+        if sc.interp != 1.0:  # TAID over the classes
+            mix = taid_logits(lq_all, lp_all, sc.interp)
+            norm = torch.logsumexp(mix, 1, keepdim=True)
+            lp_all = mix - torch.where(norm == -math.inf, torch.zeros_like(norm), norm)
+        name, params = divergence_options(sc)
+        div = divergence_from_logprobs(lp_all, lq_all, name, **params)
         h = torch.autograd.grad(div.sum(), lq_all)[0] if want_grad else None
     div = div.detach()
     loss = soft_coef * div

@@ -3,7 +3,8 @@
     from distill_ops.integrations.trl import DistillationTrainer   # was: from trl import ...
 
 - :class:`DistillationTrainer` subclasses ``trl.DistillationTrainer`` (same constructor, same
-  ``DistillationConfig``). Its ``_compute_loss`` computes the generalised JSD(beta) at the
+  ``DistillationConfig``, plus ``divergence=`` for the divergences TRL lacks). Its
+  ``_compute_loss`` computes the generalised JSD(beta) (or that divergence) at the
   configured temperature with :func:`distill_ops.fused_linear_kd_loss` from the student's and
   teacher's final hidden states and LM heads, where TRL runs its chunked divergence: the
   logit scales and final softcaps are read from both models' configs as TRL reads them, the
@@ -78,7 +79,32 @@ def logit_scale(config: Any) -> float:
 
 
 class DistillationTrainer(_trl.DistillationTrainer):
-    """``trl.DistillationTrainer`` with :func:`distill_ops.fused_linear_kd_loss` as its loss."""
+    """``trl.DistillationTrainer`` with :func:`distill_ops.fused_linear_kd_loss` as its loss.
+
+    TRL's one loss choice is the config's ``beta`` (generalised JSD). Two keyword arguments
+    beyond TRL's constructor pick any divergence of :func:`distill_ops.kd_loss` instead:
+    ``divergence`` (``"skew_kl"``, ``"ab"``, ``"akl"``, ...; None keeps TRL's JSD(beta)) and
+    ``divergence_options`` (``skew``, ``ab_alpha``, ``ab_beta``, ``akl_head_mass``,
+    ``teacher_interpolation``), checked when the trainer is built."""
+
+    def __init__(self, *args: Any, divergence: str | None = None,
+                 divergence_options: dict[str, float] | None = None, **kwargs: Any) -> None:
+        options = dict(divergence_options or {})
+        unknown = set(options) - set(_DIVERGENCE_OPTIONS)
+        if unknown:
+            raise ValueError(f"divergence_options takes {', '.join(_DIVERGENCE_OPTIONS)}; got "
+                             f"{', '.join(sorted(unknown))}")
+        if divergence is not None or options:
+            from ..validation import loss_scalars
+
+            loss_scalars(divergence=divergence or "jsd", temperature=1.0, beta=0.5,
+                         hard_weight=0.0, soft_weight=1.0, scale_by_t2=False,
+                         student_logit_scale=1.0, teacher_logit_scale=1.0,
+                         student_softcap=None, teacher_softcap=None, has_labels=False,
+                         **options)
+        super().__init__(*args, **kwargs)
+        self.divergence = divergence
+        self.divergence_options = options
 
     def _compute_loss(self, unwrapped_student: Any, inputs: dict[str, Any],
                       num_items_in_batch: Tensor | int | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -114,13 +140,17 @@ class DistillationTrainer(_trl.DistillationTrainer):
         mask = loss_mask.to(device) != 0
         loss, entropy = fused_linear_kd_loss(
             h_s.to(device), w_s, h_t.to(device), w_t, student_bias=b_s, teacher_bias=b_t,
-            divergence="jsd", beta=self.beta, temperature=self.temperature, mask=mask,
+            divergence=self.divergence or "jsd", beta=self.beta, **self.divergence_options,
+            temperature=self.temperature, mask=mask,
             num_items_in_batch=num_items_in_batch,
             student_logit_scale=logit_scale(cfg_s), teacher_logit_scale=logit_scale(cfg_t),
             student_softcap=getattr(cfg_s, "final_logit_softcapping", None),
             teacher_softcap=getattr(cfg_t, "final_logit_softcapping", None),
             return_entropy=True)
         return loss, entropy.sum().detach(), mask.sum()
+
+
+_DIVERGENCE_OPTIONS = ("skew", "ab_alpha", "ab_beta", "akl_head_mass", "teacher_interpolation")
 
 
 def _full(t: Tensor | None) -> Tensor | None:

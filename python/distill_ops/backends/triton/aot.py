@@ -48,10 +48,10 @@ class KernelSpec:
 
 def _dense_kd_specs() -> Iterator[KernelSpec]:
     floats = ("temperature", "beta", "scale_s", "cap_s", "scale_t", "cap_t", "hard_weight",
-              "soft_coef")
+              "soft_coef", "param2", "interp")
     block, warps = dense_kd.launch_config(128256)
     # Every divergence in every dtype with every option on, and with every option off.
-    for div, dt, flags in itertools.product(range(4), DTYPES, (True, False)):
+    for div, dt, flags in itertools.product(range(8), DTYPES, (True, False)):
         if not flags and dt != "fp32":
             continue
         sig = {
@@ -62,7 +62,8 @@ def _dense_kd_specs() -> Iterator[KernelSpec]:
             **dict.fromkeys(floats, "fp32"),
         }
         const = {
-            "DIVERGENCE": div, "HAS_CAP_S": flags, "HAS_CAP_T": flags, "HAS_VALID": flags,
+            "DIVERGENCE": div, "HAS_CAP_S": flags, "HAS_CAP_T": flags, "HAS_INTERP": flags,
+            "HAS_VALID": flags,
             "HAS_HARD": flags, "COMPUTE_GRAD": flags, "HAS_ROW_SCALE": flags, "BLOCK": block,
         }
         yield KernelSpec(f"dense_kd[div={div},{dt},opts={int(flags)}]", dense_kd.dense_kd_kernel,
@@ -74,9 +75,9 @@ def _dense_kd_specs() -> Iterator[KernelSpec]:
 
 def _sparse_kd_specs() -> Iterator[KernelSpec]:
     block, kp, warps = sparse_kd.launch_config(128256, 64)
-    floats = ("temperature", "ratio", "beta", "hard_weight", "soft_coef")
+    floats = ("temperature", "ratio", "beta", "param2", "interp", "hard_weight", "soft_coef")
     # Every divergence x tail in bf16 with every option on; fp32 and fp16 with options off.
-    for div, tail, dt in itertools.product(range(4), range(4), DTYPES):
+    for div, tail, dt in itertools.product(range(8), range(4), DTYPES):
         flags = dt == "bf16"
         if not flags and (div, tail) != (0, 0):
             continue
@@ -86,7 +87,8 @@ def _sparse_kd_specs() -> Iterator[KernelSpec]:
             "row_scale_ptr": "*fp32", "s_stride": "i64", "vocab": "i32", "k": "i32",
             **dict.fromkeys(floats, "fp32"),
         }
-        const = {"DIVERGENCE": div, "TAIL": tail, "HAS_VALID": flags, "HAS_HARD": flags,
+        const = {"DIVERGENCE": div, "TAIL": tail, "HAS_INTERP": flags, "HAS_VALID": flags,
+                 "HAS_HARD": flags,
                  "COMPUTE_GRAD": True, "HAS_ROW_SCALE": flags, "BLOCK": block, "KP": kp}
         yield KernelSpec(f"sparse_kd[div={div},tail={tail},{dt},opts={int(flags)}]",
                          sparse_kd.sparse_kd_kernel, sig, const, warps,

@@ -35,7 +35,7 @@ every divergence; bench/results/isa-2026-11-29.md has the tables).
 from __future__ import annotations
 
 import contextlib
-import os
+import dataclasses
 
 import torch
 import triton
@@ -43,23 +43,31 @@ import triton.language as tl
 
 from ..extension import fused_outputs
 from . import tuning
+from .elementwise import (
+    AB,
+    AKL,
+    FORWARD_KL,
+    JSD,
+    LN2,
+    MIX_FLOOR,
+    NEG_INF,
+    REVERSE_KL,
+    SKEW_KL,
+    SKEW_REVERSE_KL,
+    TVD,
+    _exp,
+    _fast_log2,
+    research_terms,
+    taid_logit,
+)
 
-NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
+# AKL's threshold search: bisection over the fp32 bit patterns in [0, 1.0 + 1 ulp).
+AKL_STEPS: tl.constexpr = tl.constexpr(31)
+ONE_PLUS_ULP_BITS: tl.constexpr = tl.constexpr(0x3F800001)
 
-FORWARD_KL: tl.constexpr = tl.constexpr(0)
-REVERSE_KL: tl.constexpr = tl.constexpr(1)
-JSD: tl.constexpr = tl.constexpr(2)
-TVD: tl.constexpr = tl.constexpr(3)
-
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 # Pass 1's group width: one thread's vector of bf16 logits (16 bytes).
 G: tl.constexpr = tl.constexpr(8)
-# JSD's mixture is floored at 2^-100 before its log: a term below it weighs < 1e-28.
-MIX_FLOOR: tl.constexpr = tl.constexpr(2.0 ** -100)
-# lg2.approx by inline PTX on a GPU; the interpreter cannot run PTX.
-FAST_MATH: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 
 
 @triton.jit
@@ -118,25 +126,6 @@ def _load_z(row_ptr, cols, n, scale, cap, inv_t, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
-def _fast_log2(x):
-    """log2(x) per element: the GPU's lg2.approx (relative error ~2^-22) instead of the
-    ~20-instruction accurate libdevice call; numpy's log2 under the interpreter."""
-    if FAST_MATH:
-        out = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x],
-                                        dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        out = tl.log2(x)
-    return out
-
-
-@triton.jit
-def _exp(x):
-    """e^x as one ex2 of x * log2(e): `tl.exp` adds a multiply and a denormal range fix
-    around it (five instructions); here a result below 2^-126 may flush to 0."""
-    return tl.exp2(x * LOG2E)
-
-
-@triton.jit
 def _group_online(m, z):
     """One step of the running log-sum-exp of each group of G neighbouring logits.
 
@@ -179,23 +168,24 @@ def _row_weights(m):
 
 
 @triton.jit
-def _log_mixture(lp, lq, log_b, log_1mb):
-    """log(beta * p + (1 - beta) * q) by logaddexp."""
-    a = log_b + lp
-    b = log_1mb + lq
-    hi = tl.maximum(a, b)
-    lo = tl.minimum(a, b)
-    return tl.where(hi == NEG_INF, hi, hi + tl.log(1.0 + tl.exp(lo - hi)))
+def _load_zt(t_row, cols, n, scale_t, cap_t, inv_t, zs, interp, HAS_CAP_T: tl.constexpr,
+             HAS_INTERP: tl.constexpr):
+    """The teacher side's z: f(x_t) / T, moved toward the student's zs under TAID."""
+    zt = _load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T)
+    if HAS_INTERP:
+        zt = taid_logit(zs, zt, interp)
+    return zt
 
 
 @triton.jit
 def dense_kd_kernel(
     s_ptr, t_ptr, valid_ptr, labels_ptr, loss_ptr, grad_ptr, row_scale_ptr,
     s_stride, t_stride, g_stride, vocab, grad_cols,
-    temperature, beta, scale_s, cap_s, scale_t, cap_t, hard_weight, soft_coef,
+    temperature, beta, scale_s, cap_s, scale_t, cap_t, hard_weight, soft_coef, param2, interp,
     DIVERGENCE: tl.constexpr,
     HAS_CAP_S: tl.constexpr,
     HAS_CAP_T: tl.constexpr,
+    HAS_INTERP: tl.constexpr,
     HAS_VALID: tl.constexpr,
     HAS_HARD: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
@@ -229,7 +219,7 @@ def dense_kd_kernel(
     for start in range(0, n, BLOCK):
         cols = start + goffs
         zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
-        zt = _load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T)
+        zt = _load_zt(t_row, cols, n, scale_t, cap_t, inv_t, zs, interp, HAS_CAP_T, HAS_INTERP)
         ms_new, alpha_s, e_s = _group_online(m_s, zs)
         mt_new, alpha_t, e_t = _group_online(m_t, zt)
         if DIVERGENCE == FORWARD_KL:
@@ -271,8 +261,11 @@ def dense_kd_kernel(
         acc_b = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n, BLOCK):
             cols = start + offs
-            lq = (_load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S) - M_s) - log_ss
-            lp = (_load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T) - M_t) - log_st
+            zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
+            lq = (zs - M_s) - log_ss
+            zt = _load_zt(t_row, cols, n, scale_t, cap_t, inv_t, zs, interp, HAS_CAP_T,
+                          HAS_INTERP)
+            lp = (zt - M_t) - log_st
             q = _exp(lq)
             p = _exp(lp)
             if DIVERGENCE == JSD:
@@ -289,6 +282,71 @@ def dense_kd_kernel(
         else:
             div = 0.5 * tl.sum(acc_a, 0)
             sum_qg = tl.sum(acc_b, 0)
+    if DIVERGENCE == SKEW_KL or DIVERGENCE == SKEW_REVERSE_KL or DIVERGENCE == AB:
+        # Pass 2: the loss and sum_j h_j, h_j = dL/dlog q_j.
+        acc_a = tl.zeros([BLOCK], tl.float32)
+        acc_b = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n, BLOCK):
+            cols = start + offs
+            zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
+            lq = (zs - M_s) - log_ss
+            zt = _load_zt(t_row, cols, n, scale_t, cap_t, inv_t, zs, interp, HAS_CAP_T,
+                          HAS_INTERP)
+            lp = (zt - M_t) - log_st
+            term, h = research_terms(lp, lq, _exp(lp), _exp(lq), beta, param2, True,
+                                     DIVERGENCE)
+            acc_a += term
+            acc_b += h
+        div = tl.sum(acc_a, 0)
+        sum_qg = tl.sum(acc_b, 0)
+    akl_w = 0.0
+    if DIVERGENCE == AKL:
+        # The head threshold: the largest tau with sum_{p_j >= tau} p_j >= head mass (beta),
+        # bisected over tau's fp32 bits (p >= 0 orders as its bits); one read of the teacher
+        # row a step, which the previous step left in cache.
+        lo = tl.zeros([], tl.int32)
+        hi = tl.zeros([], tl.int32) + ONE_PLUS_ULP_BITS
+        for _step in range(AKL_STEPS):
+            mid = lo + (hi - lo) // 2
+            tau = mid.to(tl.float32, bitcast=True)
+            acc_a = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, n, BLOCK):
+                cols = start + offs
+                zt = _load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T)
+                if HAS_INTERP:
+                    zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
+                    zt = taid_logit(zs, zt, interp)
+                p = _exp((zt - M_t) - log_st)
+                acc_a += tl.where(p >= tau, p, 0.0)
+            ok = tl.sum(acc_a, 0) >= beta
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid)
+        # A head mass of 1 is the whole vocabulary, whatever the rounding of its sum.
+        tau = tl.where(beta >= 1.0, 0.0, lo.to(tl.float32, bitcast=True))
+        # Pass 2: both KLs and the head's and tail's sum |p - q|.
+        acc_a = tl.zeros([BLOCK], tl.float32)
+        acc_b = tl.zeros([BLOCK], tl.float32)
+        acc_h = tl.zeros([BLOCK], tl.float32)
+        acc_t = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n, BLOCK):
+            cols = start + offs
+            zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
+            lq = (zs - M_s) - log_ss
+            zt = _load_zt(t_row, cols, n, scale_t, cap_t, inv_t, zs, interp, HAS_CAP_T,
+                          HAS_INTERP)
+            lp = (zt - M_t) - log_st
+            q = _exp(lq)
+            p = _exp(lp)
+            acc_a += tl.where(p > 0, p * (lp - lq), 0.0)
+            acc_b += tl.where(q > 0, q * (lq - lp), 0.0)
+            gap = tl.abs(p - q)
+            acc_h += tl.where(p >= tau, gap, 0.0)
+            acc_t += tl.where(p >= tau, 0.0, gap)
+        g_head = tl.sum(acc_h, 0)
+        total = g_head + tl.sum(acc_t, 0)
+        akl_w = tl.where(total > 0, g_head / tl.where(total > 0, total, 1.0), 0.5)
+        sum_qg = tl.sum(acc_b, 0)  # the reverse KL
+        div = akl_w * tl.sum(acc_a, 0) + (1.0 - akl_w) * sum_qg
 
     loss = soft_coef * div
     # A NaN or +inf logit makes its side's sum NaN, and the row's loss NaN whatever the
@@ -321,7 +379,9 @@ def dense_kd_kernel(
             inb = cols < n
             zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
             lq = (zs - M_s) - log_ss
-            lp = (_load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T) - M_t) - log_st
+            zt = _load_zt(t_row, cols, n, scale_t, cap_t, inv_t, zs, interp, HAS_CAP_T,
+                          HAS_INTERP)
+            lp = (zt - M_t) - log_st
             q = _exp(lq)
             if DIVERGENCE == FORWARD_KL:
                 d = q - _exp(lp)
@@ -335,6 +395,13 @@ def dense_kd_kernel(
             if DIVERGENCE == TVD:
                 p = _exp(lp)
                 d = q * (tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0)) - sum_qg)
+            if DIVERGENCE == SKEW_KL or DIVERGENCE == SKEW_REVERSE_KL or DIVERGENCE == AB:
+                _term, h = research_terms(lp, lq, _exp(lp), q, beta, param2, False,
+                                          DIVERGENCE)
+                d = h - q * sum_qg
+            if DIVERGENCE == AKL:
+                d = akl_w * (q - _exp(lp)) \
+                    + (1.0 - akl_w) * tl.where(q > 0, q * ((lq - lp) - sum_qg), 0.0)
             gz = coef * d
             if HAS_HARD:
                 sm1 = _exp((zs - M_s) * temperature - log_s1)
@@ -382,6 +449,10 @@ def dense_kd_forward(student, teacher, valid, labels, sc, vocab: int, compute_gr
     loss, grad = fused_outputs(student, False, compute_grad, grad_dtype)
     if n == 0:
         return loss, grad
+    if sc.interp == 0.0:  # TAID at t = 0: the target is the student itself
+        teacher = student
+        sc = dataclasses.replace(sc, teacher_scale=sc.student_scale,
+                                 teacher_softcap=sc.student_softcap, interp=1.0)
     if tuning.enabled(student):
         kernel, meta = _DENSE_TUNED, {}
     else:
@@ -396,10 +467,11 @@ def dense_kd_forward(student, teacher, valid, labels, sc, vocab: int, compute_gr
             row_scale if row_scale is not None else loss,
             student.stride(0), teacher.stride(0), grad_cols, vocab, grad_cols,
             sc.temperature, sc.beta, sc.student_scale, sc.student_softcap, sc.teacher_scale,
-            sc.teacher_softcap, sc.hard_weight, sc.soft_coef,
+            sc.teacher_softcap, sc.hard_weight, sc.soft_coef, sc.param2, sc.interp,
             DIVERGENCE=sc.divergence,
             HAS_CAP_S=sc.student_softcap > 0,
             HAS_CAP_T=sc.teacher_softcap > 0,
+            HAS_INTERP=sc.interp != 1.0,
             HAS_VALID=valid is not None,
             HAS_HARD=sc.hard_weight != 0.0,
             COMPUTE_GRAD=compute_grad,

@@ -176,8 +176,8 @@ _SHAPE_LOGITS = 8192 * 128256
 
 # The benchmark's case: bf16, gradient on (the mean's weight folded in), no softcap, hard
 # term or row mask.
-_PLAIN = {"HAS_CAP_S": False, "HAS_CAP_T": False, "HAS_VALID": False, "HAS_HARD": False,
-          "COMPUTE_GRAD": True, "HAS_ROW_SCALE": True}
+_PLAIN = {"HAS_CAP_S": False, "HAS_CAP_T": False, "HAS_INTERP": False, "HAS_VALID": False,
+          "HAS_HARD": False, "COMPUTE_GRAD": True, "HAS_ROW_SCALE": True}
 # (spec name, constexprs changed, what it is, (read, written) bytes per logit of each loop)
 DEFAULT_SPECS = (
     ("dense_kd[div=0,bf16,opts=1][aligned]", _PLAIN, "dense forward KL + grad",
@@ -188,6 +188,18 @@ DEFAULT_SPECS = (
      ((4, 0), (4, 0), (4, 2))),
     ("dense_kd[div=3,bf16,opts=1][aligned]", _PLAIN, "dense TVD + grad",
      ((4, 0), (4, 0), (4, 2))),
+    ("dense_kd[div=4,bf16,opts=1][aligned]", _PLAIN, "dense skew KL + grad",
+     ((4, 0), (4, 0), (4, 2))),
+    ("dense_kd[div=5,bf16,opts=1][aligned]", _PLAIN, "dense skew reverse KL + grad",
+     ((4, 0), (4, 0), (4, 2))),
+    ("dense_kd[div=6,bf16,opts=1][aligned]", _PLAIN, "dense AB + grad",
+     ((4, 0), (4, 0), (4, 2))),
+    # AKL: statistics, the threshold search's inner loop (the teacher row, once per each of
+    # its 31 steps), both KLs, gradient.
+    ("dense_kd[div=7,bf16,opts=1][aligned]", _PLAIN, "dense AKL + grad",
+     ((4, 0), (2, 0), (2, 0), (4, 0), (4, 2))),
+    ("dense_kd[div=0,bf16,opts=1][aligned]", {**_PLAIN, "HAS_INTERP": True},
+     "dense forward KL, TAID + grad", ((4, 0), (4, 2))),
     ("scale_rows[bf16][aligned]", {}, "backward scale (factor != 1)", ((2, 2),)),
     ("sparse_kd[div=0,tail=0,bf16,opts=1][aligned]", _PLAIN, "sparse forward KL + grad",
      ((2, 0), (2, 0), (2, 2))),

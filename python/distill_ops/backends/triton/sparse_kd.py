@@ -23,14 +23,20 @@ import triton.language as tl
 
 from ..extension import fused_outputs
 from . import tuning
-from .dense_kd import (
+from .dense_kd import _device_ctx, cast_rne
+from .elementwise import (
+    AB,
+    AKL,
     FORWARD_KL,
     JSD,
     NEG_INF,
     REVERSE_KL,
-    _device_ctx,
+    SKEW_KL,
+    SKEW_REVERSE_KL,
+    TVD,
     _log_mixture,
-    cast_rne,
+    research_terms,
+    taid_logit,
 )
 
 BUCKET: tl.constexpr = tl.constexpr(0)
@@ -54,12 +60,20 @@ def _lse(x):
 
 
 @triton.jit
-def _class_terms(lp, lq, beta, log_b, log_1mb, DIVERGENCE: tl.constexpr):
+def _class_terms(lp, lq, beta, param2, log_b, log_1mb, akl_w, DIVERGENCE: tl.constexpr):
     """Per-class (loss term, q_hat * dL/dq_hat) of the divergence; forward KL's is -p, finite
-    where q_hat underflows."""
+    where q_hat underflows. AKL's terms are its two KLs' ((loss: the forward KL's; the
+    caller weighs), its gradient weighted by `akl_w`."""
     p = tl.exp(lp)
     q = tl.exp(lq)
-    if DIVERGENCE == FORWARD_KL:
+    if DIVERGENCE == SKEW_KL or DIVERGENCE == SKEW_REVERSE_KL or DIVERGENCE == AB:
+        term, qg = research_terms(lp, lq, p, q, beta, param2, True, DIVERGENCE)
+        if DIVERGENCE == SKEW_REVERSE_KL:
+            qg += q  # the "+ q" research_terms leaves out: a sparse student may not sum to 1
+    elif DIVERGENCE == AKL:
+        term = tl.where(p > 0, p * (lp - lq), 0.0)
+        qg = -akl_w * p + (1.0 - akl_w) * tl.where(q > 0, q * (lq - lp + 1.0), 0.0)
+    elif DIVERGENCE == FORWARD_KL:
         term = tl.where(p > 0, p * (lp - lq), 0.0)
         qg = -p
     elif DIVERGENCE == REVERSE_KL:
@@ -71,18 +85,44 @@ def _class_terms(lp, lq, beta, log_b, log_1mb, DIVERGENCE: tl.constexpr):
         term = beta * tl.where(p > 0, p * (lp - lm), 0.0) + (1.0 - beta) * kq
         qg = (1.0 - beta) * kq
     else:
+        tl.static_assert(DIVERGENCE == TVD)
         term = 0.5 * tl.abs(q - p)
         qg = q * tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
     return term, qg
 
 
 @triton.jit
+def _akl_classes(lp, lq, on, lp_rest, lq_rest, head_mass):
+    """AKL over the coarse classes: (forward-KL weight w, the reverse KL). The head: the
+    classes with less than head_mass strictly above them (the rest class is one)."""
+    p = tl.where(on, tl.exp(lp), 0.0)
+    q = tl.where(on, tl.exp(lq), 0.0)
+    p_r = tl.exp(lp_rest)
+    q_r = tl.exp(lq_rest)
+    above = tl.sum(tl.where(p[None, :] > p[:, None], p[None, :], 0.0), 1) \
+        + tl.where(p_r > p, p_r, 0.0)
+    above_r = tl.sum(tl.where(p > p_r, p, 0.0), 0)
+    every = head_mass >= 1.0
+    head = (above < head_mass) | every
+    head_r = (above_r < head_mass) | every
+    gap = tl.where(on, tl.abs(p - q), 0.0)
+    gap_r = tl.abs(p_r - q_r)
+    g_head = tl.sum(tl.where(head, gap, 0.0), 0) + tl.where(head_r, gap_r, 0.0)
+    total = tl.sum(gap, 0) + gap_r
+    w = tl.where(total > 0, g_head / tl.where(total > 0, total, 1.0), 0.5)
+    rkl = tl.sum(tl.where(on & (q > 0), q * (lq - lp), 0.0), 0) \
+        + tl.where(q_r > 0, q_r * (lq_rest - lp_rest), 0.0)
+    return w, rkl
+
+
+@triton.jit
 def sparse_kd_kernel(
     s_ptr, idx_ptr, tlp_ptr, valid_ptr, labels_ptr, loss_ptr, grad_ptr, row_scale_ptr,
     s_stride, vocab, k,
-    temperature, ratio, beta, hard_weight, soft_coef,
+    temperature, ratio, beta, param2, interp, hard_weight, soft_coef,
     DIVERGENCE: tl.constexpr,
     TAIL: tl.constexpr,
+    HAS_INTERP: tl.constexpr,
     HAS_VALID: tl.constexpr,
     HAS_HARD: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
@@ -164,11 +204,31 @@ def sparse_kd_kernel(
     s_rest = (s_all - tl.sum(e_sup.to(tl.float64), 0)).to(tl.float32)
     lq_rest = tl.where(has_rest & (s_rest > 0), tl.log(s_rest) - log_s, NEG_INF)
 
-    log_b = tl.log(beta)
-    log_1mb = tl.log(1.0 - beta)
-    term, qg = _class_terms(lp, lq, beta, log_b, log_1mb, DIVERGENCE)
-    term_r, qg_r = _class_terms(lp_rest, lq_rest, beta, log_b, log_1mb, DIVERGENCE)
+    if HAS_INTERP:  # TAID over the classes: the target moves from the student
+        lp = tl.where(interp == 0.0, lq, taid_logit(lq, lp, interp))
+        lp_rest = tl.where(interp == 0.0, lq_rest, taid_logit(lq_rest, lp_rest, interp))
+        hi = tl.maximum(tl.max(tl.where(on, lp, NEG_INF), 0), lp_rest)
+        tot = tl.sum(tl.where(on & (lp != NEG_INF), tl.exp(lp - hi), 0.0), 0) + tl.where(
+            lp_rest == NEG_INF, 0.0, tl.exp(lp_rest - hi))
+        norm = tl.where(hi == NEG_INF, 0.0, hi + tl.log(tot))
+        lp = lp - norm
+        lp_rest = lp_rest - norm
+
+    log_b = 0.0
+    log_1mb = 0.0
+    if DIVERGENCE == JSD or DIVERGENCE == SKEW_KL or DIVERGENCE == SKEW_REVERSE_KL:
+        log_b = tl.log(beta)
+        log_1mb = tl.log(1.0 - beta)
+    akl_w = 0.0
+    rkl = 0.0
+    if DIVERGENCE == AKL:
+        akl_w, rkl = _akl_classes(lp, lq, on, lp_rest, lq_rest, beta)
+    term, qg = _class_terms(lp, lq, beta, param2, log_b, log_1mb, akl_w, DIVERGENCE)
+    term_r, qg_r = _class_terms(lp_rest, lq_rest, beta, param2, log_b, log_1mb, akl_w,
+                                DIVERGENCE)
     div = tl.sum(tl.where(on, term, 0.0), 0) + term_r
+    if DIVERGENCE == AKL:
+        div = akl_w * div + (1.0 - akl_w) * rkl
     sum_qg = tl.sum(tl.where(on, qg, 0.0), 0) + qg_r
 
     loss = soft_coef * tl.where(ids_ok, div, float("nan"))
@@ -232,8 +292,8 @@ _SPARSE_TUNED = tuning.tuned(sparse_kd_kernel, ["vocab", "k", "DIVERGENCE", "TAI
 
 
 def sparse_kd_forward(student, indices, teacher_logprobs, valid, labels, divergence, tail,
-                      temperature, source_temperature, beta, hard_weight, soft_coef,
-                      compute_grad, grad_dtype=None, row_scale=None):
+                      temperature, source_temperature, beta, param2, interp, hard_weight,
+                      soft_coef, compute_grad, grad_dtype=None, row_scale=None):
     """Launch sparse_kd_kernel: (loss [N] fp32, grad [N, V] in the student's dtype or
     `grad_dtype`, times `row_scale` (a 0-dim fp32 tensor) when given, or an empty tensor)."""
     n, vocab = student.shape
@@ -254,8 +314,9 @@ def sparse_kd_forward(student, indices, teacher_logprobs, valid, labels, diverge
             loss, grad if compute_grad else loss,
             row_scale if row_scale is not None else loss,
             student.stride(0), vocab, k,
-            temperature, source_temperature / temperature, beta, hard_weight, soft_coef,
-            DIVERGENCE=divergence, TAIL=tail, HAS_VALID=valid is not None,
+            temperature, source_temperature / temperature, beta, param2, interp, hard_weight,
+            soft_coef, DIVERGENCE=divergence, TAIL=tail, HAS_INTERP=interp != 1.0,
+            HAS_VALID=valid is not None,
             HAS_HARD=hard_weight != 0.0, COMPUTE_GRAD=compute_grad,
             HAS_ROW_SCALE=row_scale is not None, KP=kp,
             enable_fp_fusion=False, **meta,
