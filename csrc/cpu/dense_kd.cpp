@@ -55,6 +55,27 @@ Acc akl_threshold(const Acc* et, Acc inv_s, int64_t n, Acc head_mass, std::vecto
   return tau;
 }
 
+// (sum of the terms, sum of h) of an element-separable divergence whose `term(lp, lq, p, q,
+// h)` returns an element's loss term and sets its h = dL/dlog q, which goes into et[j]. One
+// loop per divergence (a lambda each), so that each vectorises.
+template <typename Acc, typename Term>
+std::pair<double, double> separable_sums(int64_t n, const Acc* zs, const Acc* zt, const Acc* es,
+                                         Acc* et, RowStats<Acc> s, RowStats<Acc> t, Term term) {
+  return blocked_sum2(n, [&](int64_t j0, int64_t j1) {
+    Acc part = 0, part_h = 0;
+#pragma omp simd reduction(+ : part, part_h)
+    for (int64_t j = j0; j < j1; ++j) {
+      const Acc lq = (zs[j] - s.m) - s.log_s;
+      const Acc lp = (zt[j] - t.m) - t.log_s;
+      Acc h;
+      part += term(lp, lq, et[j] * t.inv_s, es[j] * s.inv_s, h);
+      part_h += h;
+      et[j] = h;
+    }
+    return std::pair<Acc, Acc>(part, part_h);
+  });
+}
+
 // The research divergences of one row: the loss, with h_j = dL/dlog q_j left in et[j].
 template <typename Acc>
 Acc research_row(Divergence div, Acc prm, Acc prm2, const Acc* zs, const Acc* zt,
@@ -99,32 +120,30 @@ Acc research_row(Divergence div, Acc prm, Acc prm2, const Acc* zs, const Acc* zt
   }
   const Acc log_s = div == Divergence::AB ? Acc(0) : log_acc(prm);
   const Acc log_1ms = div == Divergence::AB ? Acc(0) : log_acc(Acc(1) - prm);
-  const auto [sum_loss, sum_h] = blocked_sum2(n, [&](int64_t j0, int64_t j1) {
-    Acc part = 0, part_h = 0;
-#pragma omp simd reduction(+ : part, part_h)
-    for (int64_t j = j0; j < j1; ++j) {
-      const Acc lq = (zs[j] - s.m) - s.log_s;
-      const Acc lp = (zt[j] - t.m) - t.log_s;
-      Acc h;
-      if (div == Divergence::SkewKL) {
-        part += skew_kl_term(lp, lq, et[j] * t.inv_s, prm, log_s, log_1ms, h);
-      } else if (div == Divergence::SkewReverseKL) {
-        const Acc q = es[j] * s.inv_s;
-        part += skew_reverse_kl_term(lp, lq, q, prm, log_s, log_1ms, h);
-        h -= q;  // its "+ q" term centres to 0 (q sums to one): dropped, less to cancel
-      } else {
-        part += ab_loss(lp, lq, prm, prm2);
+  std::pair<double, double> sums;
+  switch (div) {
+    case Divergence::SkewKL:
+      sums = separable_sums(n, zs, zt, es, et, s, t, [&](Acc lp, Acc lq, Acc p, Acc, Acc& h) {
+        return skew_kl_term(lp, lq, p, prm, log_s, log_1ms, h);
+      });
+      break;
+    case Divergence::SkewReverseKL:
+      sums = separable_sums(n, zs, zt, es, et, s, t, [&](Acc lp, Acc lq, Acc, Acc q, Acc& h) {
+        const Acc term = skew_reverse_kl_term(lp, lq, q, prm, log_s, log_1ms, h);
+        h -= q;  // its "+ q" centres to 0 (q sums to one): dropped, less to cancel
+        return term;
+      });
+      break;
+    default:
+      sums = separable_sums(n, zs, zt, es, et, s, t, [&](Acc lp, Acc lq, Acc, Acc, Acc& h) {
         h = ab_dlogq(lp, lq, prm, prm2);
-      }
-      part_h += h;
-      et[j] = h;
-    }
-    return std::pair<Acc, Acc>(part, part_h);
-  });
-  const Acc sh = Acc(sum_h);
+        return ab_loss(lp, lq, prm, prm2);
+      });
+  }
+  const Acc sh = Acc(sums.second);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) et[j] -= es[j] * s.inv_s * sh;
-  return Acc(sum_loss);
+  return Acc(sums.first);
 }
 
 template <typename Acc>
