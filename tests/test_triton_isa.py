@@ -22,12 +22,14 @@ pytest.importorskip("triton")
 # The research divergences' loops, as a multiple of their memory time they may take (the
 # static model's issue or MUFU time; bench/results/isa-2026-12-02.md has the tables). The
 # skew KLs' loss pass needs 4 MUFU a logit (p, q, the mixture's lg2 and q / m): 1.03x of its
-# bytes. AB's stable element (three exponentials and two short series, so that it keeps its
-# accuracy as either parameter tends to 0) issues 114 instructions a logit in its loss pass:
-# 3.6x, compute-bound. AKL's loops are under their bytes, but its threshold search reads the
-# teacher row 31 more times. A ceiling here stops them growing unnoticed.
-RESEARCH_CEILING = {"dense skew KL + grad": 1.05, "dense skew reverse KL + grad": 1.05,
-                    "dense AB + grad": 3.8, "dense AKL + grad": 1.0}
+# bytes (issue 1.04x under Triton 3.9, 1.07x under 3.6). AB's stable element (three
+# exponentials and two short series, so that it keeps its accuracy as either parameter
+# tends to 0) issues 114 instructions a logit in its loss pass: 3.6x, compute-bound. AKL's
+# loops are under their bytes under Triton 3.9 (its search loop 1.04x under 3.6), but its
+# threshold search reads the teacher row 31 more times. A ceiling here stops them growing
+# unnoticed.
+RESEARCH_CEILING = {"dense skew KL + grad": 1.1, "dense skew reverse KL + grad": 1.1,
+                    "dense AB + grad": 3.8, "dense AKL + grad": 1.05}
 
 
 def _records(extra_path: str | None) -> list[dict]:

@@ -49,6 +49,7 @@ from .elementwise import (
     FORWARD_KL,
     JSD,
     LN2,
+    LOG2E,
     MIX_FLOOR,
     NEG_INF,
     REVERSE_KL,
@@ -175,6 +176,24 @@ def _load_zt(t_row, cols, n, scale_t, cap_t, inv_t, zs, interp, HAS_CAP_T: tl.co
     if HAS_INTERP:
         zt = taid_logit(zs, zt, interp)
     return zt
+
+
+@triton.jit
+def _akl_p(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_t, log_st,
+           HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr, HAS_INTERP: tl.constexpr):
+    """The teacher's p as AKL's head test reads it (the threshold search and the head/tail
+    split use this one expression, so they agree bit for bit): without a softcap or TAID,
+    one FMA and one ex2 of the raw logit."""
+    if HAS_CAP_T or HAS_INTERP:
+        zt = _load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T)
+        if HAS_INTERP:
+            zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
+            zt = taid_logit(zs, zt, interp)
+        p = _exp((zt - M_t) - log_st)
+    else:
+        x = tl.load(t_row + cols, mask=cols < n, other=NEG_INF).to(tl.float32)
+        p = tl.exp2(x * (scale_t * inv_t * LOG2E) - (M_t + log_st) * LOG2E)
+    return p
 
 
 @triton.jit
@@ -311,12 +330,8 @@ def dense_kd_kernel(
             tau = mid.to(tl.float32, bitcast=True)
             acc_a = tl.zeros([BLOCK], tl.float32)
             for start in range(0, n, BLOCK):
-                cols = start + offs
-                zt = _load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T)
-                if HAS_INTERP:
-                    zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
-                    zt = taid_logit(zs, zt, interp)
-                p = _exp((zt - M_t) - log_st)
+                p = _akl_p(s_row, t_row, start + offs, n, scale_s, cap_s, scale_t, cap_t,
+                           inv_t, interp, M_t, log_st, HAS_CAP_S, HAS_CAP_T, HAS_INTERP)
                 acc_a += tl.where(p >= tau, p, 0.0)
             ok = tl.sum(acc_a, 0) >= beta
             lo = tl.where(ok, mid, lo)
@@ -336,7 +351,9 @@ def dense_kd_kernel(
                           HAS_INTERP)
             lp = (zt - M_t) - log_st
             q = _exp(lq)
-            p = _exp(lp)
+            # p as the search read it, so that its head test agrees with tau bit for bit.
+            p = _akl_p(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp,
+                       M_t, log_st, HAS_CAP_S, HAS_CAP_T, HAS_INTERP)
             acc_a += tl.where(p > 0, p * (lp - lq), 0.0)
             acc_b += tl.where(q > 0, q * (lq - lp), 0.0)
             gap = tl.abs(p - q)
