@@ -36,29 +36,35 @@ def write_report(report: dict[str, Any], table: str, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover - matplotlib is in the dev extras
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for r in report["runs"]:
         steps, losses = zip(*r["curve"], strict=True)
-        ax.plot(steps, losses, label=r["name"])
+        ax.plot(steps, losses, label=r["name"], marker="." if len(steps) < 40 else None)
     ax.axhline(report["teacher"]["heldout_loss"], color="k", ls=":", label="teacher")
     ax.set_xlabel("student step")
     ax.set_ylabel("held-out loss (nats/token)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # off the curves
     ax.set_title("Held-out loss of each student")
     fig.tight_layout()
     fig.savefig(out / "demo-loss.png", dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    seen = []
     for r in report["runs"]:
         rel = r["reliability"]
         pts = [(c, a) for c, a, n in zip(rel["confidence"], rel["accuracy"], rel["count"],
                                          strict=True) if n > 0]
+        seen += [v for pt in pts for v in pt]
         ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=f"{r['name']} "
                 f"(ECE {r['ece']:.3f})")
+    # The axes span the data (small students are rarely confident), with the diagonal.
+    lo, hi = (max(0.0, min(seen) - 0.05), min(1.0, max(seen) + 0.05)) if seen else (0.0, 1.0)
+    ax.plot([lo, hi], [lo, hi], "k:", lw=1)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title("Calibration (reliability)")
     fig.tight_layout()
     fig.savefig(out / "demo-calibration.png", dpi=120)
