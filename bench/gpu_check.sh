@@ -81,6 +81,17 @@ else
   compile_rc=skipped
 fi
 
+if [ "$(left)" -gt 60 ]; then
+  log "harness: the research divergences (skew KL, AB, AKL; TAID by the tests), V=128256"
+  timeout $(( $(left) - 20 )) distill-ops bench --device cuda --dtype bf16 --reps 5 \
+    --op dense --budget $(( $(left) - 40 )) --shape 8192x128256 --no-compile \
+    --divergence forward_kl skew_kl skew_reverse_kl ab akl --no-progress --no-plots \
+    --out "$WORK/research" > "$WORK/research.log" 2>&1
+  research_rc=$?
+else
+  research_rc=skipped
+fi
+
 {
   echo "==== summary ($(( $(date +%s) - start )) s) ===="
   head -1 "$OUT/env.txt"
@@ -91,7 +102,10 @@ fi
   grep -c "best config" "$WORK/bench.log" 2>/dev/null | sed 's/^/autotuned keys: /'
   cat "$OUT/auto_backends.json" 2>/dev/null | tr -d '\n' | cut -c1-300; echo
   [ "$bench_rc" = 0 ] || tail -20 "$WORK/bench.log"
-  echo "tests rc=$tests_rc serial rc=$serial_rc bench rc=$bench_rc compile rc=$compile_rc"
+  echo "tests rc=$tests_rc serial rc=$serial_rc bench rc=$bench_rc compile rc=$compile_rc" \
+    "research rc=$research_rc"
+  grep -E "^\| dense \| (skew|ab|akl)" "$WORK"/research/*.md 2>/dev/null | grep distill_ops \
+    | cut -c1-160
 } > "$OUT/summary.txt"
 tar -C "$WORK" -czf "$OUT/results.tar.gz" . 2>/dev/null
 cat "$OUT/summary.txt"
