@@ -179,6 +179,16 @@ def _load_zt(t_row, cols, n, scale_t, cap_t, inv_t, zs, interp, HAS_CAP_T: tl.co
 
 
 @triton.jit
+def _log_probs(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_s,
+               log_ss, M_t, log_st, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
+               HAS_INTERP: tl.constexpr):
+    """(z_s, log q, log p) of the columns < n, once the row statistics are known."""
+    zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
+    zt = _load_zt(t_row, cols, n, scale_t, cap_t, inv_t, zs, interp, HAS_CAP_T, HAS_INTERP)
+    return zs, (zs - M_s) - log_ss, (zt - M_t) - log_st
+
+
+@triton.jit
 def _akl_p(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_t, log_st,
            HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr, HAS_INTERP: tl.constexpr):
     """The teacher's p as AKL's head test reads it (the threshold search and the head/tail
@@ -280,11 +290,9 @@ def dense_kd_kernel(
         acc_b = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n, BLOCK):
             cols = start + offs
-            zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
-            lq = (zs - M_s) - log_ss
-            zt = _load_zt(t_row, cols, n, scale_t, cap_t, inv_t, zs, interp, HAS_CAP_T,
-                          HAS_INTERP)
-            lp = (zt - M_t) - log_st
+            zs, lq, lp = _log_probs(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t,
+                                    inv_t, interp, M_s, log_ss, M_t, log_st, HAS_CAP_S,
+                                    HAS_CAP_T, HAS_INTERP)
             q = _exp(lq)
             p = _exp(lp)
             if DIVERGENCE == JSD:
@@ -307,11 +315,9 @@ def dense_kd_kernel(
         acc_b = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n, BLOCK):
             cols = start + offs
-            zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
-            lq = (zs - M_s) - log_ss
-            zt = _load_zt(t_row, cols, n, scale_t, cap_t, inv_t, zs, interp, HAS_CAP_T,
-                          HAS_INTERP)
-            lp = (zt - M_t) - log_st
+            zs, lq, lp = _log_probs(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t,
+                                    inv_t, interp, M_s, log_ss, M_t, log_st, HAS_CAP_S,
+                                    HAS_CAP_T, HAS_INTERP)
             term, h = research_terms(lp, lq, _exp(lp), _exp(lq), beta, param2, True,
                                      DIVERGENCE)
             acc_a += term
@@ -345,11 +351,9 @@ def dense_kd_kernel(
         acc_t = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n, BLOCK):
             cols = start + offs
-            zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
-            lq = (zs - M_s) - log_ss
-            zt = _load_zt(t_row, cols, n, scale_t, cap_t, inv_t, zs, interp, HAS_CAP_T,
-                          HAS_INTERP)
-            lp = (zt - M_t) - log_st
+            zs, lq, lp = _log_probs(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t,
+                                    inv_t, interp, M_s, log_ss, M_t, log_st, HAS_CAP_S,
+                                    HAS_CAP_T, HAS_INTERP)
             q = _exp(lq)
             # p as the search read it, so that its head test agrees with tau bit for bit.
             p = _akl_p(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp,
@@ -394,11 +398,9 @@ def dense_kd_kernel(
         for start in range(0, grad_cols, BLOCK):
             cols = start + offs
             inb = cols < n
-            zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
-            lq = (zs - M_s) - log_ss
-            zt = _load_zt(t_row, cols, n, scale_t, cap_t, inv_t, zs, interp, HAS_CAP_T,
-                          HAS_INTERP)
-            lp = (zt - M_t) - log_st
+            zs, lq, lp = _log_probs(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t,
+                                    inv_t, interp, M_s, log_ss, M_t, log_st, HAS_CAP_S,
+                                    HAS_CAP_T, HAS_INTERP)
             q = _exp(lq)
             if DIVERGENCE == FORWARD_KL:
                 d = q - _exp(lp)
