@@ -34,7 +34,6 @@ from .validation import (
     TAILS,
     LossScalars,
     check_choice,
-    check_float_tensor,
     check_num_items,
     check_positive,
     check_row_tensors,
@@ -232,21 +231,6 @@ class _FusedLinearKD(torch.autograd.Function):
         return (gh, gw, gb) + (None,) * 7
 
 
-def _check_head(name_h: str, h: object, name_w: str, w: object, name_b: str,
-                b: object) -> tuple[Tensor, Tensor, Tensor | None]:
-    h = check_float_tensor(name_h, h)
-    w = check_float_tensor(name_w, w)
-    if w.dim() != 2 or w.shape[1] != h.shape[-1]:
-        raise ValueError(f"{name_w} must be [V, H] with H = {name_h}.shape[-1] = "
-                         f"{h.shape[-1]}, got {tuple(w.shape)}")
-    if b is not None:
-        b = check_float_tensor(name_b, b, allow_empty=w.shape[0] == 0)
-        if b.shape != (w.shape[0],):
-            raise ValueError(f"{name_b} must be [V] = [{w.shape[0]}], got {tuple(b.shape)}")
-    return h, w, b
-
-
-
 def _autocast_operands(*names: str) -> Callable:
     """Under torch.autocast, the LM-head ops take the operands autocast would give a linear
     layer (fp32 hidden states, heads and biases cast to the autocast dtype) and still
@@ -343,8 +327,9 @@ def fused_linear_kd_loss(
         ...                             labels=labels, divergence="jsd", temperature=2.0)
         >>> loss.backward()
     """
-    h_s, w_s, b_s = _check_head("student_hidden", student_hidden, "student_weight",
-                                student_weight, "student_bias", student_bias)
+    h_s, w_s, b_s = hm.check_head("student_hidden", student_hidden, "student_weight",
+                                student_weight, "student_bias", student_bias,
+                                process_group is not None)
     dense = teacher_hidden is not None or teacher_weight is not None
     sparse = teacher_indices is not None or teacher_logprobs is not None
     if dense == sparse:
@@ -384,8 +369,9 @@ def fused_linear_kd_loss(
     if dense:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("a dense teacher needs both teacher_hidden and teacher_weight")
-        h_t, w_t, b_t = _check_head("teacher_hidden", teacher_hidden, "teacher_weight",
-                                    teacher_weight, "teacher_bias", teacher_bias)
+        h_t, w_t, b_t = hm.check_head("teacher_hidden", teacher_hidden, "teacher_weight",
+                                    teacher_weight, "teacher_bias", teacher_bias,
+                                    process_group is not None)
         if h_t.shape[:-1] != lead:
             raise ValueError(f"teacher_hidden must have student_hidden's leading dims "
                              f"{tuple(lead)}, got {tuple(h_t.shape)}")
@@ -530,7 +516,8 @@ def fused_linear_topk(
     Example:
         >>> top = fused_linear_topk(teacher_hidden, teacher_lm_head.weight, 64)
     """
-    h, w, b = _check_head("hidden", hidden, "weight", weight, "bias", bias)
+    h, w, b = hm.check_head("hidden", hidden, "weight", weight, "bias", bias,
+                          process_group is not None)
     vocab = w.shape[0]
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")

@@ -27,6 +27,8 @@ import os
 import torch
 from torch import Tensor
 
+from ..validation import check_float_tensor
+
 _TILE_BUDGET = 32 << 20  # bytes of one fp32 vocabulary tile of a bf16/fp16 head (fp32 mode)
 MODES = ("fp32", "head")
 
@@ -138,3 +140,40 @@ def head_grads(g: Tensor, h: Tensor, w: Tensor, gw: Tensor | None, want_h: bool,
     if want_h and gh is None:  # a head without rows (a vocab-parallel rank with no ids)
         gh = h32.new_zeros(h32.shape)
     return gh
+
+
+def check_head(name_h: str, h: object, name_w: str, w: object, name_b: str,
+                b: object, vocab_parallel: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The head's operands checked; a DTensor weight or bias (an FSDP2-sharded or
+    tensor-parallel parameter read outside its module's forward) is gathered whole by
+    `full_tensor()`, whose backward hands each rank its shard of the ranks' mean gradient."""
+    h = check_float_tensor(name_h, _plain(name_h, h, False, vocab_parallel))
+    w = check_float_tensor(name_w, _plain(name_w, w, True, vocab_parallel))
+    b = _plain(name_b, b, True, vocab_parallel)
+    if w.dim() != 2 or w.shape[1] != h.shape[-1]:
+        raise ValueError(f"{name_w} must be [V, H] with H = {name_h}.shape[-1] = "
+                         f"{h.shape[-1]}, got {tuple(w.shape)}")
+    if b is not None:
+        b = check_float_tensor(name_b, b, allow_empty=w.shape[0] == 0)
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"{name_b} must be [V] = [{w.shape[0]}], got {tuple(b.shape)}")
+    return h, w, b
+
+
+def _plain(name: str, t: object, gather: bool, vocab_parallel: bool) -> object:
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t
+    if vocab_parallel:
+        raise ValueError(f"{name} is a DTensor, but process_group= takes each rank's plain "
+                         f"slice: pass {name}.to_local()")
+    if not gather:
+        raise ValueError(f"{name} is a DTensor ({t.placements}): pass the local tensor "
+                         f"({name}.to_local()); only the head's weight and bias are gathered")
+    # Every rank computed its own gradient of the whole head from its own tokens: the
+    # backward averages them into each rank's shard (FSDP's data-parallel mean; where the
+    # ranks saw the same tokens, as in tensor parallelism, the mean is that gradient).
+    from torch.distributed.tensor import Partial
+
+    return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)

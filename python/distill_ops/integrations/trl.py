@@ -132,11 +132,11 @@ class DistillationTrainer(_trl.DistillationTrainer):
                              f"{head_t.weight.device}: place both on one device")
         cfg_s = unwrapped_student.config.get_text_config()
         cfg_t = unwrapped_teacher.config.get_text_config()
-        w_s, b_s = _full(head_s.weight), _full(head_s.bias)
+        # FSDP2 heads (DTensors) are gathered by the op itself (full_tensor, once a call).
+        w_s, b_s = head_s.weight, head_s.bias
         # The teacher is not trained (TRL runs it under no_grad): its head goes in detached.
-        w_t = _full(head_t.weight).detach().to(h_t.dtype)
-        b_t = _full(head_t.bias)
-        b_t = None if b_t is None else b_t.detach()
+        w_t = head_t.weight.detach().to(h_t.dtype)
+        b_t = None if head_t.bias is None else head_t.bias.detach()
         mask = loss_mask.to(device) != 0
         loss, entropy = fused_linear_kd_loss(
             h_s.to(device), w_s, h_t.to(device), w_t, student_bias=b_s, teacher_bias=b_t,
@@ -151,13 +151,6 @@ class DistillationTrainer(_trl.DistillationTrainer):
 
 
 _DIVERGENCE_OPTIONS = ("skew", "ab_alpha", "ab_beta", "akl_head_mass", "teacher_interpolation")
-
-
-def _full(t: Tensor | None) -> Tensor | None:
-    """A DTensor LM head (FSDP2) gathered once, as one plain tensor for every chunk."""
-    if t is not None and isinstance(t, torch.distributed.tensor.DTensor):
-        return t.full_tensor()
-    return t
 
 
 class GKDTrainer(_TRLGKDTrainer):
