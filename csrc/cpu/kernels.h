@@ -27,6 +27,15 @@ void dense_kd(RowView student, RowView teacher, const uint8_t* valid, const int6
               int64_t grad_cols, int64_t n_rows, int64_t vocab, const KDParams& params,
               int num_threads);
 
+// The dense KD loss of a vocab-parallel slice [n_rows, width] in three phases (0:
+// statistics, 1: partial sums, 2: gradient into grad [n_rows, width] of grad_dtype), the
+// per-row record `rec` (double [n_rows, 8]) carrying what the phases and the Python layer's
+// all-reduces hand each other (dense_vp.cpp lists the fields). labels: nullable [n_rows]
+// int64, each row's label as a column of this slice, -1 where it lies elsewhere.
+void dense_vp(int phase, RowView student, RowView teacher, const uint8_t* valid,
+              const int64_t* labels, double* rec, void* grad, int grad_dtype, int64_t n_rows,
+              int64_t width, const KDParams& params, int num_threads);
+
 // Sparse KD loss per row against k teacher targets (indices [n_rows, k] int64, -1 = padding;
 // teacher_logprobs [n_rows, k] of tlp_dtype F32/F64), gradient w.r.t. the student fused in
 // (grad: nullable [n_rows, vocab]). Support ids must be unique within a row.

@@ -4,7 +4,8 @@ with one GPU per rank), against the same op unsharded on one process of the same
 Each rank holds V / N of the vocabulary of every row. Reported per case: the median forward
 and forward + backward time of the slowest rank, the bytes each rank contributes to the
 collectives per row (counted by distill_ops.distributed, so V-independence shows directly),
-and the single-process time of the same op at the full V.
+the single-process time of the same op at the full V, and (dense) the fused kernel's time on
+each rank's slice alone, every rank at once: what the vocab-parallel path should cost.
 """
 
 from __future__ import annotations
@@ -94,7 +95,13 @@ def _rank(rank: int, world: int, init: str, n: int, v: int, k: int, dtype_name: 
                 sent = dd.comm_stats()
                 t_fwd = _timed(fwd, device, reps)
                 t_both = _timed(both, device, reps)
-                worst = torch.tensor([t_fwd, t_both], dtype=torch.float64)
+                # The fused kernel on this rank's slice alone (no group: its own softmax),
+                # every rank at once as in the vocab-parallel run: the bar to meet.
+                t_slice = 0.0
+                if case == "dense":
+                    _, alone = _case_calls(case, x_s, x_t, top, k, temperature, div, None)
+                    t_slice = _timed(alone, device, reps)
+                worst = torch.tensor([t_fwd, t_both, t_slice], dtype=torch.float64)
                 dist.all_reduce(worst, op=dist.ReduceOp.MAX)
                 single = None
                 if rank == 0:
@@ -102,12 +109,13 @@ def _rank(rank: int, world: int, init: str, n: int, v: int, k: int, dtype_name: 
                     f1, b1 = _case_calls(case, fs, full_t.to(device), top, k, temperature, div,
                                          None)
                     single = _timed(b1 if case != "topk" else f1, device, reps)
-                fwd_s, fwd_bwd_s = worst.tolist()  # host-sync-ok: the timings, after the run
+                fwd_s, fwd_bwd_s, slice_s = worst.tolist()  # host-sync-ok: after the run
                 rows.append({"op": case, "variant": div if case == "dense" else
                              (f"tail=bucket k={k}" if case == "sparse" else f"k={k}"),
                              "world": world, "N": n, "V": v, "dtype": dtype_name,
                              "fwd_ms": fwd_s * 1e3, "fwd_bwd_ms": fwd_bwd_s * 1e3,
                              "single_ms": None if single is None else single * 1e3,
+                             "slice_ms": slice_s * 1e3 if slice_s else None,
                              "collectives": sent["calls"],
                              "bytes_per_row": sent["bytes"] / n})
         queue.put((rank, "ok", {"rows": rows, "device": str(device),
@@ -152,11 +160,15 @@ def run_world(world: int, n: int, v: int, k: int = 64, dtype: str = "fp32",
 
 def format_world_table(result: dict[str, Any]) -> str:
     head = ("| op | variant | world | N | V | dtype | fwd ms | fwd+bwd ms | 1 process ms | "
-            "collectives | bytes/row sent |\n|---|---|---|---|---|---|---|---|---|---|---|")
+            "slice alone ms | vs slice | collectives | bytes/row sent |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in result["rows"]:
         single = "-" if r["single_ms"] is None else f"{r['single_ms']:.2f}"
+        alone = r.get("slice_ms")
+        vs = "-" if not alone else f"{r['fwd_bwd_ms'] / alone:.2f}x"
         lines.append(f"| {r['op']} | {r['variant']} | {r['world']} | {r['N']} | {r['V']} | "
                      f"{r['dtype']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {single} | "
+                     f"{'-' if not alone else f'{alone:.2f}'} | {vs} | "
                      f"{r['collectives']} | {r['bytes_per_row']:.1f} |")
     return "\n".join(lines)

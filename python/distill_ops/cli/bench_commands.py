@@ -83,7 +83,7 @@ def bench_world(args: argparse.Namespace) -> int:
     dtype = args.dtype or "fp32"
     print(f"distill-ops bench --world {args.world}: N={n} V={v} k={k} {dtype}", file=sys.stderr)
     result = bp.run_world(args.world, n, v, k=k, dtype=dtype, temperature=args.temperature,
-                          divergences=args.divergence[:2], reps=args.reps or 5)
+                          divergences=args.divergence, reps=args.reps or 5)
     table = bp.format_world_table(result)
     print(f"ranks on {result['device']} ({result['backend']})\n\n{table}")
     kind = "cuda" if result["device"].startswith("cuda") else "cpu"

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..backends.cpu import kd_params
+from ..backends.extension import dtype_code, has_native, native, ptr
 from ..reference import (
     divergence_from_logprobs,
     sparse_coarse_teacher,
@@ -110,6 +112,8 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
     n, width = xs.shape
     lim = max(0, min(width, vocab - shard.offset))
     dt = _compute_dtype(xs, xt)
+    if xs.device.type == "cpu" and sc.divergence != AKL and has_native():
+        return _dense_rows_cpu(xs, xt, valid, labels, sc, shard, lim, dt, want_grad)
     rows = torch.zeros(n, dtype=dt, device=xs.device)
     grad = torch.zeros_like(xs) if want_grad else None
     step = _chunk_rows(n, width)
@@ -122,6 +126,95 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
         if want_grad:
             grad[a:e, :lim] = g.to(xs.dtype)
     return rows, grad
+
+
+def _dense_rows_cpu(xs, xt, valid, labels, sc, shard, lim, dt, want_grad):
+    """dense_rows through the C++ kernel (csrc/cpu/dense_vp.cpp): its statistics pass, one
+    all-reduce of the maxima and one of four sums a row (five for the KLs: their cross term),
+    for the other divergences a sums pass and one all-reduce of two sums a row, then the
+    gradient pass. Every element goes through the fused kernel's own maths, never through a
+    PyTorch [N, V] temporary."""
+    n = xs.shape[0]
+    s, t = xs[:, :lim], xt[:, :lim]
+    s = s if s.stride(-1) == 1 else s.contiguous()
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    hard = sc.hard_weight != 0.0
+    lab = None
+    if hard:
+        mine, lcol = _local_label(labels, shard, lim)
+        lab = torch.where(mine, lcol, torch.full_like(lcol, -1)).to(torch.int64).contiguous()
+    rec = torch.zeros(n, 8, dtype=torch.float64)
+    params = kd_params(sc)
+
+    def phase(k: int, g: Tensor | None = None) -> None:
+        native().dense_vp_cpu(k, ptr(s), dtype_code(s), s.stride(0), ptr(t), dtype_code(t),
+                              t.stride(0), ptr(valid), ptr(lab), ptr(rec),
+                              ptr(g) if g is not None else 0,
+                              dtype_code(g) if g is not None else 0, n, lim, params,
+                              torch.get_num_threads())
+
+    group = shard.group
+
+    def reduce(x: Tensor, op) -> Tensor:  # in the compute dtype: as many bytes as ever
+        return all_reduce(x.to(dt).contiguous(), op, group).to(torch.float64)
+
+    phase(0)
+    mx = reduce(rec[:, [0, 2]], dist.ReduceOp.MAX)
+    zero = torch.zeros((), dtype=torch.float64)
+
+    def moved(m_local: Tensor, m: Tensor, factor: float = 1.0) -> Tensor:
+        """exp((m_local - m) * factor), 0 from a slice with nothing (m_local = -inf)."""
+        ok = m_local > -math.inf
+        return torch.where(ok, torch.exp((torch.where(ok, m_local, m) - m) * factor), zero)
+
+    ms, mt = mx[:, 0], mx[:, 1]
+    cols = [rec[:, 1] * moved(rec[:, 0], ms), rec[:, 3] * moved(rec[:, 2], mt),
+            rec[:, 4] * moved(rec[:, 0], ms, sc.temperature), rec[:, 5]]
+    kl = sc.divergence in (FORWARD_KL, REVERSE_KL)
+    if kl:  # the centred cross term moved to the global maxima (kd_math.h: cross_shift)
+        w, o = (2, 0) if sc.divergence == FORWARD_KL else (0, 2)
+        m_w, m_o = (mt, ms) if sc.divergence == FORWARD_KL else (ms, mt)
+        f_w = moved(rec[:, w], m_w)
+        a_w = rec[:, w + 1]
+        shift = torch.where(rec[:, w] > -math.inf, (m_o - rec[:, o]) - (m_w - rec[:, w]), zero)
+        c = rec[:, 6]
+        cols.append(torch.where(torch.isinf(c), c, torch.where(
+            (a_w > 0) & (f_w > 0), f_w * (c + a_w * shift), zero)))
+    sums = reduce(torch.stack(cols, 1), dist.ReduceOp.SUM)
+    log_s1 = torch.log(sums[:, 2])
+    log_ss, log_st = torch.log(sums[:, 0]), torch.log(sums[:, 1])
+    rec[:, 0], rec[:, 1] = ms, log_ss
+    rec[:, 2], rec[:, 3], rec[:, 4] = mt, log_st, log_s1
+    if kl:  # KL = c / S_w - log S_w + log S_o: no sums pass
+        div = sums[:, 4] / sums[:, 1] - log_st + log_ss if sc.divergence == FORWARD_KL \
+            else sums[:, 4] / sums[:, 0] - log_ss + log_st
+        sum_h = torch.zeros_like(div)
+    else:
+        phase(1)
+        part = reduce(rec[:, 5:7], dist.ReduceOp.SUM)
+        div, sum_h = part[:, 0], part[:, 1]
+    a, b = div, sum_h
+    if sc.divergence == JSD:
+        div, sum_h = sc.beta * a + (1.0 - sc.beta) * b, (1.0 - sc.beta) * b
+    elif sc.divergence == TVD:
+        div = 0.5 * a
+    loss = sc.soft_coef * div
+    if hard:
+        loss = loss + sc.hard_weight * ((ms - sums[:, 3]) * sc.temperature + log_s1)
+    if valid is not None:
+        loss = torch.where(valid, loss, zero)
+    if not want_grad:
+        return loss.to(dt), None
+    rec[:, 5], rec[:, 6] = div, sum_h
+    if lim == xs.shape[1]:  # the whole slice counts: the kernel writes the gradient itself
+        grad = torch.empty((n, lim), dtype=xs.dtype)
+        phase(2, grad)
+        return loss.to(dt), grad
+    g_local = torch.empty((n, lim), dtype=xs.dtype)
+    phase(2, g_local)
+    grad = torch.zeros_like(xs)
+    grad[:, :lim] = g_local
+    return loss.to(dt), grad
 
 
 def _dense_chunk(xs, xt, valid, labels, sc, shard, dt, want_grad):

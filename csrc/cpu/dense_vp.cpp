@@ -1,0 +1,249 @@
+// The dense KD loss of vocab-parallel logits on the CPU: each rank holds a slice of the
+// vocabulary, and the row statistics are global. Three phases, with the Python layer's
+// all-reduces of a few floats a row between them (distributed/vocab_parallel.py):
+//   0 (statistics): per row the slice's max and sum exp(z - max) of both sides, the T = 1 sum
+//     of the student, and z at the label where the label is in the slice (each phase computes
+//     its exponentials again: caching them in [N, V] buffers measured slower, by their memory
+//     traffic and page faults);
+//   1 (sums): with the global maxima and log-sums, the slice's part of the divergence's sums
+//     (the loss, and sum_j h_j where the gradient needs it);
+//   2 (gradient): with the global sums too, d loss / d x of the slice, in the student's dtype.
+// The per-element maths is kd_math.h's, as in dense_kd.cpp. AKL (a global threshold search)
+// is not here: the Python layer keeps it.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "kernels.h"
+#include "row_io.h"
+#include "row_math.h"
+
+namespace distill_ops::cpu {
+namespace {
+
+// The row record's fields (double [n_rows, kVpFields]).
+enum VpField : int {
+  kMs = 0, kSs = 1, kMt = 2, kSt = 3,  // phase 0 out: slice max / sum; in: global max / log-sum
+  kS1 = 4,                             // phase 0 out: slice T=1 sum; in: global log T=1 sum
+  kZy = 5,                             // phase 0 out: z at the label (0 off the slice)
+  kCross = 6,                          // phase 0 out (KLs): the centred cross term (kd_math.h)
+  kA = 5, kB = 6,                      // phase 1 out: the two partial sums
+  kDiv = 5, kSumH = 6,                 // phase 2 in: the divergence, sum_j h_j (or q g)
+  kVpFields = 8,
+};
+
+// One instantiation per divergence, so that no inner loop switches on it (they vectorise).
+template <typename Acc, int kDivergence>
+void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
+             const int64_t* labels, double* rec, void* grad, int grad_dtype, int64_t n_rows,
+             int64_t width, const KDParams& prm, int num_threads) {
+  const Acc temperature = Acc(prm.temperature), inv_t = Acc(1) / temperature;
+  const Acc scale_s = Acc(prm.scale_s), cap_s = Acc(prm.cap_s);
+  const Acc scale_t = Acc(prm.scale_t), cap_t = Acc(prm.cap_t);
+  const Acc beta = Acc(prm.beta), prm2 = Acc(prm.param2), interp = Acc(prm.interp);
+  const Acc hard_w = Acc(prm.hard_weight), soft_c = Acc(prm.soft_coef);
+  const bool hard = prm.hard_weight != 0.0;
+  constexpr auto div = static_cast<Divergence>(kDivergence);
+  const bool mixes = div == Divergence::JSD || div == Divergence::SkewKL ||
+                     div == Divergence::SkewReverseKL;
+  const Acc log_b = mixes ? log_acc(beta) : Acc(0);
+  const Acc log_1mb = mixes ? Acc(std::log1p(-double(beta))) : Acc(0);
+  if (phase == 2) advise_huge_pages(grad, n_rows * width * dtype_size(grad_dtype));
+
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<Acc> scratch(size_t(3 * width));
+    Acc* zs = scratch.data();
+    Acc* zt = zs + width;
+    Acc* gz = zt + width;
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < n_rows; ++r) {
+      double* f = rec + r * kVpFields;
+      void* grow = phase == 2 ? row_ptr(grad, grad_dtype, r * width) : nullptr;
+      if ((valid && !valid[r]) || width == 0) {
+        if (grow) zero_row(grow, grad_dtype, width);
+        if (phase == 0) {
+          const double ninf = -std::numeric_limits<double>::infinity();
+          f[kMs] = f[kMt] = ninf;
+          f[kSs] = f[kSt] = f[kS1] = f[kZy] = f[kCross] = 0.0;
+        } else if (phase == 1) {
+          f[kA] = f[kB] = 0.0;
+        }
+        continue;
+      }
+      load_transformed(row_ptr(student.ptr, student.dtype, r * student.row_stride),
+                       student.dtype, width, scale_s, cap_s, inv_t, zs);
+      load_transformed(row_ptr(teacher.ptr, teacher.dtype, r * teacher.row_stride),
+                       teacher.dtype, width, scale_t, cap_t, inv_t, zt);
+      if (interp != Acc(1)) {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) zt[j] = taid_logit(zs[j], zt[j], interp);
+      }
+      const int64_t label = hard ? labels[r] : -1;  // -1: not in this slice
+      if (phase == 0) {
+        const Acc ms = row_max(zs, width), mt = row_max(zt, width);
+        f[kMs] = double(ms);
+        f[kMt] = double(mt);
+        // Both sums (and the KLs' cross term) in one loop: two exponentials a logit.
+        constexpr bool kl = div == Divergence::ForwardKL || div == Divergence::ReverseKL;
+        constexpr bool fwd = div == Divergence::ForwardKL;
+        double sum_s = 0, sum_t = 0, cross = 0;
+        for (int64_t j0 = 0; j0 < width; j0 += kSumBlock) {
+          const int64_t j1 = std::min(width, j0 + kSumBlock);
+          Acc a = 0, b = 0, c = 0;
+#pragma omp simd reduction(+ : a, b, c)
+          for (int64_t j = j0; j < j1; ++j) {
+            const Acc e_s = exp_acc(zs[j] - ms), e_t = exp_acc(zt[j] - mt);
+            a += e_s;
+            b += e_t;
+            // sum_j e_w u_j with u = (zw - mw) - (zo - mo): the weighting side w is the
+            // teacher for forward KL, the student for reverse KL. With it the KLs need no
+            // sums pass: the Python layer moves each rank's term to the global maxima.
+            if constexpr (kl) {
+              c += fwd ? cross_term(e_t, zt[j], mt, zs[j], ms)
+                       : cross_term(e_s, zs[j], ms, zt[j], mt);
+            }
+          }
+          sum_s += double(a);
+          sum_t += double(b);
+          cross += double(c);
+        }
+        f[kSs] = sum_s;
+        f[kSt] = sum_t;
+        f[kCross] = cross;
+        f[kS1] = hard ? blocked_sum(width, [&](int64_t j0, int64_t j1) {
+          Acc part = 0;
+#pragma omp simd reduction(+ : part)
+          for (int64_t j = j0; j < j1; ++j) part += exp_acc((zs[j] - ms) * temperature);
+          return part;
+        }) : 0.0;
+        f[kZy] = label >= 0 && label < width ? double(zs[label]) : 0.0;
+        continue;
+      }
+      const Acc ms = Acc(f[kMs]), log_ss = Acc(f[kSs]), mt = Acc(f[kMt]), log_st = Acc(f[kSt]);
+      auto lq_of = [&](int64_t j) { return (zs[j] - ms) - log_ss; };
+      auto lp_of = [&](int64_t j) { return (zt[j] - mt) - log_st; };
+      if (phase == 1) {
+        const auto sums = blocked_sum2(width, [&](int64_t j0, int64_t j1) {
+          Acc a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+          for (int64_t j = j0; j < j1; ++j) {
+            const Acc lq = lq_of(j), lp = lp_of(j), q = exp_acc(lq), p = exp_acc(lp);
+            Acc ta = 0, tb = 0;
+            if constexpr (div == Divergence::ForwardKL) {
+              ta = xlogratio(p, lp, lq);
+            } else if constexpr (div == Divergence::ReverseKL) {
+              ta = xlogratio(q, lq, lp);
+            } else if constexpr (div == Divergence::JSD) {
+              const Acc lm = jsd_log_mixture(lp, lq, log_b, log_1mb);
+              ta = xlogratio(p, lp, lm);
+              tb = xlogratio(q, lq, lm);
+            } else if constexpr (div == Divergence::TVD) {
+              ta = std::abs(q - p);
+              tb = q * tvd_sign(q, p);
+            } else if constexpr (div == Divergence::SkewKL) {
+              ta = skew_kl_term(lp, lq, p, beta, log_b, log_1mb, tb);
+            } else if constexpr (div == Divergence::SkewReverseKL) {
+              ta = skew_reverse_kl_term(lp, lq, q, beta, log_b, log_1mb, tb);
+              tb -= q;  // its "+ q" centres to 0 (q sums to one over the whole row)
+            } else {  // AB
+              ta = ab_loss(lp, lq, beta, prm2);
+              tb = ab_dlogq(lp, lq, beta, prm2);
+            }
+            a += ta;
+            b += tb;
+          }
+          return std::pair<Acc, Acc>(a, b);
+        });
+        f[kA] = sums.first;
+        f[kB] = sums.second;
+        continue;
+      }
+      // Phase 2: the gradient w.r.t. z_s, then the hard term, then f'(x) / T.
+      const Acc dv = Acc(f[kDiv]), sum_h = Acc(f[kSumH]), log_s1 = Acc(f[kS1]);
+      const Acc coef = soft_c * inv_t;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) {
+        const Acc lq = lq_of(j), lp = lp_of(j), q = exp_acc(lq), p = exp_acc(lp);
+        Acc d;
+        if constexpr (div == Divergence::ForwardKL) {
+          d = q - p;
+        } else if constexpr (div == Divergence::ReverseKL) {
+          d = q > Acc(0) ? q * ((lq - lp) - dv) : Acc(0);
+        } else if constexpr (div == Divergence::JSD) {
+          const Acc lm = jsd_log_mixture(lp, lq, log_b, log_1mb);
+          d = q * ((q > Acc(0) ? (Acc(1) - beta) * (lq - lm) : Acc(0)) - sum_h);
+        } else if constexpr (div == Divergence::TVD) {
+          d = q * (tvd_sign(q, p) - sum_h);
+        } else if constexpr (div == Divergence::SkewKL) {
+          Acc h;
+          skew_kl_term(lp, lq, p, beta, log_b, log_1mb, h);
+          d = h - q * sum_h;
+        } else if constexpr (div == Divergence::SkewReverseKL) {
+          Acc h;
+          skew_reverse_kl_term(lp, lq, q, beta, log_b, log_1mb, h);
+          d = (h - q) - q * sum_h;
+        } else {
+          d = ab_dlogq(lp, lq, beta, prm2) - q * sum_h;
+        }
+        Acc g = coef * d;
+        if (hard) {
+          const Acc sm1 = exp_acc((zs[j] - ms) * temperature - log_s1);
+          g += hard_w * (sm1 - Acc(j == label ? 1 : 0));
+        }
+        gz[j] = g;
+      }
+      if (cap_s > Acc(0)) {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j)
+          gz[j] *= transform_grad(zs[j], scale_s, cap_s, temperature);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) gz[j] *= scale_s;
+      }
+      store_row(gz, width, grad_dtype, grow);
+    }
+  }
+}
+
+template <typename Acc>
+void vp_dispatch(int phase, RowView student, RowView teacher, const uint8_t* valid,
+                 const int64_t* labels, double* rec, void* grad, int grad_dtype,
+                 int64_t n_rows, int64_t width, const KDParams& p, int threads) {
+  switch (static_cast<Divergence>(p.divergence)) {
+#define DOPS_VP_CASE(D)                                                                       \
+  case Divergence::D:                                                                         \
+    vp_impl<Acc, int(Divergence::D)>(phase, student, teacher, valid, labels, rec, grad,       \
+                                     grad_dtype, n_rows, width, p, threads);                  \
+    break;
+    DOPS_VP_CASE(ForwardKL)
+    DOPS_VP_CASE(ReverseKL)
+    DOPS_VP_CASE(JSD)
+    DOPS_VP_CASE(TVD)
+    DOPS_VP_CASE(SkewKL)
+    DOPS_VP_CASE(SkewReverseKL)
+    DOPS_VP_CASE(AB)
+#undef DOPS_VP_CASE
+    default:
+      break;  // AKL: the Python layer keeps it
+  }
+}
+
+}  // namespace
+
+void dense_vp(int phase, RowView student, RowView teacher, const uint8_t* valid,
+              const int64_t* labels, double* rec, void* grad, int grad_dtype,
+              int64_t n_rows, int64_t width, const KDParams& params, int num_threads) {
+  if (student.dtype == int(DType::F64) || teacher.dtype == int(DType::F64)) {
+    vp_dispatch<double>(phase, student, teacher, valid, labels, rec, grad, grad_dtype,
+                        n_rows, width, params, num_threads);
+  } else {
+    vp_dispatch<float>(phase, student, teacher, valid, labels, rec, grad, grad_dtype,
+                       n_rows, width, params, num_threads);
+  }
+}
+
+}  // namespace distill_ops::cpu
