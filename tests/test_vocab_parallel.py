@@ -46,9 +46,10 @@ def _loss_and_grad(fn, x: torch.Tensor, go: torch.Tensor | None = None):
 def _check(errs: dict, dtype: torch.dtype, extreme: bool = False) -> dict:
     """The failing entries of {case: (sharded vs unsharded, sharded vs float64, unsharded vs
     float64)}. float64: equal to 1e-12 (the algorithm is exact). fp32: losses within 1e-6 of
-    the unsharded ones, or no further from float64 than they are plus 1e-6; gradients within 1e-6 of them, or, where the unsharded fp32 kernel
-    itself is that far from float64 (reverse KL and JSD of near one-hot rows, TVD's sign at
-    q = p), no further from float64 than twice its error plus 1e-6."""
+    the unsharded ones, or no further from float64 than they are plus 1e-6; gradients within
+    1e-6 of them, or, where the unsharded fp32 kernel itself is that far from float64
+    (reverse KL and JSD of near one-hot rows, TVD's sign at q = p), no further from float64
+    than twice its error plus 1e-6."""
     bad = {}
     for key, (diff, ours, theirs) in errs.items():
         if dtype == torch.float64:
