@@ -26,10 +26,10 @@ pytest.importorskip("triton")
 # exponentials and two short series, so that it keeps its accuracy as either parameter
 # tends to 0) issues 114 instructions a logit in its loss pass: 3.6x, compute-bound. AKL's
 # threshold-search loop issues 16 instructions a logit for its 2 bytes (1.02x under Triton
-# 3.9, more under 3.6), and the search reads the teacher row 31 more times. A ceiling here
+# 3.9, 1.12x under 3.6), and the search reads the teacher row 31 more times. A ceiling here
 # stops them growing unnoticed.
 RESEARCH_CEILING = {"dense skew KL + grad": 1.1, "dense skew reverse KL + grad": 1.1,
-                    "dense AB + grad": 3.8, "dense AKL + grad": 1.1}
+                    "dense AB + grad": 3.8, "dense AKL + grad": 1.15}
 
 
 def _records(extra_path: str | None) -> list[dict]:
