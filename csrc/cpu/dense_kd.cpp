@@ -309,14 +309,7 @@ void dense_kd_impl(RowView student, RowView teacher, const uint8_t* valid, const
 #pragma omp simd
             for (int64_t j = 0; j < vocab; ++j) et[j] *= coef;
           }
-          if (cap_s > Acc(0)) {
-#pragma omp simd
-            for (int64_t j = 0; j < vocab; ++j)
-              et[j] *= transform_grad(zs[j], scale_s, cap_s, temperature);
-          } else {
-#pragma omp simd
-            for (int64_t j = 0; j < vocab; ++j) et[j] *= scale_s;
-          }
+          apply_transform_grad(et, zs, vocab, scale_s, cap_s, temperature);
           store_row(et, vocab, grad_dtype, grow);
           zero_row(row_ptr(grow, grad_dtype, vocab), grad_dtype, grad_cols - vocab);
         }

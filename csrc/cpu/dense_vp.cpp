@@ -196,14 +196,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
         }
         gz[j] = g;
       }
-      if (cap_s > Acc(0)) {
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j)
-          gz[j] *= transform_grad(zs[j], scale_s, cap_s, temperature);
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) gz[j] *= scale_s;
-      }
+      apply_transform_grad(gz, zs, width, scale_s, cap_s, temperature);
       store_row(gz, width, grad_dtype, grow);
     }
   }

@@ -73,6 +73,18 @@ RowStats<Acc> softmax_stats(const Acc* z, int64_t n, Acc* e) {
   return {m, log_acc(s), Acc(1) / s};
 }
 
+// g[j] *= f'(x_j) through z_j = f(x_j) / T (the softcap's derivative, or the scale).
+template <typename Acc>
+void apply_transform_grad(Acc* g, const Acc* z, int64_t n, Acc scale, Acc cap, Acc temperature) {
+  if (cap > Acc(0)) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) g[j] *= transform_grad(z[j], scale, cap, temperature);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) g[j] *= scale;
+  }
+}
+
 // The hard-label term at T = 1 on f(x) = z * T, for a row whose softmax statistics at T are
 // `s` (es[j] = exp(z[j] - s.m)).
 template <typename Acc>

@@ -350,9 +350,7 @@ def dense_kd_kernel(
                                     inv_t, interp, M_s, log_ss, M_t, log_st, HAS_CAP_S,
                                     HAS_CAP_T, HAS_INTERP)
             q = _exp(lq)
-            # p as the search read it, so that its head test agrees with tau bit for bit.
-            p = _akl_p(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp,
-                       M_t, log_st, HAS_CAP_S, HAS_CAP_T, HAS_INTERP)
+            p = _exp(lp)  # _akl_p's expression: the head test agrees with tau bit for bit
             acc_a += tl.where(p > 0, p * (lp - lq), 0.0)
             acc_b += tl.where(q > 0, q * (lq - lp), 0.0)
             gap = tl.abs(p - q)
