@@ -121,11 +121,11 @@ def akl_head_mask(p: Tensor, head_mass: float) -> Tensor:
     """bool [..., V]: the head of each row of p, the ids whose probability is at least the
     m-th largest, where m is the first count at which the sorted cumulative mass reaches
     head_mass (so the top-1 always, and ties at the boundary all; every id at 1)."""
+    if head_mass >= 1.0:  # the whole vocabulary, whatever its sum rounds to: no sort
+        return torch.ones_like(p, dtype=torch.bool)
     ps = torch.sort(p, dim=-1, descending=True).values
     before = torch.cat([torch.zeros_like(ps[..., :1]), torch.cumsum(ps, dim=-1)[..., :-1]], -1)
     m = (before < head_mass).sum(-1, keepdim=True).clamp(min=1)
-    if head_mass >= 1.0:  # the whole vocabulary, whatever its sum rounds to
-        return torch.ones_like(p, dtype=torch.bool)
     return p >= ps.gather(-1, m - 1)
 
 
@@ -140,8 +140,8 @@ def akl_head_weight(p: Tensor, q: Tensor, head_mass: float) -> Tensor:
 
 
 def _exp_series(x: Tensor, k0: int) -> Tensor:
-    """sum_n x^n k0! / (n + k0)!... as kd_math.h's exp_series_from: (e^x - sum_{n<k0} x^n/n!)
-    / x^k0 for |x| < 1/2."""
+    """(e^x - sum_{n<k0} x^n / n!) / x^k0 = sum_n x^n / (n + k0)! for |x| < 1/2, as
+    kd_math.h's exp_series_tail (one more term than it keeps in each precision)."""
     last = 17 if x.dtype == torch.float64 else 9
     acc = torch.zeros_like(x)
     for n in range(last, -1, -1):

@@ -62,8 +62,7 @@ def check_float_tensor(name: str, t: object, *, allow_empty: bool = False) -> Te
 def check_positive(name: str, value: object, *, allow_none: bool = False) -> float:
     if value is None and allow_none:
         return 0.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = _number(name, value)
     # abs(v) < inf rather than math.isfinite: the former also works on the symbolic floats
     # torch.compile(dynamic=True) passes in.
     if not (abs(value) < math.inf and value > 0):
@@ -72,8 +71,7 @@ def check_positive(name: str, value: object, *, allow_none: bool = False) -> flo
 
 
 def check_non_negative(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = _number(name, value)
     if not (abs(value) < math.inf and value >= 0):
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
     return float(value)
@@ -249,11 +247,8 @@ def loss_scalars(
     skew = _number("skew", skew)
     if not 0.0 <= skew < 1.0:
         raise ValueError(f"skew must lie in [0, 1), got {skew}")
-    ab_alpha = _number("ab_alpha", ab_alpha)
-    ab_beta = _number("ab_beta", ab_beta)
-    for name, v in (("ab_alpha", ab_alpha), ("ab_beta", ab_beta)):
-        if not 0.0 < v < math.inf:
-            raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    ab_alpha = check_positive("ab_alpha", ab_alpha)
+    ab_beta = check_positive("ab_beta", ab_beta)
     head_mass = _number("akl_head_mass", akl_head_mass)
     if not 0.0 < head_mass <= 1.0:
         raise ValueError(f"akl_head_mass must lie in (0, 1], got {head_mass}")

@@ -238,6 +238,16 @@ def extract_targets(data: dict[str, Any], cfg: Config, device: torch.device,
     return {name: TopKReader(path) for name, path in stores.items()} | {"draws": draws}
 
 
+def _is_dense(run: str) -> bool:
+    """A run against the full teacher distribution: ``dense`` or ``dense-<divergence>``."""
+    return run == "dense" or run.startswith("dense-")
+
+
+def _divergence_of(run: str) -> str:
+    """The divergence a distilling run trains with (forward KL unless ``dense-<it>``)."""
+    return run.split("-", 1)[1] if run.startswith("dense-") else "forward_kl"
+
+
 def _loss_fn(run: str, stores: dict[str, Any], teacher, device: torch.device
              ) -> Callable[[Any, Tensor, Tensor], Tensor]:
     """The training loss of a run: (student, window ids, windows [B, C + 1]) -> loss."""
@@ -248,8 +258,8 @@ def _loss_fn(run: str, stores: dict[str, Any], teacher, device: torch.device
     if run == "ce":
         return lambda s, ids, w: F.cross_entropy(s(w[:, :-1].to(device)).flatten(0, 1),
                                                  w[:, 1:].flatten().to(device))
-    if run == "dense" or run.startswith("dense-"):
-        divergence = run.split("-", 1)[1] if "-" in run else "forward_kl"
+    if _is_dense(run):
+        divergence = _divergence_of(run)
 
         def dense(s, ids, w):
             with torch.no_grad():
@@ -409,7 +419,7 @@ def run_demo(quick: bool = True, corpus: str | None = None, out: str | None = "d
         results.append(r | {"name": run})
         log(f"  {run:14s} held-out loss {r['loss']:.4f}  ECE {r['ece']:.4f}  "
             f"{r['tokens_per_s']:,.0f} tokens/s")
-    dense_rows = [r for r in results if r["name"] == "dense" or r["name"].startswith("dense-")]
+    dense_rows = [r for r in results if _is_dense(r["name"])]
     if len(dense_rows) > 1:
         best = min(dense_rows, key=lambda r: r["loss"])
         log(f"  best divergence on this corpus: {best['name']} (held-out loss "
@@ -438,12 +448,11 @@ def run_demo(quick: bool = True, corpus: str | None = None, out: str | None = "d
 
 def _run_entry(r: dict[str, Any], angles: dict[str, float], cfg: Config) -> dict[str, Any]:
     name = r["name"]
-    dense = name == "dense" or name.startswith("dense-")
+    dense = _is_dense(name)
     targets = "ce" if name == "ce" else "dense" if dense else \
         "sampled" if name == "sampled" else "topk"
     return {"name": name, "targets": targets,
-            "divergence": (name.split("-", 1)[1] if name != "dense" else "forward_kl")
-            if dense else ("forward_kl" if targets != "ce" else None),
+            "divergence": None if targets == "ce" else _divergence_of(name),
             "k": None if targets in ("ce", "dense") else (cfg.k if targets == "topk" else None),
             "tail": name.split("-")[1] if targets == "topk" else
             ("none" if targets == "sampled" else None),

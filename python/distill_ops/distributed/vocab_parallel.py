@@ -347,8 +347,10 @@ def _akl_threshold(p: Tensor, head_mass: float, group) -> Tensor:
     """AKL's head threshold per row over the whole (sharded) vocabulary: the largest tau with
     sum_{p_j >= tau} p_j >= head_mass, by bisection on the fp32 bit pattern of tau (31 steps,
     each one all-reduce of a float a row): exactly the smallest probability of the head."""
-    pf = p.float()
     c = p.shape[0]
+    if head_mass >= 1.0:  # the whole vocabulary, whatever its sum rounds to: no search
+        return torch.zeros(c, dtype=torch.float32, device=p.device)
+    pf = p.float()
     lo = torch.zeros(c, dtype=torch.int64, device=p.device)
     hi = torch.full((c,), 0x3F800001, dtype=torch.int64, device=p.device)  # just above 1.0
     for _ in range(31):
@@ -359,8 +361,7 @@ def _akl_threshold(p: Tensor, head_mass: float, group) -> Tensor:
         ok = mass >= head_mass
         lo = torch.where(ok, mid, lo)
         hi = torch.where(ok, hi, mid)
-    tau = lo.to(torch.int32).view(torch.float32)
-    return torch.where(torch.tensor(head_mass >= 1.0, device=p.device), 0.0, tau)
+    return lo.to(torch.int32).view(torch.float32)
 
 
 def _transform_grad(z: Tensor, scale: float, cap: float | None, t: float) -> Tensor | float:
