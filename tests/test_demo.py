@@ -15,11 +15,14 @@ pytest.importorskip("tokenizers")
 
 from distill_ops import cli
 from distill_ops.demo import QUICK, RUNS, run_demo
+from distill_ops.demo import data as demo_data
+from distill_ops.demo.report import format_table as cli_table
 
 TINY = dataclasses.replace(QUICK, corpus_bytes=80_000, vocab=300, context=16, batch=4,
                            teacher=(32, 1, 2), student=(16, 1, 2), teacher_steps=30,
                            student_steps=12, eval_every=6, eval_windows=8, angle_windows=4,
-                           final_windows=16)
+                           final_windows=16, teacher_eval_every=10, val_windows=8,
+                           student_windows=20)
 RUN_FIELDS = {"name": str, "targets": str, "heldout_loss": float, "perplexity": float,
               "ece": float, "grad_angle_deg": float, "tokens_per_s": float}
 
@@ -105,3 +108,33 @@ def test_research_divergence_rows(tmp_path):
                for r in runs.values())
     assert len({r["heldout_loss"] for r in runs.values()}) == 4
     assert any("best divergence on this corpus" in x for x in lines)
+
+
+def test_teacher_checkpoint_transfer_set_and_held_out_split(tmp_path):
+    """The teacher's weights are its best validation point (validation windows apart from the
+    held-out windows that score every model); the students see `student_windows` distinct
+    windows; the report says how the time was spent."""
+    from distill_ops.demo.run import evaluate, prepare
+
+    cfg = dataclasses.replace(TINY, teacher_steps=40)
+    data = prepare(cfg, None, tmp_path / "c", torch.device("cpu"), False, lambda _: None)
+    curve = data["teacher_curve"]
+    assert [s for s, _ in curve] == [10, 20, 30, 40]
+    files, root = demo_data.corpus_files(None, cfg.corpus_bytes)
+    tok = data["tokenizer"]
+    held_all = demo_data.windows(torch.tensor(tok.encode(demo_data.read_split(files, root)[1])
+                                              .ids), cfg.context)
+    val = held_all[1::2][:cfg.val_windows]
+    assert torch.equal(data["held"], held_all[0::2])
+    best = min(v for _, v in curve)
+    assert evaluate(data["teacher"], val, torch.device("cpu"))["loss"] == pytest.approx(best)
+    assert len(torch.unique(data["seen"])) == cfg.student_windows
+    assert len(data["seen"]) == cfg.student_steps * cfg.batch
+    report = run_demo(cfg=cfg, out=None, cache=str(tmp_path / "c"), device="cpu",
+                      progress=False, runs=("ce", "dense"), log=lambda _: None)
+    t = report["teacher"]
+    assert t["best_step"] == min(curve, key=lambda x: x[1])[0]
+    assert t["parameters"] > report["student_parameters"] > 0
+    assert report["stage_seconds"]["students"] == pytest.approx(
+        sum(r["seconds"] for r in report["runs"]))
+    assert "vs CE" in cli_table(report)

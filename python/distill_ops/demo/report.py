@@ -8,19 +8,27 @@ from typing import Any
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """Markdown: one row per student, its held-out loss against the full-KD student's."""
-    dense = next((r["heldout_loss"] for r in report["runs"] if r["name"] == "dense"), None)
-    lines = ["| run | held-out loss | vs full KD | perplexity | ECE | grad angle to full KD | "
-             "tokens/s | peak MiB |", "|---|---|---|---|---|---|---|---|"]
+    """Markdown: one row per student, its held-out loss against the CE student's and the
+    full-KD student's."""
+    ref = {r["name"]: r["heldout_loss"] for r in report["runs"]}
+    rel = lambda x, name: "-" if name not in ref else f"{100 * (x / ref[name] - 1):+.2f}%"
+    lines = ["| run | held-out loss | vs CE | vs full KD | perplexity | ECE | "
+             "grad angle to full KD | tokens/s | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
-        rel = "-" if dense is None else f"{100 * (r['heldout_loss'] / dense - 1):+.2f}%"
         angle = "-" if r["grad_angle_deg"] is None else f"{r['grad_angle_deg']:.1f}°"
-        lines.append(f"| {r['name']} | {r['heldout_loss']:.4f} | {rel} | {r['perplexity']:.2f} "
-                     f"| {r['ece']:.4f} | {angle} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['peak_mib']:.0f} |")
+        x = r["heldout_loss"]
+        lines.append(f"| {r['name']} | {x:.4f} | {rel(x, 'ce')} | {rel(x, 'dense')} | "
+                     f"{r['perplexity']:.2f} | {r['ece']:.4f} | {angle} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['peak_mib']:.0f} |")
     t = report["teacher"]
-    lines.append(f"\nteacher: held-out loss {t['heldout_loss']:.4f}, ECE {t['ece']:.4f}; "
-                 f"sampled targets: {report['config']['sampled_draws']} draws per token")
+    students = report.get("student_parameters")
+    lines.append(
+        f"\nteacher: {t['parameters'] / 1e6:.2f}M parameters"
+        + (f" (students {students / 1e6:.2f}M)" if students else "")
+        + f", held-out loss {t['heldout_loss']:.4f} ({rel(t['heldout_loss'], 'ce')} vs CE), "
+        f"ECE {t['ece']:.4f}, weights of step {t['best_step']} of {t['steps']} (best on "
+        f"validation); sampled targets: {report['config']['sampled_draws']} draws per token")
     return "\n".join(lines)
 
 
@@ -36,7 +44,14 @@ def write_report(report: dict[str, Any], table: str, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover - matplotlib is in the dev extras
         return
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, (tax, ax) = plt.subplots(1, 2, figsize=(13, 4.5), width_ratios=(1, 2))
+    t = report["teacher"]
+    steps, losses = zip(*t["validation_curve"], strict=True)
+    tax.plot(steps, losses, marker=".", color="k")
+    tax.axvline(t["best_step"], color="k", ls=":", lw=1)
+    tax.set_xlabel("teacher step")
+    tax.set_ylabel("validation loss (nats/token)")
+    tax.set_title(f"Teacher ({t['parameters'] / 1e6:.1f}M parameters)")
     for r in report["runs"]:
         steps, losses = zip(*r["curve"], strict=True)
         ax.plot(steps, losses, label=r["name"], marker="." if len(steps) < 40 else None)
@@ -44,7 +59,7 @@ def write_report(report: dict[str, Any], table: str, out: Path) -> None:
     ax.set_xlabel("student step")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # off the curves
-    ax.set_title("Held-out loss of each student")
+    ax.set_title("Held-out loss of each student (same steps, same windows)")
     fig.tight_layout()
     fig.savefig(out / "demo-loss.png", dpi=120)
     plt.close(fig)

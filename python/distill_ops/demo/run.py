@@ -1,11 +1,15 @@
 """`distill-ops demo`: distillation end to end on a real corpus, measured.
 
 The embedded default exists wherever Python does: the standard library's own source files
-(train / held-out split by file), a byte-level BPE tokenizer trained on them, and a small
-GPT-style teacher trained on them. Its targets go through the store once (top-12 from its
-hidden states with `fused_linear_topk`; sampled targets, about 12 distinct ids per token, by
-`sample_targets`), and students of the same initialisation train for the same steps on the
-same windows with:
+(train / held-out split by file), a byte-level BPE tokenizer trained on them, and a GPT-style
+teacher trained on every training window, its checkpoint chosen on validation windows of
+held-out files (the teacher is cached after its first training). The students are five
+times smaller and learn on a transfer set: `student_windows` of the training windows, the
+same windows in the same order for every student, for the same steps (the token budget).
+That is the setting distillation is for: a teacher that knows more than the student's data
+shows. The teacher's targets go through the store once (top-12 from its hidden states with
+`fused_linear_topk`; sampled targets, about 12 distinct ids per token, by
+`sample_targets`), and students of the same initialisation train with:
 
 - ``ce``: cross-entropy on the data alone;
 - ``dense``: forward KL to the full teacher distribution (the teacher run live);
@@ -18,10 +22,11 @@ same windows with:
 Reported per run: held-out loss and perplexity, expected calibration error, the angle
 between its gradient and the full-KD gradient (at a common point: the CE student, on
 held-out windows), training tokens/s (a step's tokens over the median step time) and peak
-memory (CUDA: the allocator's peak; CPU: resident-set growth above the run's start, 0 where
-the allocator reuses freed memory); a table, `OUT/demo.json`, and PNG
-plots. The tokenizer, teacher and stores are cached (rerun: students only). This is the
-experiment of Anshumann et al. 2025 ("Sparse Logit Sampling", 8B -> 3B) in miniature.
+memory (CUDA: the allocator's peak; CPU: resident-set growth above the run's start, sampled
+every millisecond after freed memory is handed back to the OS); a table, `OUT/demo.json`,
+and PNG plots (the teacher's validation curve, the students' held-out curves,
+calibration). The tokenizer, teacher and stores are cached (rerun: students only). This is
+the experiment of Anshumann et al. 2025 ("Sparse Logit Sampling", 8B -> 3B) in miniature.
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ class Config:
     k: int = 12
     sampled_unique: float = 12.0
     eval_every: int = 50
+    teacher_eval_every: int = 100
+    student_windows: int | None = None  # the transfer set's size (None: every window)
+    val_windows: int = 128
     eval_windows: int = 64
     angle_windows: int = 16
     final_windows: int = 512
@@ -69,13 +77,15 @@ class Config:
 
 
 QUICK = Config(corpus_bytes=600_000, vocab=1024, context=64, batch=16,
-               teacher=(96, 2, 4), student=(48, 1, 2), teacher_steps=150, student_steps=80,
-               teacher_lr=3e-3, student_lr=3e-3, eval_every=5, eval_windows=32,
-               angle_windows=8, final_windows=128)
-FULL = Config(corpus_bytes=4_000_000, vocab=8192, context=128, batch=16,
-              teacher=(128, 3, 4), student=(64, 2, 4), teacher_steps=1200, student_steps=1500,
-              teacher_lr=3e-3, student_lr=3e-3, eval_every=50, eval_windows=64,
-              angle_windows=32, final_windows=384)
+               teacher=(128, 2, 4), student=(48, 1, 2), teacher_steps=600, student_steps=200,
+               teacher_lr=3e-3, student_lr=3e-3, eval_every=10, eval_windows=32,
+               angle_windows=8, final_windows=128, teacher_eval_every=50, val_windows=64,
+               student_windows=1300)
+FULL = Config(corpus_bytes=4_000_000, vocab=4096, context=128, batch=16,
+              teacher=(192, 4, 6), student=(64, 2, 4), teacher_steps=3000, student_steps=1200,
+              teacher_lr=2e-3, student_lr=3e-3, eval_every=40, eval_windows=64,
+              angle_windows=32, final_windows=384, teacher_eval_every=100,
+              student_windows=4096)
 RUNS = ("ce", "dense", "top12-bucket", "top12-renorm", "top12-support", "top12-none",
         "sampled")
 
@@ -88,8 +98,19 @@ def _lr(step: int, total: int, peak: float) -> float:
 
 
 def _peak_memory():
+    """A CPU run's peak memory: resident-set growth above the run's start, sampled every
+    millisecond. Python's garbage and glibc's free lists are handed back first (gc,
+    malloc_trim), so memory an earlier run freed does not hide this run's growth."""
+    import ctypes
+    import gc
+
     from ..bench.measure import PeakRSS
 
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the growth may read low
+        pass
     return PeakRSS()
 
 
@@ -140,36 +161,54 @@ def prepare(cfg: Config, corpus: str | None, cache: Path, device: torch.device,
     vocab = tok.get_vocab_size()
     enc = lambda text: torch.tensor(tok.encode(text).ids, dtype=torch.long)
     train = dd.windows(enc(train_text), cfg.context)
-    held = dd.windows(enc(held_text), cfg.context)
+    held_all = dd.windows(enc(held_text), cfg.context)
+    # Held-out files' windows, alternately: `held` scores every model (curves and the
+    # table), `val` selects the teacher's checkpoint; the two never overlap.
+    held, val = held_all[0::2], held_all[1::2][:cfg.val_windows]
     g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(train), generator=g)
+    # The students' transfer set: `student_windows` of the training windows (the teacher
+    # trained on all of them), in one shuffled order repeated over the steps: one store
+    # row each, so every student reads exactly the same data.
+    order = torch.randperm(len(train), generator=g)[:cfg.student_windows or len(train)]
     need = cfg.student_steps * cfg.batch
-    # The windows students see, in order (repeated if the corpus is small): one store row
-    # each, so every student reads exactly the same data.
     seen = order.repeat(need // len(order) + 1)[:need]
     t_width, t_layers, t_heads = cfg.teacher
     torch.manual_seed(cfg.seed + 1)  # the teacher's initialisation, like the students'
     teacher = dd.GPT(vocab, t_width, t_layers, t_heads, cfg.context).to(device)
-    t_path = where / "teacher.pt"
-    if t_path.exists():
+    t_path, t_log = where / "teacher.pt", where / "teacher.json"
+    if t_path.exists() and t_log.exists():
         teacher.load_state_dict(torch.load(t_path, map_location=device))
+        curve = [tuple(x) for x in json.loads(t_log.read_text())["curve"]]
     else:
-        log(f"training the teacher ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M "
-            f"parameters, {cfg.teacher_steps} steps)")
-        _train_lm(teacher, train, cfg.teacher_steps, cfg.batch, cfg.teacher_lr, cfg.seed + 1,
-                  device, _Stage("teacher", cfg.teacher_steps, progress))
+        log(f"training the teacher ({_params(teacher) / 1e6:.2f}M parameters, "
+            f"{cfg.teacher_steps} steps of {cfg.batch} x {cfg.context} tokens)")
+        curve = _train_lm(teacher, train, cfg.teacher_steps, cfg.batch, cfg.teacher_lr,
+                          cfg.seed + 1, device, _Stage("teacher", cfg.teacher_steps, progress),
+                          val, cfg.teacher_eval_every)
         where.mkdir(parents=True, exist_ok=True)
         torch.save(teacher.state_dict(), t_path)
+        t_log.write_text(json.dumps({"curve": curve}))
     teacher.eval().requires_grad_(False)  # distilled from, never trained by the students
     return {"where": where, "tokenizer": tok, "vocab": vocab, "train": train, "held": held,
-            "seen": seen, "teacher": teacher, "files": len(files),
+            "seen": seen, "teacher": teacher, "teacher_curve": curve, "files": len(files),
             "train_tokens": train.numel(), "held_tokens": held.numel()}
 
 
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def _train_lm(model, windows: Tensor, steps: int, batch: int, lr: float, seed: int,
-              device: torch.device, stage: _Stage) -> None:
+              device: torch.device, stage: _Stage, val: Tensor, eval_every: int
+              ) -> list[tuple[int, float]]:
+    """Trains `model` with cross-entropy (AdamW, warm-up then cosine), evaluating on the
+    validation windows `val` every `eval_every` steps; keeps the weights of the best
+    evaluation (checkpoint selection, so a teacher that starts to overfit the corpus is not
+    the one distilled). Returns the validation curve [(step, loss)]."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
+    curve: list[tuple[int, float]] = []
+    best, best_state = math.inf, None
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, lr)
@@ -179,8 +218,17 @@ def _train_lm(model, windows: Tensor, steps: int, batch: int, lr: float, seed: i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            v = evaluate(model, val, device)["loss"]
+            curve.append((step + 1, v))
+            if v < best:
+                best = v
+                best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
         stage.step(loss=loss.item())  # host-sync-ok: the progress bar
     stage.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return curve
 
 
 def _sample_draws(teacher, windows: Tensor, device: torch.device, unique: float,
@@ -222,16 +270,21 @@ def extract_targets(data: dict[str, Any], cfg: Config, device: torch.device,
                                   resume=True, skip_existing=True),
         }
         with torch.no_grad():
-            for i in ids:
-                h = teacher.hidden(train[i:i + 1, :-1].to(device))[0]
-                top = fused_linear_topk(h, w_t, cfg.k)
-                writers["topk"].append(i, top.indices.cpu(), top.logprobs.cpu())
-                gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + i)
-                st = sample_targets(h @ w_t.T, draws, generator=gen)
-                lp = torch.where(st.indices >= 0, st.probs.clamp_min(1e-30).log(),
-                                 torch.full_like(st.probs, float("-inf")))
-                writers["sampled"].append(i, st.indices.cpu(), lp.cpu())
-                stage.step()
+            for a in range(0, len(ids), cfg.batch):  # the teacher runs a batch at a time
+                chunk = ids[a:a + cfg.batch]
+                hs = teacher.hidden(train[chunk, :-1].to(device))
+                top = fused_linear_topk(hs.flatten(0, 1), w_t, cfg.k)
+                top_idx = top.indices.view(len(chunk), -1, cfg.k).cpu()
+                top_lp = top.logprobs.view(len(chunk), -1, cfg.k).cpu()
+                for j, i in enumerate(chunk):
+                    writers["topk"].append(i, top_idx[j], top_lp[j])
+                    # one generator per window: its draws do not depend on the batching
+                    gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + i)
+                    st = sample_targets(hs[j] @ w_t.T, draws, generator=gen)
+                    lp = torch.where(st.indices >= 0, st.probs.clamp_min(1e-30).log(),
+                                     torch.full_like(st.probs, float("-inf")))
+                    writers["sampled"].append(i, st.indices.cpu(), lp.cpu())
+                    stage.step()
         for w in writers.values():
             w.close()
         stage.close()
@@ -410,13 +463,16 @@ def run_demo(quick: bool = True, corpus: str | None = None, out: str | None = "d
     cache_dir = Path(cache) if cache else Path.home() / ".cache" / "distill_ops" / "demo"
     t0 = time.perf_counter()
     data = prepare(cfg, corpus, cache_dir, dev, progress, log)
+    t1 = time.perf_counter()
     stores = extract_targets(data, cfg, dev, progress, log)
+    t2 = time.perf_counter()
     teacher_eval = evaluate(data["teacher"], data["held"][:cfg.final_windows], dev)
     results, models = [], {}
     for run in runs:
+        t = time.perf_counter()
         r = train_student(run, data, stores, cfg, dev, progress)
         models[run] = r.pop("model")
-        results.append(r | {"name": run})
+        results.append(r | {"name": run, "seconds": time.perf_counter() - t})
         log(f"  {run:14s} held-out loss {r['loss']:.4f}  ECE {r['ece']:.4f}  "
             f"{r['tokens_per_s']:,.0f} tokens/s")
     dense_rows = [r for r in results if _is_dense(r["name"])]
@@ -435,9 +491,16 @@ def run_demo(quick: bool = True, corpus: str | None = None, out: str | None = "d
                         "device": str(dev), "machine": platform.machine(),
                         "corpus_files": data["files"], "train_tokens": data["train_tokens"],
                         "heldout_tokens": data["held_tokens"]},
-        "teacher": {"heldout_loss": teacher_eval["loss"], "ece": teacher_eval["ece"]},
+        "teacher": {"heldout_loss": teacher_eval["loss"], "ece": teacher_eval["ece"],
+                    "parameters": _params(data["teacher"]), "steps": cfg.teacher_steps,
+                    "best_step": min(data["teacher_curve"], key=lambda x: x[1])[0],
+                    "validation_curve": data["teacher_curve"]},
+        "student_parameters": _params(next(iter(models.values()))) if models else None,
         "runs": [_run_entry(r, angles, cfg) for r in results],
         "seconds": time.perf_counter() - t0,
+        # what this run spent where (a cached tokenizer/teacher or stores take ~0 here)
+        "stage_seconds": {"tokenizer_and_teacher": t1 - t0, "extract": t2 - t1,
+                          "students": sum(r["seconds"] for r in results)},
     }
     table = format_table(report)
     log(table)
@@ -458,5 +521,5 @@ def _run_entry(r: dict[str, Any], angles: dict[str, float], cfg: Config) -> dict
             ("none" if targets == "sampled" else None),
             "heldout_loss": r["loss"], "perplexity": r["perplexity"], "ece": r["ece"],
             "grad_angle_deg": angles.get(name), "tokens_per_s": r["tokens_per_s"],
-            "peak_mib": r["peak_mib"], "curve": r["curve"],
+            "peak_mib": r["peak_mib"], "seconds": r["seconds"], "curve": r["curve"],
             "reliability": r["reliability"]}
