@@ -4,12 +4,12 @@
 # Steps, each with its own time box so the whole run ends inside ~9 minutes (run it with
 # timeout_s=600): build (~30 s); the GPU tests with -v (each failure shows in tests.log even
 # if the run is cut), 16 xdist workers, then the `serial` ones (inductor) alone; the harness
-# at canonical sizes. Only 8 files come back from $OUT (two folders deep at most), so $OUT
-# holds: summary.txt, env.txt, tests.log, failures.txt, bench.md, bench.json,
-# auto_backends.json (the fastest of our backends per op here: commit it into
-# python/distill_ops/backends/auto_backends.json) and results.tar.gz with everything else
-# (build log, ptxas report, plots with the bandwidth floor, the autotuner's picks in
-# bench.log (TRITON_PRINT_AUTOTUNING), the compile-peer run).
+# at canonical sizes; the demo's quick mode on cuda. Only 8 files come back from $OUT (two
+# folders deep at most), so $OUT holds: summary.txt, env.txt, tests.log, failures.txt,
+# bench.md, bench.json, auto_backends.json (the fastest of our backends per op here: commit
+# it into python/distill_ops/backends/auto_backends.json) and results.tar.gz with everything
+# else (build log, ptxas report, plots with the bandwidth floor, the autotuner's picks in
+# bench.log (TRITON_PRINT_AUTOTUNING), the compile-peer run, the demo's table and plots).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
 WORK=$(mktemp -d)
@@ -92,6 +92,15 @@ else
   research_rc=skipped
 fi
 
+if [ "$(left)" -gt 45 ]; then
+  log "the demo, quick mode, --device cuda (the same code as on the CPU)"
+  timeout $(( $(left) - 15 )) distill-ops demo --quick --device cuda --no-progress \
+    --cache "$WORK/demo-cache" --out "$WORK/demo" > "$WORK/demo.log" 2>&1
+  demo_rc=$?
+else
+  demo_rc=skipped
+fi
+
 {
   echo "==== summary ($(( $(date +%s) - start )) s) ===="
   head -1 "$OUT/env.txt"
@@ -103,9 +112,10 @@ fi
   cat "$OUT/auto_backends.json" 2>/dev/null | tr -d '\n' | cut -c1-300; echo
   [ "$bench_rc" = 0 ] || tail -20 "$WORK/bench.log"
   echo "tests rc=$tests_rc serial rc=$serial_rc bench rc=$bench_rc compile rc=$compile_rc" \
-    "research rc=$research_rc"
+    "research rc=$research_rc demo rc=$demo_rc"
   grep -E "^\| dense \| (skew|ab|akl)" "$WORK"/research/*.md 2>/dev/null | grep distill_ops \
     | cut -c1-160
+  grep -E "^\| (ce|dense|sampled) \|" "$WORK/demo/demo.md" 2>/dev/null
 } > "$OUT/summary.txt"
 tar -C "$WORK" -czf "$OUT/results.tar.gz" . 2>/dev/null
 cat "$OUT/summary.txt"
