@@ -22,8 +22,8 @@ shows. The teacher's targets go through the store once (top-12 from its hidden s
 Reported per run: held-out loss and perplexity, expected calibration error, the angle
 between its gradient and the full-KD gradient (at a common point: the CE student, on
 held-out windows), training tokens/s (a step's tokens over the median step time) and peak
-memory (CUDA: the allocator's peak; CPU: resident-set growth above the run's start, sampled
-every millisecond after freed memory is handed back to the OS); a table, `OUT/demo.json`,
+memory (CUDA: the allocator's peak; CPU: resident-set growth above the run's start, the
+kernel's high-water mark, after freed memory is handed back to the OS); a table, `OUT/demo.json`,
 and PNG plots (the teacher's validation curve, the students' held-out curves,
 calibration). The tokenizer, teacher and stores are cached (rerun: students only). This is
 the experiment of Anshumann et al. 2025 ("Sparse Logit Sampling", 8B -> 3B) in miniature.
@@ -98,20 +98,21 @@ def _lr(step: int, total: int, peak: float) -> float:
 
 
 def _peak_memory():
-    """A CPU run's peak memory: resident-set growth above the run's start, sampled every
-    millisecond. Python's garbage and glibc's free lists are handed back first (gc,
-    malloc_trim), so memory an earlier run freed does not hide this run's growth."""
+    """A CPU run's peak memory: resident-set growth above the run's start, from the kernel's
+    high-water mark (reset at the start; sampled where that is not allowed). Python's
+    garbage and glibc's free lists are handed back first (gc, malloc_trim), so memory an
+    earlier run freed does not hide this run's growth."""
     import ctypes
     import gc
 
-    from ..bench.measure import PeakRSS
+    from ..bench.measure import HighWaterRSS
 
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the growth may read low
         pass
-    return PeakRSS()
+    return HighWaterRSS()
 
 
 class _Stage:
@@ -460,6 +461,10 @@ def run_demo(quick: bool = True, corpus: str | None = None, out: str | None = "d
     """Runs the experiment; returns (and writes to `out`) the results of every run."""
     cfg = cfg or (QUICK if quick else FULL)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cpu":  # steady step times (tokens/s), see steady_allocator
+        from ..bench.measure import steady_allocator
+
+        steady_allocator()
     cache_dir = Path(cache) if cache else Path.home() / ".cache" / "distill_ops" / "demo"
     t0 = time.perf_counter()
     data = prepare(cfg, corpus, cache_dir, dev, progress, log)
