@@ -82,6 +82,12 @@ def test_a_user_corpus_and_the_cli(tmp_path, capsys):
                       device="cpu", progress=False, runs=("ce", "dense"), log=lambda _: None)
     assert report["config"]["corpus"] == str(corpus)
     assert len(report["runs"]) == 2
+    # one file whose held-out tenth is a single window: it scores and selects the teacher
+    one = tmp_path / "one.txt"
+    one.write_text("the cat sat on the mat while the dog ran.\n" * 20)
+    report = run_demo(cfg=TINY, corpus=str(one), out=None, cache=str(tmp_path / "c1"),
+                      device="cpu", progress=False, runs=("ce",), log=lambda _: None)
+    assert math.isfinite(report["teacher"]["heldout_loss"])
 
 
 def test_cli_arguments_reach_the_demo(monkeypatch, tmp_path):

@@ -166,6 +166,8 @@ def prepare(cfg: Config, corpus: str | None, cache: Path, device: torch.device,
     # Held-out files' windows, alternately: `held` scores every model (curves and the
     # table), `val` selects the teacher's checkpoint; the two never overlap.
     held, val = held_all[0::2], held_all[1::2][:cfg.val_windows]
+    if len(val) == 0:  # a corpus with one held-out window: it must do both jobs
+        val = held
     g = torch.Generator().manual_seed(cfg.seed)
     # The students' transfer set: `student_windows` of the training windows (the teacher
     # trained on all of them), in one shuffled order repeated over the steps: one store
