@@ -49,15 +49,20 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28, reps: int = 5) -
     return 2 * src.numel() * 4 / statistics.median(times)
 
 
-def release_freed_memory() -> None:
-    """Make glibc return every large block to the OS when freed (a fixed mmap threshold), so
-    the resident set follows live memory instead of the allocator's cache."""
+def glibc():
+    """The C library (ctypes); OSError where there is none to load, AttributeError from its
+    glibc-only functions elsewhere: callers treat both as "not glibc"."""
     import ctypes
     import ctypes.util
 
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def release_freed_memory() -> None:
+    """Make glibc return every large block to the OS when freed (a fixed mmap threshold), so
+    the resident set follows live memory instead of the allocator's cache."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, and no dynamic adjustment
+        glibc().mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, and no dynamic adjustment
     except (OSError, AttributeError):
         pass
 
@@ -68,11 +73,8 @@ def steady_allocator() -> None:
     step times then follow the work, not the allocator's history (glibc's default threshold
     adapts to earlier frees, which moved the demo's tokens/s by up to 30% between identical
     runs). `malloc_trim(0)` still hands the heap back explicitly."""
-    import ctypes
-    import ctypes.util
-
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc = glibc()
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (its maximum on 64-bit)
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):

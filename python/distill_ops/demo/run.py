@@ -102,14 +102,13 @@ def _peak_memory():
     high-water mark (reset at the start; sampled where that is not allowed). Python's
     garbage and glibc's free lists are handed back first (gc, malloc_trim), so memory an
     earlier run freed does not hide this run's growth."""
-    import ctypes
     import gc
 
-    from ..bench.measure import HighWaterRSS
+    from ..bench.measure import HighWaterRSS, glibc
 
     gc.collect()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        glibc().malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the growth may read low
         pass
     return HighWaterRSS()
