@@ -11,10 +11,9 @@
 #include <string>
 
 #include "distill_ops/kd_math.h"
+#include "scalars.cuh"
 
 namespace distill_ops::cuda {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 __host__ __device__ __forceinline__ int dtype_bytes(int dtype) {
   return dtype == int(DType::F32) ? 4 : 2;
@@ -67,10 +66,6 @@ __device__ __forceinline__ Online push(Online st, float z, float w) {
   const float e = z == kNegInf ? 0.0f : expf(z - m);
   return {m, st.a * f + e, st.c * f + (e > 0.0f ? e * w : 0.0f)};
 }
-
-struct Sum2 {
-  float x, y;
-};
 
 struct MergeOnline {
   __device__ Online operator()(Online x, Online y) const { return merge(x, y); }

@@ -18,9 +18,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 
 #include "common.cuh"
 #include "dense_row.cuh"
+#include "vec_io.cuh"
 
 namespace cg = cooperative_groups;
 
@@ -68,57 +70,25 @@ __device__ void load_slice(unsigned char* dst, const char* src, int64_t count, i
   }
 }
 
-// Packs `n` (16 / elt) floats into 16 bytes of `dtype`.
-__device__ __forceinline__ uint4 pack16(const float* v, int dtype) {
-  uint4 out;
-  uint32_t* w = reinterpret_cast<uint32_t*>(&out);
-  if (dtype == int(DType::F32)) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = float_to_bits(v[i]);
-  } else {
-    const bool half = dtype == int(DType::F16);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t lo = half ? float_to_half(v[2 * i]) : float_to_bf16(v[2 * i]);
-      const uint32_t hi = half ? float_to_half(v[2 * i + 1]) : float_to_bf16(v[2 * i + 1]);
-      w[i] = lo | (hi << 16);
-    }
-  }
-  return out;
-}
-
-// Writes the gradients of the first n_local - n_local % VEC slice elements with one 16-byte
-// store per VEC of them; returns how many it wrote.
-template <int VEC>
-__device__ int64_t store_grads_vec(const DenseArgs& a, const DenseRow& r,
-                                   const unsigned char* s_sm, const unsigned char* t_sm,
-                                   char* g_row, int64_t c0, int64_t n_local, int64_t label) {
-  const int64_t done = n_local - n_local % VEC;
-  const int es = dtype_bytes(a.s_dtype);
-  for (int64_t v = threadIdx.x; v * VEC < done; v += blockDim.x) {
-    float out[8];
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      const int64_t i = v * VEC + e;
-      out[e] = dense_grad(a, r, dense_zs(a, load_as_float(s_sm, a.s_dtype, i)),
-                          dense_zt(a, load_as_float(t_sm, a.t_dtype, i)), c0 + i, label);
-    }
-    *reinterpret_cast<uint4*>(g_row + (c0 + v * VEC) * es) = pack16(out, a.s_dtype);
-  }
-  return done;
-}
-
 #endif
 
-__global__ void __launch_bounds__(kThreads) dense_kd_cluster_kernel(DenseArgs a, int64_t chunk) {
+// Two blocks an SM (their slices fit: ~112 KB each), so 64 registers a thread; the research
+// divergences' second pass needs more in some instantiations (fp16 skew KL spilled): one.
+template <int DIV>
+constexpr int kClusterMinBlocks = DIV >= 4 ? 1 : 2;
+
+template <class TS, class TT, int DIV, bool GENERAL>
+__global__ void __launch_bounds__(kThreads, kClusterMinBlocks<DIV>) dense_kd_cluster_kernel(DenseArgs a, int64_t chunk) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int VEC = group_width<TS, TT>();
+  constexpr int kMode = DivTraits<DIV>::kMode;
+  constexpr int es = TS::kBytes, et = TT::kBytes;
   extern __shared__ __align__(16) unsigned char slices[];
   __shared__ ClusterShared sh;
   cg::cluster_group cluster = cg::this_cluster();
   const unsigned csize = cluster.num_blocks();
   const unsigned rank = cluster.block_rank();
   const int64_t row = blockIdx.x / csize;
-  const int es = dtype_bytes(a.s_dtype), et = dtype_bytes(a.t_dtype);
   const int64_t c0 = int64_t(rank) * chunk;
   const int64_t c1 = c0 + chunk < a.vocab ? c0 + chunk : a.vocab;
   const int64_t n_local = c1 > c0 ? c1 - c0 : 0;
@@ -128,34 +98,37 @@ __global__ void __launch_bounds__(kThreads) dense_kd_cluster_kernel(DenseArgs a,
   // An ignored row: the whole cluster takes this branch, before any shared-memory exchange.
   if (a.valid != nullptr && a.valid[row] == 0) {
     if (g_row != nullptr) {
-      for (int64_t j = c0 + threadIdx.x; j < c1; j += blockDim.x)
-        store_from_float(g_row, a.s_dtype, j, 0.0f);
-      if (rank == csize - 1)
-        for (int64_t j = a.vocab + threadIdx.x; j < a.grad_cols; j += blockDim.x)
-          store_from_float(g_row, a.s_dtype, j, 0.0f);
+      zero_range<TS>(g_row, c0, c1);
+      if (rank == csize - 1) zero_range<TS>(g_row, a.vocab, a.grad_cols);
     }
     if (rank == 0 && threadIdx.x == 0) a.loss[row] = 0.0f;
     return;
   }
-  const int64_t label = a.hard_weight != 0.0f ? a.labels[row] : -1;
+  const int64_t label = GENERAL && a.hard_weight != 0.0f ? a.labels[row] : -1;
 
-  unsigned char* s_sm = slices;
-  unsigned char* t_sm = slices + chunk * es;  // chunk is a multiple of 8: 16-byte aligned
-  load_slice(s_sm, row_base(a.s, a.s_dtype, row, a.s_stride) + c0 * es, n_local, es);
-  load_slice(t_sm, row_base(a.t, a.t_dtype, row, a.t_stride) + c0 * et, n_local, et);
+  char* s_sm = reinterpret_cast<char*>(slices);
+  char* t_sm = s_sm + chunk * es;  // chunk is a multiple of 8: 16-byte aligned
+  load_slice(reinterpret_cast<unsigned char*>(s_sm),
+             static_cast<const char*>(a.s) + (row * a.s_stride + c0) * es, n_local, es);
+  load_slice(reinterpret_cast<unsigned char*>(t_sm),
+             static_cast<const char*>(a.t) + (row * a.t_stride + c0) * et, n_local, et);
   __pipeline_commit();  // both slices in flight at once
   __pipeline_wait_prior(0);
   __syncthreads();
 
+  // The slices sit 16-byte aligned in shared memory: groups of VEC up to the slice's tail.
+  const int64_t n_vec = n_local - n_local % VEC;
+  const Scales k = dense_scales<GENERAL>(a);
+  auto walk = [&](auto&& f) { walk_row<TS, TT, GENERAL>(a, s_sm, t_sm, n_vec, n_local, f); };
+
   // Statistics of this block's slice, then of the row: every block merges the cluster's
   // partials in rank order (identical results everywhere).
-  DensePartial st = dense_partial_empty();
-  for (int64_t i = threadIdx.x; i < n_local; i += blockDim.x) {
-    dense_push(st, a, dense_zs(a, load_as_float(s_sm, a.s_dtype, i)),
-               dense_zt(a, load_as_float(t_sm, a.t_dtype, i)), c0 + i, label);
-  }
-  const MergePartial merge_op{kl_mode(a.divergence)};
-  st = block_reduce(st, merge_op, dense_partial_empty(), sh.reduce_partial);
+  DensePartial st = dense_partial_start();
+  walk([&](const auto& zs, const auto& zt, int64_t j0) {
+    dense_push_group<kMode, GENERAL>(st, a, k, zs, zt, c0 + j0, label);
+  });
+  const MergePartial<kMode> merge_op{a.temperature * kLog2E};
+  st = block_reduce(dense_partial_close(st), merge_op, dense_partial_empty(), sh.reduce_partial);
   if (threadIdx.x == 0) sh.partial = st;
   cluster.sync();
   if (threadIdx.x == 0) {
@@ -165,14 +138,15 @@ __global__ void __launch_bounds__(kThreads) dense_kd_cluster_kernel(DenseArgs a,
   }
   __syncthreads();
   const DensePartial all = sh.merged;
-  DenseRow r = dense_row(a, all);
+  DenseRow r = dense_row<DIV>(a, all);
 
-  if (dense_needs_second(a)) {
+  if constexpr (DivTraits<DIV>::kSecond) {
     Sum2 acc{0.0f, 0.0f};
-    for (int64_t i = threadIdx.x; i < n_local; i += blockDim.x) {
-      dense_push_second(acc, a, r, dense_zs(a, load_as_float(s_sm, a.s_dtype, i)),
-                        dense_zt(a, load_as_float(t_sm, a.t_dtype, i)));
-    }
+    walk([&](const auto& zs, const auto& zt, int64_t) {
+#pragma unroll
+      for (int i = 0; i < int(sizeof(zs) / sizeof(float)); ++i)
+        dense_push_second<DIV>(acc, a, r, k, zs[i], zt[i]);
+    });
     acc = block_reduce(acc, AddSum2{}, Sum2{0.0f, 0.0f}, sh.reduce_sum);
     if (threadIdx.x == 0) sh.second = acc;
     cluster.sync();
@@ -185,58 +159,42 @@ __global__ void __launch_bounds__(kThreads) dense_kd_cluster_kernel(DenseArgs a,
       sh.second_merged = total;
     }
     __syncthreads();
-    dense_finish_second(r, a, sh.second_merged);
+    dense_finish_second<DIV>(r, a, sh.second_merged);
   }
   const float row_loss = dense_loss(a, r, all.z_label, label);
   if (rank == 0 && threadIdx.x == 0) a.loss[row] = row_loss;
 
   if (g_row != nullptr) {
-    // 16-byte stores of 16 / es gradients each where the slice is aligned, then the rest.
-    int64_t done = 0;
-    if ((reinterpret_cast<uintptr_t>(g_row + c0 * es) & 15u) == 0) {
-      done = es == 2 ? store_grads_vec<8>(a, r, s_sm, t_sm, g_row, c0, n_local, label)
-                     : store_grads_vec<4>(a, r, s_sm, t_sm, g_row, c0, n_local, label);
-    }
-    for (int64_t i = done + threadIdx.x; i < n_local; i += blockDim.x) {
-      store_from_float(g_row, a.s_dtype, c0 + i,
-                       dense_grad(a, r, dense_zs(a, load_as_float(s_sm, a.s_dtype, i)),
-                                  dense_zt(a, load_as_float(t_sm, a.t_dtype, i)), c0 + i,
-                                  label));
-    }
-    if (rank == csize - 1)
-      for (int64_t j = a.vocab + threadIdx.x; j < a.grad_cols; j += blockDim.x)
-        store_from_float(g_row, a.s_dtype, j, 0.0f);
+    // 16-byte stores where the slice's gradient is aligned (write_grads checks), then the rest.
+    write_grads<TS, TT, DIV, GENERAL>(a, r, s_sm, t_sm, g_row + c0 * es, n_vec, n_local, c0,
+                                      label);
+    if (rank == csize - 1) zero_range<TS>(g_row, a.vocab, a.grad_cols);
   }
   // No block may leave while another can still read its shared memory.
   cluster.sync();
 #endif
 }
 
-}  // namespace
-
-bool dense_kd_cluster(const DenseArgs& a, int64_t n_rows, bool required, void* stream) {
+template <class TS, class TT, int DIV, bool GENERAL>
+bool launch_cluster(const DenseArgs& a, int64_t n_rows, bool required, void* stream) {
   const DeviceInfo dev = device_info();
   auto refuse = [&](const char* why) {
     if (required) throw std::runtime_error(std::string("distill_ops: the sm_90 dense kernel ") + why);
     return false;
   };
-  if (dev.major < 9) return refuse("needs a Hopper (sm_90) GPU or newer");
-  if (static_cast<Divergence>(a.divergence) == Divergence::AKL)
-    return refuse("does not take divergence='akl' (its threshold search runs in the portable "
-                  "kernel)");
-  const int64_t es = dtype_bytes(a.s_dtype), et = dtype_bytes(a.t_dtype);
+  auto kernel = dense_kd_cluster_kernel<TS, TT, DIV, GENERAL>;
+  constexpr int64_t es = TS::kBytes, et = TT::kBytes;
   const int64_t static_smem = int64_t(sizeof(ClusterShared));
   for (int c = 1; c <= 16; c *= 2) {
     const int64_t chunk = ((a.vocab + c - 1) / c + 7) / 8 * 8;
     const int64_t smem = chunk * (es + et);
     if ((smem > kTargetSmem && c < 16) || smem + static_smem > dev.smem_optin) continue;
     if (n_rows * c >= (int64_t(1) << 31)) return refuse("got too many rows");
-    check_cuda(cudaFuncSetAttribute(dense_kd_cluster_kernel,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(smem)),
                "cudaFuncSetAttribute(dynamic shared memory)");
     if (c > 8) {
-      check_cuda(cudaFuncSetAttribute(dense_kd_cluster_kernel,
-                                      cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
                  "cudaFuncSetAttribute(non-portable cluster size)");
     }
     cudaLaunchConfig_t cfg = {};
@@ -252,17 +210,57 @@ bool dense_kd_cluster(const DenseArgs& a, int64_t n_rows, bool required, void* s
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, dense_kd_cluster_kernel, &cfg) != cudaSuccess ||
-        clusters == 0) {
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters == 0) {
       (void)cudaGetLastError();  // not schedulable at this size: try a larger cluster
       continue;
     }
-    check_cuda(cudaLaunchKernelEx(&cfg, dense_kd_cluster_kernel, a, chunk),
-               "dense_kd_cluster_kernel launch");
+    check_cuda(cudaLaunchKernelEx(&cfg, kernel, a, chunk), "dense_kd_cluster_kernel launch");
     check_launch("dense_kd_cluster_kernel");
     return true;
   }
   return refuse("cannot hold this row in a cluster's shared memory");
+}
+
+template <class TS, class TT, int DIV>
+bool launch_cluster_general(const DenseArgs& a, int64_t n_rows, bool required, void* stream) {
+  return dense_is_general(a) ? launch_cluster<TS, TT, DIV, true>(a, n_rows, required, stream)
+                             : launch_cluster<TS, TT, DIV, false>(a, n_rows, required, stream);
+}
+
+template <class TS, class TT>
+bool launch_cluster_div(const DenseArgs& a, int64_t n_rows, bool required, void* stream) {
+  switch (static_cast<Divergence>(a.divergence)) {
+    case Divergence::ForwardKL: return launch_cluster_general<TS, TT, 0>(a, n_rows, required, stream);
+    case Divergence::ReverseKL: return launch_cluster_general<TS, TT, 1>(a, n_rows, required, stream);
+    case Divergence::JSD: return launch_cluster_general<TS, TT, 2>(a, n_rows, required, stream);
+    case Divergence::TVD: return launch_cluster_general<TS, TT, 3>(a, n_rows, required, stream);
+    case Divergence::SkewKL: return launch_cluster_general<TS, TT, 4>(a, n_rows, required, stream);
+    case Divergence::SkewReverseKL:
+      return launch_cluster_general<TS, TT, 5>(a, n_rows, required, stream);
+    case Divergence::AB: return launch_cluster_general<TS, TT, 6>(a, n_rows, required, stream);
+    default: break;
+  }
+  if (required) {
+    throw std::runtime_error("distill_ops: the sm_90 dense kernel does not take divergence='akl' "
+                             "(its threshold search runs in the portable kernel)");
+  }
+  return false;
+}
+
+}  // namespace
+
+bool dense_kd_cluster(const DenseArgs& a, int64_t n_rows, bool required, void* stream) {
+  if (device_info().major < 9) {
+    if (required) throw std::runtime_error("distill_ops: the sm_90 dense kernel needs a Hopper (sm_90) GPU or newer");
+    return false;
+  }
+  bool launched = false;
+  with_dtype(a.s_dtype, [&](auto ts) {
+    with_dtype(a.t_dtype, [&](auto tt) {
+      launched = launch_cluster_div<decltype(ts), decltype(tt)>(a, n_rows, required, stream);
+    });
+  });
+  return launched;
 }
 
 }  // namespace distill_ops::cuda

@@ -18,11 +18,17 @@ measurement: the GPU's profile (ncu) is the judge.
 
     python -m distill_ops.backends.triton.isa                # the dense, sparse and top-k kernels
     python -m distill_ops.backends.triton.isa --spec 'dense_kd[div=2,bf16,opts=0]' --cc 80
+    python -m distill_ops.backends.triton.isa --cuda        # the CUDA C++ kernels' SASS
+
+The CUDA C++ kernels (csrc/cuda) are read from the built extension's cubins (cuobjdump, then
+nvdisasm): each instantiation's innermost loops that load logits, per logit by their loaded
+bytes (cuda_loops).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import subprocess
@@ -206,6 +212,128 @@ DEFAULT_SPECS = (
 )
 
 
+# ---------------------------------------------------------------------------------------
+# The CUDA C++ kernels (csrc/cuda), from the SASS of the built extension.
+
+_SECTION = re.compile(r"^\s*\.section\s+\.text\.(\S+?),")
+_DTYPE_TAGS = {"F32": 4, "BF16": 2, "F16": 2}
+
+
+def cuobjdump_path() -> str:
+    """The cuobjdump shipped beside nvdisasm (or on PATH)."""
+    path = os.path.join(os.path.dirname(nvdisasm_path()), "cuobjdump")
+    return path if os.path.exists(path) else "cuobjdump"
+
+
+def cubins(binary: str, cc: int) -> list[bytes]:
+    """The sm_`cc` cubins embedded in a shared library or object file."""
+    with tempfile.TemporaryDirectory() as d:
+        listing = subprocess.run([cuobjdump_path(), "-lelf", binary], capture_output=True,
+                                 text=True, check=False).stdout
+        names = [ln.split(":", 1)[1].strip() for ln in listing.splitlines()
+                 if ln.startswith("ELF file") and f".sm_{cc}." in ln]
+        out = []
+        for name in names:
+            subprocess.run([cuobjdump_path(), "-xelf", name, binary], cwd=d, check=True,
+                           capture_output=True)
+            with open(os.path.join(d, name), "rb") as f:
+                out.append(f.read())
+    return out
+
+
+def functions(sass: str) -> dict[str, str]:
+    """{mangled name: its disassembly} of an nvdisasm listing of several functions."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in sass.splitlines():
+        m = _SECTION.match(line)
+        if m:
+            current = m.group(1)
+            out[current] = []
+        elif current is not None:
+            out[current].append(line)
+    return {name: "\n".join(lines) for name, lines in out.items()}
+
+
+def cuda_template_args(mangled: str) -> tuple[str, ...]:
+    """The storage-type tags (F32, BF16, F16) of a kernel instantiation, in order, and its
+    integer and boolean template arguments: ('BF16', 'BF16', '0', 'false') for
+    dense_kd_kernel<BF16, BF16, 0, false>."""
+    args = []
+    for m in re.finditer(r"NS0_(\d+)(F32|BF16|F16)E|S3_|Li(\d+)E|Lb([01])E", mangled):
+        if m.group(2):
+            args.append(m.group(2))
+        elif m.group(0) == "S3_":  # the Itanium ABI's back-reference to the first tag
+            args.append(args[0] if args else "?")
+        elif m.group(3) is not None:
+            args.append(m.group(3))
+        else:
+            args.append("true" if m.group(4) == "1" else "false")
+    return tuple(args)
+
+
+@dataclass
+class CudaLoop:
+    """A streaming loop of a CUDA kernel: per-logit counts from its loaded bytes."""
+
+    kernel: str
+    args: tuple[str, ...]
+    index: int  # among the kernel's streaming loops, in program order
+    logits: float  # per thread per iteration
+    instructions: float
+    mufu: float
+    loads: float
+    stores: float
+    wide: bool  # every global (or shared) load and store of the loop is 128-bit
+
+
+@functools.lru_cache(maxsize=8)
+def _cuda_functions(binary: str, cc: int) -> tuple[tuple[str, str], ...]:
+    """(mangled name, disassembly) of every function in the binary's sm_`cc` cubins (the
+    disassembly of a build's ~300 instantiations takes a while: once per process)."""
+    return tuple(item for cubin in cubins(binary, cc)
+                 for item in functions(disassemble(cubin)).items())
+
+
+def cuda_loops(binary: str, kernel: str, cc: int = 90) -> list[CudaLoop]:
+    """The streaming loops (those that load logits) of every instantiation of `kernel` in a
+    built extension. A loop's logits per thread and iteration are its loaded bytes over the
+    bytes a logit of the instantiation's dtypes takes (student plus teacher, or the student
+    alone for a kernel with one tag); loops that load through 128-bit vectors and their
+    scalar row tails are told apart by `wide`."""
+    out = []
+    for name, body in _cuda_functions(binary, cc):
+        if kernel not in name:
+            continue
+        args = cuda_template_args(name)
+        tags = [a for a in args if a in _DTYPE_TAGS]
+        per_logit = sum(_DTYPE_TAGS[t] for t in tags) or 4
+        index = 0
+        found = loops(body)
+        for lp in found:
+            # Streaming loops only: innermost (no loop inside: an outer span would count
+            # its inner loops' bodies once), no warp shuffle (the block reductions).
+            if any(o is not lp and lp.start <= o.start and o.end <= lp.end for o in found):
+                continue
+            if lp.count("SHFL") or lp.count("BAR"):
+                continue
+            loaded = sum(load_bytes(op) * n for op, n in lp.ops.items()
+                         if op.startswith(("LDG", "LDS", "LD.")))
+            if not loaded:
+                continue
+            logits = loaded / per_logit
+            # (LDGDEPBAR waits for cp.async copies: a barrier, not a load.)
+            mem = [op for op in lp.ops if op.startswith(("LDG", "LDS", "STG", "STS", "LD.",
+                                                        "ST.")) and op != "LDGDEPBAR"]
+            index += 1
+            out.append(CudaLoop(kernel, args, index, logits, lp.total / logits,
+                                lp.count("MUFU") / logits,
+                                (lp.count("LDG") + lp.count("LDS")) / logits,
+                                (lp.count("STG") + lp.count("STS")) / logits,
+                                all(".128" in op for op in mem)))
+    return out
+
+
 def spec_named(name: str, **constexprs: object):
     """The aot spec `name` with those of `constexprs` it has changed (the others ignored)."""
     import dataclasses
@@ -246,12 +374,68 @@ def table(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def cuda_model(binary: str, kernel: str, div: int, cc: int = 90, dtype: str = "BF16",
+               rows: int = 8192, vocab: int = 128256) -> dict[str, float]:
+    """The static model of one dense CUDA kernel (plain path, both sides `dtype`, forward and
+    gradient) at a shape, in ms on the H200: memory (the kernel's transfers: every pass of
+    the portable kernel reads both rows, the gradient pass writes one; the cluster kernel
+    reads each logit once), issue and MUFU (the sum over its streaming loops), the
+    prediction (the largest: the model assumes they overlap), and the 3-transfer floor. AKL
+    is left out (its search reads the teacher row 31 more times)."""
+    if div == 7:
+        raise ValueError("cuda_model: AKL's threshold search is outside the model")
+    wide = [lp for lp in cuda_loops(binary, kernel, cc)
+            if lp.args == (dtype, dtype, str(div), "false") and lp.wide]
+    if not wide:
+        raise ValueError(f"cuda_model: no streaming loops of {kernel}<{dtype}, {div}>")
+    b = _DTYPE_TAGS[dtype]
+    logits = rows * vocab
+    if kernel == "dense_kd_cluster_kernel":
+        per_logit = 3 * b
+    else:
+        per_logit = 2 * b * len(wide) + b
+    # The cp.async copy loop of the cluster kernel loads 2 logits' bytes per logit counted.
+    instr = sum(lp.instructions for lp in wide)
+    mufu = sum(lp.mufu for lp in wide)
+    bd = bounds(instr, mufu, per_logit * logits, logits)
+    out = {f"{k}_ms": 1e3 * v for k, v in bd.items()}
+    out["predicted_ms"] = max(out.values())
+    out["floor_ms"] = 1e3 * 3 * b * logits / BANDWIDTH
+    out["vs_floor"] = out["predicted_ms"] / out["floor_ms"]
+    out["instr"], out["mufu"] = instr, mufu
+    return out
+
+
+def cuda_table(binary: str, cc: int = 90, dtype: str = "BF16") -> str:
+    """The CUDA dense kernels' streaming loops (plain path, both sides `dtype`) as markdown:
+    per logit instructions, MUFU, loads and stores, and whether they are all 128-bit."""
+    names = ["forward KL", "reverse KL", "JSD", "TVD", "skew KL", "skew reverse KL", "AB",
+             "AKL"]
+    rows = ["| kernel | divergence | loop | logits/thread/iter | instr/logit | MUFU/logit | "
+            "LD | ST | 128-bit |", "|" + "---|" * 9]
+    for kernel in ("dense_kd_kernel", "dense_kd_cluster_kernel"):
+        for lp in cuda_loops(binary, kernel, cc):
+            if lp.args[:2] != (dtype, dtype) or lp.args[3] != "false":
+                continue
+            rows.append(f"| {kernel} | {names[int(lp.args[2])]} | {lp.index} | {lp.logits:g} | "
+                        f"{lp.instructions:.1f} | {lp.mufu:.2f} | {lp.loads:.2f} | "
+                        f"{lp.stores:.2f} | {'yes' if lp.wide else 'no (tail)'} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cc", type=int, default=90)
     ap.add_argument("--spec", action="append", help="an aot spec name (default: a set)")
     ap.add_argument("--json", action="store_true", help="JSON records instead of a table")
+    ap.add_argument("--cuda", nargs="?", const="", metavar="LIB",
+                    help="the CUDA C++ kernels' loops instead, from the built extension (or LIB)")
     args = ap.parse_args(argv)
+    if args.cuda is not None:
+        from ..extension import native
+
+        print(cuda_table(args.cuda or native().__file__, args.cc))
+        return 0
     records = measure(args.cc, args.spec)
     if args.json:
         import json

@@ -1,0 +1,133 @@
+"""The CUDA dense kernels' maths (csrc/cuda/dense_math.cuh), run on the host in the portable
+kernel's order (tests/cpp/dense_math_check.cpp: 512 threads over groups of 8 or 4 logits,
+the row's tail one logit at a time, warp trees, the second pass, AKL's search, the gradient)
+against the float64 reference: every divergence, the plain path and the general one
+(softcap, TAID, the hard term), bf16 and fp32 group widths, odd V, -inf masked vocabulary,
+extreme logits. The GPU runs the same header with ex2.approx / lg2.approx where the host has
+exp2 / log2 (relative error ~2^-22): these tests hold the formulas and their merge order,
+the GPU tests (tests/test_dense_kd.py) the instructions."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import logits
+
+from distill_ops import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl", "ab",
+               "akl"]
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory) -> Path:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    exe = tmp_path_factory.mktemp("dense_math") / "dense_math_check"
+    subprocess.run([cxx, "-O2", "-std=c++17", "-Wno-unknown-pragmas",
+                    f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}",
+                    str(ROOT / "tests" / "cpp" / "dense_math_check.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    return exe
+
+
+def params(divergence: str) -> tuple[float, float]:
+    """(beta, param2) as the op layer passes them to the kernels."""
+    return {"jsd": (0.3, 0.0), "skew_kl": (0.1, 0.0), "skew_reverse_kl": (0.2, 0.0),
+            "ab": (0.7, 0.4), "akl": (0.5, 0.0)}.get(divergence, (0.5, 0.0))
+
+
+def run(exe: Path, xs: torch.Tensor, xt: torch.Tensor, divergence: str, *, vec: int,
+        temperature: float = 1.0, general: bool = False, cap: float = 0.0,
+        interp: float = 1.0, hard_weight: float = 0.0, labels=None):
+    rows, vocab = xs.shape
+    beta, param2 = params(divergence)
+    labels = labels if labels is not None else torch.full((rows,), -1)
+    text = [f"{DIVERGENCES.index(divergence)} {int(general)} {vec} {rows} {vocab}",
+            f"{temperature} {beta} {param2} 1 {cap} 1 {cap} {interp} {hard_weight} 1",
+            " ".join(str(int(v)) for v in labels)]
+    for x in (xs, xt):
+        text += [" ".join(f"{v:.9g}" for v in row) for row in x.float().tolist()]
+    out = subprocess.run([str(exe)], input="\n".join(text), capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    loss = torch.tensor([float(out[2 * r]) for r in range(rows)], dtype=torch.float64)
+    grad = torch.tensor([[float(v) for v in out[2 * r + 1].split()] for r in range(rows)],
+                        dtype=torch.float64)
+    return loss, grad
+
+
+def want(xs, xt, divergence, *, temperature=1.0, cap=0.0, interp=1.0, hard_weight=0.0,
+         labels=None):
+    s = xs.float().double().requires_grad_(True)
+    beta, param2 = params(divergence)
+    kw = {"beta": beta} if divergence == "jsd" else {}
+    kw.update({"skew_kl": {"skew": beta}, "skew_reverse_kl": {"skew": beta},
+               "ab": {"ab_alpha": beta, "ab_beta": param2},
+               "akl": {"akl_head_mass": beta}}.get(divergence, {}))
+    if cap:
+        kw.update(student_softcap=cap, teacher_softcap=cap)
+    loss = reference.kd_loss(s, xt.float().double(), divergence=divergence,
+                             temperature=temperature, reduction="none",
+                             teacher_interpolation=interp, hard_weight=hard_weight,
+                             labels=labels, **kw)
+    (g,) = torch.autograd.grad(loss.sum(), s)
+    return loss.detach(), g
+
+
+def check(got, ref, rtol=2e-5, atol=2e-6):
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize(("vec", "dtype"), [(8, torch.bfloat16), (4, torch.float32)])
+def test_plain_path_matches_reference(seed, driver, divergence, vec, dtype):
+    """Odd V (a row tail after the groups), -inf masked ids on both sides, T = 2."""
+    xs, xt = logits(3, 1203).to(dtype), logits(3, 1203).to(dtype)
+    xs[0, :17] = xt[0, :17] = float("-inf")
+    got = run(driver, xs, xt, divergence, vec=vec, temperature=2.0)
+    check(got, want(xs, xt, divergence, temperature=2.0))
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_general_path_matches_reference(seed, driver, divergence):
+    """Softcap, TAID and the hard label term at once."""
+    xs, xt = logits(3, 1001) * 3, logits(3, 1001) * 3
+    labels = torch.tensor([5, 1000, 0])
+    kw = {"temperature": 1.5, "cap": 20.0, "interp": 0.7, "hard_weight": 0.3, "labels": labels}
+    got = run(driver, xs, xt, divergence, vec=4, general=True, **kw)
+    check(got, want(xs, xt, divergence, **kw))
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "akl"])
+def test_extreme_logits_stay_fp32_accurate(seed, driver, divergence):
+    """Logits of +-1e4 (near one-hot rows on either side): the group form's centred cross
+    term and z - max in natural units keep the loss and gradient to fp32 accuracy."""
+    xs, xt = logits(4, 3001), logits(4, 3001)
+    xs[1:3] *= 4000
+    xt[2:4] *= 4000
+    (loss, grad), (ref_loss, ref_grad) = run(driver, xs, xt, divergence, vec=4), \
+        want(xs, xt, divergence)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    # Reverse KL's gradient q (log q - log p - KL) cancels at the student's argmax: in fp32
+    # to the KL's last bit (2^-9 at KL = 2.4e4), so each row's bar scales with its loss.
+    bar = 1e-5 + 2.5e-7 * ref_loss.abs()[:, None]
+    assert ((grad - ref_grad).abs() <= bar + 1e-4 * ref_grad.abs()).all()
+
+
+def test_masked_teacher_mass_is_an_infinite_forward_kl(seed, driver):
+    """The student masks an id the teacher weighs: forward KL is +inf, never NaN; a row
+    whose ids are masked on both sides alike is finite."""
+    xs, xt = logits(2, 600), logits(2, 600)
+    xs[0, 7] = float("-inf")
+    xs[1, :40] = xt[1, :40] = float("-inf")
+    loss, _ = run(driver, xs, xt, "forward_kl", vec=8)
+    assert loss[0].item() == float("inf")
+    torch.testing.assert_close(loss[1:], want(xs[1:], xt[1:], "forward_kl")[0], rtol=2e-5,
+                               atol=2e-6)
