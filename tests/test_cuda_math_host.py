@@ -131,3 +131,45 @@ def test_masked_teacher_mass_is_an_infinite_forward_kl(seed, driver):
     assert loss[0].item() == float("inf")
     torch.testing.assert_close(loss[1:], want(xs[1:], xt[1:], "forward_kl")[0], rtol=2e-5,
                                atol=2e-6)
+
+
+@pytest.fixture(scope="module")
+def sparse_driver(tmp_path_factory) -> Path:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    exe = tmp_path_factory.mktemp("sparse_stats") / "sparse_stats_check"
+    subprocess.run([cxx, "-O2", "-std=c++17", "-Wno-unknown-pragmas",
+                    f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}",
+                    str(ROOT / "tests" / "cpp" / "sparse_stats_check.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    return exe
+
+
+@pytest.mark.parametrize(("vec", "dtype"), [(8, torch.bfloat16), (4, torch.float32)])
+def test_sparse_statistics_pass_matches_reference(seed, sparse_driver, vec, dtype):
+    """The sparse kernel's one-read statistics (groups with one running maximum, the mass off
+    the support summed from its own terms, the hard term's T = 1 sum, z at the label): the
+    row's log-sum-exp, the off-support log mass (a support holding all but ~1e-7 of the mass
+    in row 1: no cancellation), the T = 1 log-sum-exp, against float64. Odd V, masked ids."""
+    rows, vocab, t, label = 3, 2005, 1.7, 1234
+    x = logits(rows, vocab).to(dtype).float()
+    x[2, :30] = float("-inf")
+    support = torch.zeros(rows, vocab, dtype=torch.bool)
+    for r in range(rows):
+        support[r, torch.randperm(vocab)[:64]] = True
+    top = x[1].argsort(descending=True)[:40]  # row 1: the support is the head
+    support[1] = False
+    support[1, top] = True
+    x[1, top] += 18.0
+    text = [f"{vec} {rows} {vocab} {t} {label}"]
+    text += [" ".join(str(int(f)) for f in row) for row in support.tolist()]
+    text += [" ".join(f"{v:.9g}" for v in row) for row in x.tolist()]
+    out = subprocess.run([str(sparse_driver)], input="\n".join(text), capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    got = torch.tensor([[float(v) for v in line.split()] for line in out], dtype=torch.float64)
+    z = x.double() / t
+    want = torch.stack([torch.logsumexp(z, 1),
+                        torch.logsumexp(z.masked_fill(support, float("-inf")), 1),
+                        torch.logsumexp(z * t, 1), z[:, label]], 1)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=2e-6)

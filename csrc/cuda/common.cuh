@@ -41,12 +41,6 @@ __device__ __forceinline__ const char* row_base(const void* p, int dtype, int64_
   return static_cast<const char*>(p) + row * stride * dtype_bytes(dtype);
 }
 
-// Running log-sum-exp state: max m, sum a of exp(z - m), and a cross term c = sum of
-// exp(z - m) * w, all relative to m.
-struct Online {
-  float m, a, c;
-};
-
 __device__ __forceinline__ Online online_empty() { return {kNegInf, 0.0f, 0.0f}; }
 
 __device__ __forceinline__ float rescale(float m_old, float m_new) {

@@ -20,9 +20,13 @@
 #include "scalars.cuh"
 
 #if defined(__CUDACC__)
+#ifndef DOPS_DEV
 #define DOPS_DEV __device__ __forceinline__
+#endif
 #else
+#ifndef DOPS_DEV
 #define DOPS_DEV inline
+#endif
 #define __fdividef(a, b) ((a) / (b))
 using std::isnan;
 #endif

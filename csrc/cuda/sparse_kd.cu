@@ -5,6 +5,11 @@
 // q_j (g_c(j) - sum_c q_hat_c g_c). The rest class's student mass is summed over the
 // off-support entries themselves (the bitmap says which), never as 1 - support mass.
 //
+// The student row is streamed with 16-byte loads in groups of 8 (bf16 / fp16) or 4 (fp32)
+// logits, one running maximum per group (sparse_math.cuh), the gradient written with 16-byte
+// stores; instantiated per student dtype and hard term. The per-class part (O(k) a row)
+// keeps its run-time switch on the divergence and tail.
+//
 // Byte account per student logit: read (statistics), read again and write the gradient: 3
 // transfers against the floor of 2 (read, write). The k targets and the bitmap (V / 8 bytes)
 // are per row, not per logit. Reaching 2 needs the row on chip across both passes (a cluster
@@ -15,6 +20,8 @@
 
 #include "common.cuh"
 #include "kernels.cuh"
+#include "sparse_math.cuh"
+#include "vec_io.cuh"
 
 namespace distill_ops::cuda {
 namespace {
@@ -57,7 +64,7 @@ struct HardTerm {
 
   __device__ __forceinline__ float finish(float gz, float z, int64_t j) const {
     if (!on) return gz;
-    const float sm1 = expf((z - m) * temperature - log_s1);
+    const float sm1 = exp_acc((z - m) * temperature - log_s1);
     gz += weight * (sm1 - (j == label ? 1.0f : 0.0f));
     return found ? gz : NAN;
   }
@@ -67,7 +74,12 @@ __device__ __forceinline__ bool in_support(const uint32_t* bits, int64_t j) {
   return (bits[j >> 5] >> (j & 31)) & 1u;
 }
 
+// One row per block, instantiated per student dtype and hard term: the student row is read
+// with 16-byte loads in groups of 8 (bf16 / fp16) or 4 (fp32) logits, one running maximum
+// per group, the gradient written with 16-byte stores; the row's tail one logit at a time.
+template <class TS, bool HARD>
 __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(SparseArgs a) {
+  constexpr int VEC = 16 / TS::kBytes;
   // Dynamic shared memory: support bitmap (ceil(V / 32) words), then per class (k + 1):
   // teacher and student log-probabilities, q_hat * dL/dq_hat; then the k support ids.
   extern __shared__ __align__(16) unsigned char dyn[];
@@ -84,20 +96,21 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(SparseArgs a) {
   const int64_t row = blockIdx.x;
   const int64_t k = a.k, vocab = a.vocab;
   char* g_row = a.grad == nullptr ? nullptr
-                                  : static_cast<char*>(a.grad) +
-                                        row * vocab * dtype_bytes(a.s_dtype);
+                                  : static_cast<char*>(a.grad) + row * vocab * TS::kBytes;
   if (a.valid != nullptr && a.valid[row] == 0) {
-    if (g_row != nullptr)
-      for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x)
-        store_from_float(g_row, a.s_dtype, j, 0.0f);
+    if (g_row != nullptr) zero_range<TS>(g_row, 0, vocab);
     if (threadIdx.x == 0) a.loss[row] = 0.0f;
     return;
   }
   const auto div = static_cast<Divergence>(a.divergence);
-  const bool hard = a.hard_weight != 0.0f;
+  constexpr bool hard = HARD;
   const int64_t label = hard ? a.labels[row] : -1;
   const float inv_t = 1.0f / a.temperature;
-  const char* s_row = row_base(a.s, a.s_dtype, row, a.s_stride);
+  const char* s_row = static_cast<const char*>(a.s) + row * a.s_stride * TS::kBytes;
+  // Groups of VEC logits where the row is 16-byte aligned (VEC divides 32: a group's support
+  // bits lie in one bitmap word), single logits for the rest.
+  const int64_t n_vec =
+      (reinterpret_cast<uintptr_t>(s_row) & 15u) == 0 ? vocab - vocab % VEC : 0;
 
   // The support: ids in [0, V) go to the bitmap; an id >= V makes the row NaN (loud).
   for (int64_t w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0u;
@@ -122,16 +135,23 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(SparseArgs a) {
 
   // Pass 1 over the student: softmax statistics at T, the off-support mass (cross term with
   // weight 1 off the support), and the T = 1 statistics and z_label of the hard term.
-  Online st = online_empty(), one = online_empty();
-  float z_label = 0.0f;
-  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-    const float z = load_as_float(s_row, a.s_dtype, j) * inv_t;
-    st = push(st, z, in_support(bits, j) ? 0.0f : 1.0f);
-    if (hard) {
-      one = push(one, z == kNegInf ? z : z * a.temperature, 0.0f);
-      if (j == label) z_label = z;
-    }
+  Online st{-3.402823466e38f, 0.0f, 0.0f};
+  float a1 = 0.0f, z_label = 0.0f;
+  for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < n_vec; j0 += int64_t(blockDim.x) * VEC) {
+    float x[VEC];
+    load_group<TS, VEC>(s_row + j0 * TS::kBytes, x);
+    const uint32_t word = bits[j0 >> 5] >> (j0 & 31);
+    sparse_push_group<HARD>(st, a1, z_label, x, word, inv_t, a.temperature, j0, label);
   }
+  for (int64_t j = n_vec + threadIdx.x; j < vocab; j += blockDim.x) {
+    const float x[1] = {load_one<TS>(s_row, j)};
+    const uint32_t word = in_support(bits, j) ? 1u : 0u;
+    sparse_push_group<HARD>(st, a1, z_label, x, word, inv_t, a.temperature, j, label);
+  }
+  // The T = 1 sums ride on the T statistics' maximum (times T): merged as an Online of
+  // their own with maximum m T.
+  if (st.m == -3.402823466e38f) st.m = kNegInf;  // only masked logits: empty
+  Online one{st.m == kNegInf ? kNegInf : st.m * a.temperature, a1, 0.0f};
   st = block_reduce(st, MergeOnline{}, online_empty(), red_online);
   const float log_s = logf(st.a), inv_s = 1.0f / st.a, s_rest = st.c;
 
@@ -269,18 +289,33 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(SparseArgs a) {
   float off = tail == Tail::Support ? 0.0f : -sum_qg * inv_s;
   if (tail == Tail::Bucket && s_rest > 0.0f) off += qg[k] / s_rest;
   const HardTerm ht{hard, found, label, a.hard_weight, a.temperature, st.m, log_s1};
-  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-    if (in_support(bits, j)) continue;
-    const float z = load_as_float(s_row, a.s_dtype, j) * inv_t;
-    const float e = z == kNegInf ? 0.0f : expf(z - st.m);
-    store_from_float(g_row, a.s_dtype, j, ht.finish(ids_ok ? e * off * coef : NAN, z, j));
+  // Every id first as off the support (16-byte stores of whole groups), then, after a
+  // barrier, each support id's own gradient over it.
+  const float off_coef = ids_ok ? off * coef : NAN;
+  const float base = st.m == kNegInf ? 0.0f : st.m;
+  const int64_t g_vec = (reinterpret_cast<uintptr_t>(g_row) & 15u) == 0 ? n_vec : 0;
+  for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < g_vec; j0 += int64_t(blockDim.x) * VEC) {
+    float x[VEC], g[VEC];
+    load_group<TS, VEC>(s_row + j0 * TS::kBytes, x);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const float e = fast_exp2(fmaf(x[i], inv_t, -base) * kLog2E);
+      g[i] = HARD ? ht.finish(e * off_coef, x[i] * inv_t, j0 + i) : e * off_coef;
+    }
+    store_group<TS, VEC>(g_row + j0 * TS::kBytes, g);
   }
+  for (int64_t j = g_vec + threadIdx.x; j < vocab; j += blockDim.x) {
+    const float x = load_one<TS>(s_row, j);
+    const float e = fast_exp2(fmaf(x, inv_t, -base) * kLog2E);
+    store_one<TS>(g_row, j, HARD ? ht.finish(e * off_coef, x * inv_t, j) : e * off_coef);
+  }
+  __syncthreads();  // the support's stores below land after the off-support ones
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
     const int32_t id = sid[i];
     if (id < 0) continue;
-    const float z = load_as_float(s_row, a.s_dtype, id) * inv_t;
-    store_from_float(g_row, a.s_dtype, id,
-                     ht.finish(ids_ok ? (qg[i] - expf(lq[i]) * sum_qg) * coef : NAN, z, id));
+    const float z = load_one<TS>(s_row, id) * inv_t;
+    store_one<TS>(g_row, id,
+                  ht.finish(ids_ok ? (qg[i] - expf(lq[i]) * sum_qg) * coef : NAN, z, id));
   }
 }
 
@@ -300,17 +335,21 @@ void sparse_kd(const void* s, int s_dtype, int64_t s_stride, const int64_t* indi
         "targets in shared memory (" + std::to_string(smem) + " bytes here, the device allows " +
         std::to_string(optin) + "): use backend='triton' for this size");
   }
-  if (smem > 48 * 1024) {
-    check_cuda(cudaFuncSetAttribute(sparse_kd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(smem)),
-               "cudaFuncSetAttribute(dynamic shared memory)");
-  }
+
   SparseArgs a{s, s_dtype, s_stride, indices, teacher_logprobs, k, valid, labels, loss, grad,
                vocab, float(p.temperature), float(p.source_temperature / p.temperature),
                float(p.beta), float(p.hard_weight), float(p.soft_coef), p.divergence, p.tail,
                float(p.param2), float(p.interp)};
-  sparse_kd_kernel<<<dim3(unsigned(n_rows)), kThreads, size_t(smem),
-                     static_cast<cudaStream_t>(stream)>>>(a);
+  with_dtype(s_dtype, [&](auto ts) {
+    using TS = decltype(ts);
+    auto kernel = a.hard_weight != 0.0f ? sparse_kd_kernel<TS, true> : sparse_kd_kernel<TS, false>;
+    if (smem > 48 * 1024) {
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      int(smem)),
+                 "cudaFuncSetAttribute(dynamic shared memory)");
+    }
+    kernel<<<dim3(unsigned(n_rows)), kThreads, size_t(smem), static_cast<cudaStream_t>(stream)>>>(a);
+  });
   check_launch("sparse_kd_kernel");
 }
 

@@ -284,7 +284,7 @@ class CudaLoop:
     mufu: float
     loads: float
     stores: float
-    wide: bool  # every global (or shared) load and store of the loop is 128-bit
+    wide: bool  # every load and store of its stream (global, else shared) is 128-bit
 
 
 @functools.lru_cache(maxsize=8)
@@ -317,14 +317,19 @@ def cuda_loops(binary: str, kernel: str, cc: int = 90) -> list[CudaLoop]:
                 continue
             if lp.count("SHFL") or lp.count("BAR"):
                 continue
-            loaded = sum(load_bytes(op) * n for op, n in lp.ops.items()
+            # The stream is global memory where the loop reads any (a shared-memory word
+            # beside it, like the sparse kernel's support bitmap, is side data), else shared
+            # memory (the cluster kernel's slices). LDGDEPBAR waits for cp.async copies: a
+            # barrier, not a load.
+            glob = [op for op in lp.ops
+                    if op.startswith(("LDG", "STG", "LD.", "ST.")) and op != "LDGDEPBAR"]
+            stream = glob or [op for op in lp.ops if op.startswith(("LDS", "STS"))]
+            loaded = sum(load_bytes(op) * lp.ops[op] for op in stream
                          if op.startswith(("LDG", "LDS", "LD.")))
             if not loaded:
                 continue
             logits = loaded / per_logit
-            # (LDGDEPBAR waits for cp.async copies: a barrier, not a load.)
-            mem = [op for op in lp.ops if op.startswith(("LDG", "LDS", "STG", "STS", "LD.",
-                                                        "ST.")) and op != "LDGDEPBAR"]
+            mem = stream
             index += 1
             out.append(CudaLoop(kernel, args, index, logits, lp.total / logits,
                                 lp.count("MUFU") / logits,
