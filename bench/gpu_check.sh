@@ -92,21 +92,6 @@ else
   research_rc=skipped
 fi
 
-# The two CUDA C++ dense designs side by side (issue 26): the portable kernel (a read of
-# both rows per pass) against the sm_90 cluster kernel (one read; its static model predicts
-# the floor for forward KL, 1.4x for JSD: python -m distill_ops.backends.triton.isa --cuda).
-# Their cuda rows go to summary.txt; the faster is what DISTILL_OPS_CUDA_DENSE=auto should
-# pick (today: the cluster kernel wherever it runs).
-for variant in portable cluster; do
-  if [ "$(left)" -gt 75 ]; then
-    log "harness: CUDA dense kernel, $variant, forward_kl and jsd, V=128256"
-    DISTILL_OPS_CUDA_DENSE=$variant timeout 60 distill-ops bench --device cuda --dtype bf16 \
-      --reps 7 --op dense --budget 40 --shape 8192x128256 --no-compile \
-      --divergence forward_kl jsd --no-progress --no-plots --out "$WORK/dense-$variant" \
-      > "$WORK/dense-$variant.log" 2>&1
-  fi
-done
-
 if [ "$(left)" -gt 45 ]; then
   log "the demo, quick mode, --device cuda (the same code as on the CPU)"
   timeout $(( $(left) - 15 )) distill-ops demo --quick --device cuda --no-progress \
@@ -130,10 +115,9 @@ fi
     "research rc=$research_rc demo rc=$demo_rc"
   grep -E "^\| dense \| (skew|ab|akl)" "$WORK"/research/*.md 2>/dev/null | grep distill_ops \
     | cut -c1-160
-  for variant in portable cluster; do
-    grep -E "^\| dense \|.*cuda" "$WORK/dense-$variant"/*.md 2>/dev/null | cut -c1-160 \
-      | sed "s/^/[$variant] /"
-  done
+  # The two CUDA dense designs side by side (issue 26: portable vs the sm_90 cluster kernel;
+  # auto_backends.json's dense_cuda_variant records the faster).
+  grep -E "^\| dense \|.*distill_ops\[cuda:" "$OUT/bench.md" 2>/dev/null | cut -c1-160
   grep -E "^\| (ce|dense|sampled) \|" "$WORK/demo/demo.md" 2>/dev/null
 } > "$OUT/summary.txt"
 tar -C "$WORK" -czf "$OUT/results.tar.gz" . 2>/dev/null

@@ -274,3 +274,51 @@ def test_every_cli_flag_has_help_and_there_is_a_version(capsys):
         cli.main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"distill-ops {distill_ops.__version__}"
+
+
+def test_the_faster_cuda_dense_kernel_is_recorded_and_picked(tmp_path, monkeypatch):
+    """The benchmark times both CUDA dense designs as cuda:portable and cuda:cluster: the
+    family's backend is cuda, dense_cuda_variant the design that won more cases, and the
+    launcher runs that design on the GPU model unless DISTILL_OPS_CUDA_DENSE or a
+    cuda_dense_variant block says otherwise."""
+    from distill_ops import dispatch
+    from distill_ops.backends import cuda as cuda_backend
+    from distill_ops.bench import report
+
+    def res(impl, ms, n=8):
+        return benchmark.Result("dense", "forward_kl", impl, n, 100, 0, 0, 0, "bf16", "ok",
+                                total_ms=ms)
+    results = [res("distill_ops[triton]", 3.0), res("distill_ops[cuda:portable]", 2.0),
+               res("distill_ops[cuda:cluster]", 1.0),
+               res("distill_ops[triton]", 3.0, 16), res("distill_ops[cuda:portable]", 1.5, 16),
+               res("distill_ops[cuda:cluster]", 1.0, 16),
+               res("distill_ops[cuda:portable]", 0.5, 32)]  # no cluster row: not compared
+    assert benchmark.fastest_backends(results) == {"dense": "cuda"}
+    assert report.fastest_cuda_dense_variant(results) == "cluster"
+    assert report.fastest_cuda_dense_variant(results[:1]) is None
+    table = tmp_path / "auto.json"
+    benchmark.write_auto_table(table, "GPU Z", results, "today")
+    assert json.loads(table.read_text())["devices"]["GPU Z"] == {
+        "dense": "cuda", "dense_cuda_variant": "cluster", "measured": "today"}
+
+    monkeypatch.setattr(dispatch, "_auto_table",
+                        lambda: {"GPU Z": {"dense_cuda_variant": "portable"}})
+    dispatch.measured_cuda_dense_variant.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU Z")
+    monkeypatch.delenv("DISTILL_OPS_CUDA_DENSE", raising=False)
+    dev = torch.device("cuda", 0)
+    try:
+        assert cuda_backend.dense_variant(dev) == cuda_backend.DENSE_VARIANTS["portable"]
+        with cuda_backend.cuda_dense_variant("cluster"):
+            assert cuda_backend.dense_variant(dev) == cuda_backend.DENSE_VARIANTS["cluster"]
+            monkeypatch.setenv("DISTILL_OPS_CUDA_DENSE", "auto")
+            assert cuda_backend.dense_variant(dev) == cuda_backend.DENSE_VARIANTS["auto"]
+        monkeypatch.setenv("DISTILL_OPS_CUDA_DENSE", "fast")
+        with pytest.raises(ValueError, match="DISTILL_OPS_CUDA_DENSE"):
+            cuda_backend.dense_variant(dev)
+        with pytest.raises(ValueError, match="variant"), cuda_backend.cuda_dense_variant("x"):
+            pass
+    finally:
+        dispatch.measured_cuda_dense_variant.cache_clear()
+    monkeypatch.delenv("DISTILL_OPS_CUDA_DENSE")
+    assert dispatch.measured_cuda_dense_variant("GPU unknown") is None

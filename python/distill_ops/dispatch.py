@@ -33,6 +33,14 @@ def _auto_cuda(name: str, op: str) -> str:
     return choice
 
 
+@functools.lru_cache(maxsize=64)
+def measured_cuda_dense_variant(name: str) -> str | None:
+    """The CUDA dense kernel ("portable" or "cluster") measured faster on the GPU model
+    `name` (auto_backends.json's dense_cuda_variant), None where it was not measured."""
+    choice = _auto_table().get(name, {}).get("dense_cuda_variant")
+    return choice if choice in ("portable", "cluster") else None
+
+
 def resolve_backend(backend: str, device: torch.device, op: str | None = None) -> str:
     """Map `backend` (or the DISTILL_OPS_BACKEND override of "auto") to the one that runs.
 

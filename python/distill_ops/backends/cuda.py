@@ -1,14 +1,19 @@
 """Launchers of the CUDA C++ kernels (csrc/cuda) on validated CUDA tensors, on the caller's
 current stream and device.
 
-``DISTILL_OPS_CUDA_DENSE`` picks the dense kernel: ``auto`` (default: the sm_90 cluster
-kernel where the device and row size allow it, else the portable one), ``portable`` or
-``cluster`` (an error where it cannot run).
+Two dense kernels: the portable one (a read of both rows per pass, sm_80+) and the sm_90
+cluster one (each logit read once). ``DISTILL_OPS_CUDA_DENSE`` picks: ``portable``,
+``cluster`` (an error where it cannot run) or ``auto``; unset, the one measured faster on
+this GPU model (auto_backends.json, ``dense_cuda_variant``, written by ``distill-ops bench
+--write-auto-table``), else ``auto`` (the cluster kernel where the device and the row size
+allow it, else the portable one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -18,14 +23,36 @@ from .cpu import kd_params, sparse_params
 from .extension import dtype_code, fused_outputs, native, ptr
 
 DENSE_VARIANTS = {"auto": 0, "portable": 1, "cluster": 2}
+_override: list[str] = []  # cuda_dense_variant's stack
 
 
-def dense_variant() -> int:
-    name = os.environ.get("DISTILL_OPS_CUDA_DENSE", "auto")
+@contextlib.contextmanager
+def cuda_dense_variant(name: str) -> Iterator[None]:
+    """Run the dense CUDA kernel `name` ("portable", "cluster", "auto") inside the block
+    (the benchmark times both designs this way); DISTILL_OPS_CUDA_DENSE still wins."""
     if name not in DENSE_VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(DENSE_VARIANTS)}, got {name!r}")
+    _override.append(name)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def dense_variant(device: torch.device | None = None) -> int:
+    """The dense kernel's code for the launcher: DISTILL_OPS_CUDA_DENSE, else the innermost
+    cuda_dense_variant block, else the measured winner for this GPU model, else auto."""
+    name = os.environ.get("DISTILL_OPS_CUDA_DENSE")
+    if name is not None and name not in DENSE_VARIANTS:
         raise ValueError(f"DISTILL_OPS_CUDA_DENSE must be one of {sorted(DENSE_VARIANTS)}, "
                          f"got {name!r}")
-    return DENSE_VARIANTS[name]
+    if name is None and _override:
+        name = _override[-1]
+    if name is None and device is not None:
+        from ..dispatch import measured_cuda_dense_variant
+
+        name = measured_cuda_dense_variant(torch.cuda.get_device_name(device))
+    return DENSE_VARIANTS[name or "auto"]
 
 
 def _stream(t: Tensor) -> int:
@@ -50,7 +77,7 @@ def dense_kd_forward(
             ptr(teacher), dtype_code(teacher), teacher.stride(0),
             ptr(valid), ptr(labels), ptr(loss),
             ptr(grad) if compute_grad else 0, grad_cols, grad_cols,
-            n, vocab, kd_params(sc), dense_variant(), _stream(student),
+            n, vocab, kd_params(sc), dense_variant(student.device), _stream(student),
         )
     return loss, grad
 

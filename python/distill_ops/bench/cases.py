@@ -232,11 +232,28 @@ def _no_liger(device: torch.device, what: str) -> Case | None:
     return None
 
 
+def _with_cuda_variant(fn: Callable[..., Any], variant: str) -> Callable[..., Any]:
+    from ..backends.cuda import cuda_dense_variant
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with cuda_dense_variant(variant):
+            return fn(*args, **kwargs)
+    return run
+
+
 def dense_cases(divergence: str, temperature: float, device: torch.device,
                 include_compile: bool) -> list[Case]:
-    cases = [Case(label, _bind(kd_loss, divergence=divergence, temperature=temperature,
-                               backend=b), f"backend={b}")
-             for label, b in _ours_backends(device, "dense")]
+    cases = []
+    for label, b in _ours_backends(device, "dense"):
+        fn = _bind(kd_loss, divergence=divergence, temperature=temperature, backend=b)
+        if b == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+            # Both CUDA designs, side by side: `--write-auto-table` records the faster as
+            # dense_cuda_variant (the cluster kernel falls back to the portable one for AKL
+            # and rows too big for a cluster's shared memory).
+            cases += [Case(f"distill_ops[cuda:{v}]", _with_cuda_variant(fn, v),
+                           f"backend=cuda, {v} kernel") for v in ("portable", "cluster")]
+        else:
+            cases.append(Case(label, fn, f"backend={b}"))
     cases += _missing_ours(device, "dense")
     eager = eager_dense(divergence, temperature)
     cases.append(Case("eager", eager, "log_softmax both + divergence"))

@@ -33,8 +33,29 @@ def fastest_backends(results: list[Result]) -> dict[str, str]:
     out = {}
     for op, tally in wins.items():
         impl = max(tally, key=lambda i: (tally[i][0], -tally[i][1]))
-        out[op] = impl[len("distill_ops["):-1]
+        # "cuda:cluster" and "cuda:portable" (the dense kernel's two designs) are both cuda.
+        out[op] = impl[len("distill_ops["):-1].split(":")[0]
     return out
+
+
+def fastest_cuda_dense_variant(results: list[Result]) -> str | None:
+    """Which CUDA dense kernel ("portable" or "cluster") won more of the dense cases where
+    both ran (ties: the lower summed time); None where they were not both timed."""
+    cases: dict[tuple, dict[str, float]] = {}
+    for r in results:
+        if (r.op == "dense" and r.status == "ok" and r.total_ms is not None
+                and r.impl in ("distill_ops[cuda:portable]", "distill_ops[cuda:cluster]")):
+            cases.setdefault((r.variant, r.n, r.v, r.dtype), {})[r.impl[17:-1]] = r.total_ms
+    tally = {"portable": [0, 0.0], "cluster": [0, 0.0]}
+    both = [c for c in cases.values() if len(c) == 2]
+    for c in both:
+        best = min(c, key=c.get)
+        for name, ms in c.items():
+            tally[name][0] += name == best
+            tally[name][1] += ms
+    if not both:
+        return None
+    return max(tally, key=lambda n: (tally[n][0], -tally[n][1]))
 
 
 def write_auto_table(path: str | os.PathLike[str], device: str, results: list[Result],
@@ -47,6 +68,9 @@ def write_auto_table(path: str | os.PathLike[str], device: str, results: list[Re
     table = json.loads(path.read_text()) if path.exists() else {"devices": {}}
     best = {op: b for op, b in fastest_backends(results).items()
             if op in ("dense", "sparse", "topk")}
+    variant = fastest_cuda_dense_variant(results)
+    if variant is not None:
+        best["dense_cuda_variant"] = variant
     table.setdefault("devices", {}).setdefault(device, {}).update(best, measured=note)
     path.write_text(json.dumps(table, indent=1) + "\n")
     return best
