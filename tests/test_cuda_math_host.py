@@ -96,13 +96,28 @@ def test_plain_path_matches_reference(seed, driver, divergence, vec, dtype):
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_general_path_matches_reference(seed, driver, divergence):
-    """Softcap, TAID and the hard label term at once."""
+@pytest.mark.parametrize("vec", [4, 8])
+def test_general_path_matches_reference(seed, driver, divergence, vec):
+    """Softcap, TAID and the hard label term at once; labels inside a group, in the row's
+    tail (V = 1001: ids 1000 and up are the tail at either width) and at id 0."""
     xs, xt = logits(3, 1001) * 3, logits(3, 1001) * 3
     labels = torch.tensor([5, 1000, 0])
     kw = {"temperature": 1.5, "cap": 20.0, "interp": 0.7, "hard_weight": 0.3, "labels": labels}
-    got = run(driver, xs, xt, divergence, vec=4, general=True, **kw)
+    got = run(driver, xs, xt, divergence, vec=vec, general=True, **kw)
     check(got, want(xs, xt, divergence, **kw))
+
+
+@pytest.mark.parametrize(("cap", "interp", "hard_weight"), [(30.0, 1.0, 0.0), (0.0, 0.4, 0.0),
+                                                            (0.0, 1.0, 0.5)],
+                         ids=["softcap", "taid", "hard"])
+def test_general_path_one_option_at_a_time(seed, driver, cap, interp, hard_weight):
+    xs, xt = logits(2, 517) * 2, logits(2, 517) * 2
+    labels = torch.tensor([3, 511])
+    kw = {"temperature": 2.0, "cap": cap, "interp": interp, "hard_weight": hard_weight,
+          "labels": labels}
+    for divergence in ("forward_kl", "jsd"):
+        got = run(driver, xs, xt, divergence, vec=8, general=True, **kw)
+        check(got, want(xs, xt, divergence, **kw))
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "akl"])
