@@ -48,6 +48,19 @@ void dense_vp_cpu(int phase, uintptr_t s_ptr, int s_dtype, int64_t s_stride, uin
                              width, params, num_threads);
 }
 
+void sparse_vp_cpu(int phase, uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t idx_ptr,
+                   int64_t k, int64_t offset, uintptr_t valid_ptr, uintptr_t labels_ptr,
+                   uintptr_t rec_ptr, uintptr_t zsup_ptr, uintptr_t sup_grad_ptr,
+                   uintptr_t grad_ptr, int grad_dtype, int64_t n_rows, int64_t width,
+                   double temperature, double hard_weight, int num_threads) {
+  distill_ops::cpu::sparse_vp(phase, {as_ptr<const void>(s_ptr), s_dtype, s_stride},
+                              as_ptr<const int64_t>(idx_ptr), k, offset,
+                              as_ptr<const uint8_t>(valid_ptr), as_ptr<const int64_t>(labels_ptr),
+                              as_ptr<double>(rec_ptr), as_ptr<double>(zsup_ptr),
+                              as_ptr<const double>(sup_grad_ptr), as_ptr<void>(grad_ptr),
+                              grad_dtype, n_rows, width, temperature, hard_weight, num_threads);
+}
+
 void sparse_kd_cpu(uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t idx_ptr,
                    uintptr_t tlp_ptr, int tlp_dtype, int64_t k, uintptr_t valid_ptr,
                    uintptr_t labels_ptr, uintptr_t loss_ptr, int loss_dtype, uintptr_t grad_ptr,
@@ -247,6 +260,8 @@ PYBIND11_MODULE(_C, m) {
         "Fused dense KD loss and student gradient, per row (CPU).");
   m.def("dense_vp_cpu", &dense_vp_cpu, py::call_guard<py::gil_scoped_release>(),
         "One phase of the vocab-parallel dense KD loss on a slice (CPU).");
+  m.def("sparse_vp_cpu", &sparse_vp_cpu, py::call_guard<py::gil_scoped_release>(),
+        "One phase of the vocab-parallel sparse KD loss on a slice (CPU).");
   m.def("sample_cdf_cpu", &sample_cdf_cpu, py::call_guard<py::gil_scoped_release>(),
         "Inverse-CDF draws from softmax(x / T) per row, and each row's total (CPU).");
   m.def("scale_rows_cpu", &scale_rows_cpu, py::call_guard<py::gil_scoped_release>(),

@@ -145,6 +145,21 @@ def _sparse_case(rank, world, widths, seed, dtype):
                 x, idx, lp.double(), **kw), s.double())
             errs[f"{div}/{tail}/loss"] = _errs(ls, lu, lr, 1e-6)
             errs[f"{div}/{tail}/grad"] = _errs(gs, gu[:, sl], gr[:, sl])
+    # Ignored rows (mask) and masked vocabulary (-inf student logits off the support, some on
+    # every rank's slice).
+    s2 = s.clone()
+    off_support = [j for j in range(v) if j not in set(idx[0].tolist())]
+    s2[0, off_support[::max(1, len(off_support) // 9)]] = float("-inf")
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[[3, 5]] = False
+    kw = dict(tail="bucket", temperature=1.5, mask=mask, labels=labels, hard_weight=0.2)
+    lu, gu = _loss_and_grad(lambda x: distill_ops.sparse_kd_loss(x, idx, lp, **kw), s2)
+    ls, gs = _loss_and_grad(lambda x: distill_ops.sparse_kd_loss(
+        x, idx, lp, process_group=group, **kw), s2[:, sl])
+    lr, gr = _loss_and_grad(lambda x: reference.sparse_kd_loss(x, idx, lp.double(), **kw),
+                            s2.double())
+    errs["mask/loss"] = _errs(ls, lu, lr, 1e-6)
+    errs["mask/grad"] = _errs(gs, gu[:, sl], gr[:, sl])
     # The whole vocabulary as the support: no rest class, the dense loss.
     full = distill_ops.topk_logprobs(t, v)
     lu, gu = _loss_and_grad(lambda x: distill_ops.sparse_kd_loss(x, full.indices,

@@ -385,6 +385,9 @@ def sparse_rows(xs: Tensor, idx: Tensor, tlp: Tensor, valid: Tensor | None,
     ids (-1 pads), `tlp` the teacher log-probabilities, `ratio` = T_source / T."""
     n, width = xs.shape
     dt = _compute_dtype(xs, tlp)
+    if xs.device.type == "cpu" and has_native():
+        return _sparse_rows_cpu(xs, idx, tlp, valid, labels, divergence, tail, temperature,
+                                ratio, sc, shard, dt, want_grad)
     rows = torch.zeros(n, dtype=dt, device=xs.device)
     grad = torch.zeros_like(xs) if want_grad else None
     step = _chunk_rows(n, width)
@@ -398,6 +401,118 @@ def sparse_rows(xs: Tensor, idx: Tensor, tlp: Tensor, valid: Tensor | None,
         if want_grad:
             grad[a:e] = g.to(xs.dtype)
     return rows, grad
+
+
+def _coarse_divergence(idx, tlp, z_sup, m, log_s, s_rest, n_sup, divergence, tail, ratio, sc,
+                       shard, dt, want_grad):
+    """The divergence over the coarse classes (the k support ids, plus the rest for bucket),
+    identical on every rank: (div [N], h = dL / d log q_hat [N, k + 1] or None, log q_hat of
+    the support [N, k], whether the rest class holds mass [N])."""
+    has = idx >= 0
+    ninf = torch.full((), -math.inf, dtype=dt, device=z_sup.device)
+    lp_sup, lp_rest = sparse_coarse_teacher(idx.long(), tlp.to(dt), tail, ratio, shard.total)
+    bucket = tail == "bucket"
+    has_rest = (n_sup < shard.total) & (s_rest > 0) if bucket else torch.zeros_like(has[:, 0])
+    with torch.enable_grad():
+        if tail == "support":
+            zi = torch.where(has, z_sup, ninf)
+            lq_sup = zi - torch.logsumexp(zi, 1, keepdim=True)
+        else:
+            lq_sup = torch.where(has, (z_sup - m[:, None]) - log_s[:, None], ninf)
+        lq_rest = torch.where(has_rest, torch.log(torch.where(has_rest, s_rest, 1.0)) - log_s,
+                              ninf)
+        lq_all = torch.cat([lq_sup, lq_rest[:, None]], 1).detach().requires_grad_(want_grad)
+        lp_all = torch.cat([lp_sup, lp_rest[:, None]], 1)
+        if sc.interp != 1.0:  # TAID over the classes
+            mix = taid_logits(lq_all, lp_all, sc.interp)
+            norm = torch.logsumexp(mix, 1, keepdim=True)
+            lp_all = mix - torch.where(norm == -math.inf, torch.zeros_like(norm), norm)
+        name, params = divergence_options(sc)
+        div = divergence_from_logprobs(lp_all, lq_all, name, **params)
+        h = torch.autograd.grad(div.sum(), lq_all)[0] if want_grad else None
+    return div.detach(), h, lq_sup.detach(), has_rest
+
+
+def _sparse_grad_terms(h, lq_sup, s_all, s_rest, has_rest, tail):
+    """dL/dz_j = q_j (h_c(j) / q_hat_c(j) - sum_c h_c): (the coefficient of e_j = exp(z_j - m)
+    off the support [N] (None for tail="support": 0 there), each support id's own gradient
+    h_c - q_c sum h [N, k]). Off the support: the rest's ids e_j (h_rest / s_rest - sum h /
+    s_all) for bucket, renorm / none's unclassed ids -e_j sum h / s_all."""
+    k = lq_sup.shape[1]
+    sum_h = h.sum(1)
+    off = None
+    if tail != "support":
+        off = -sum_h / s_all
+        if tail == "bucket":
+            off = off + torch.where(has_rest, h[:, -1] / torch.where(has_rest, s_rest, 1.0),
+                                    torch.zeros_like(off))
+    return off, h[:, :k] - torch.exp(lq_sup) * sum_h[:, None]
+
+
+def _sparse_rows_cpu(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, shard, dt,
+                     want_grad):
+    """sparse_rows through the C++ kernel (csrc/cpu/sparse_vp.cpp): its statistics pass, one
+    all-reduce of the maxima and one of the sums and the support's logits, the coarse
+    divergence here ([N, k + 1]), then the gradient pass; no [N, V] temporary."""
+    n, width = xs.shape
+    k = idx.shape[1]
+    s = xs if xs.stride(-1) == 1 else xs.contiguous()
+    ids = idx.to(torch.int64).contiguous()
+    hard = sc.hard_weight != 0.0
+    lab = None
+    if hard:
+        mine, lcol = _local_label(labels, shard, width)
+        lab = torch.where(mine, lcol, torch.full_like(lcol, -1)).to(torch.int64).contiguous()
+    vld = None if valid is None else valid.contiguous()
+    rec = torch.zeros(n, 8, dtype=torch.float64)
+    zsup = torch.zeros(n, k, dtype=torch.float64)
+
+    def phase(p: int, sup: Tensor | None = None, g: Tensor | None = None) -> None:
+        native().sparse_vp_cpu(p, ptr(s), dtype_code(s), s.stride(0), ptr(ids), k,
+                               shard.offset, ptr(vld), ptr(lab), ptr(rec), ptr(zsup),
+                               ptr(sup) if sup is not None else 0, ptr(g) if g is not None else 0,
+                               dtype_code(g) if g is not None else 0, n, width, float(t),
+                               float(sc.hard_weight), torch.get_num_threads())
+
+    group = shard.group
+
+    def reduce(x: Tensor, op) -> Tensor:  # a copy: all_reduce works in place
+        return all_reduce(x.to(dt, copy=True).contiguous(), op, group).to(torch.float64)
+
+    phase(0)
+    m_loc = rec[:, 0].clone()
+    m = reduce(m_loc[:, None], dist.ReduceOp.MAX)[:, 0]
+    has = m_loc > -math.inf
+    zero = torch.zeros((), dtype=torch.float64)
+    shift = torch.where(has, m_loc, m) - m
+    f = torch.where(has, torch.exp(shift), zero)
+    cols = [rec[:, 1] * f, rec[:, 2] * f, rec[:, 3]]
+    if hard:
+        cols += [rec[:, 4] * torch.where(has, torch.exp(shift * t), zero), rec[:, 5]]
+    sums = reduce(torch.cat([torch.stack(cols, 1), zsup], 1), dist.ReduceOp.SUM)
+    s_all, s_rest, n_sup = sums[:, 0], sums[:, 1], sums[:, 2]
+    log_s = torch.log(s_all)
+    div, h, lq_sup, has_rest = _coarse_divergence(idx, tlp, sums[:, -k:].to(dt), m.to(dt),
+                                                  log_s.to(dt), s_rest.to(dt), n_sup.to(dt),
+                                                  divergence, tail, ratio, sc, shard, dt,
+                                                  want_grad)
+    loss = sc.soft_coef * div.to(torch.float64)
+    log_s1 = torch.log(sums[:, 3]) if hard else None
+    if hard:
+        loss = loss + sc.hard_weight * ((m - sums[:, 4]) * t + log_s1)
+    if valid is not None:
+        loss = torch.where(valid, loss, zero)
+    if not want_grad:
+        return loss.to(dt), None
+    off, sup_grad = _sparse_grad_terms(h, lq_sup, s_all.to(dt), s_rest.to(dt), has_rest, tail)
+    coef = sc.soft_coef / t
+    rec[:, 0] = m
+    rec[:, 1] = 0.0 if off is None else coef * off.to(torch.float64)
+    if hard:
+        rec[:, 4] = log_s1
+    grad = torch.empty((n, width), dtype=xs.dtype)
+    phase(1, (coef * sup_grad).to(torch.float64).contiguous(), grad)
+    return loss.to(dt), grad
 
 
 def _sparse_chunk(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, shard, dt,
@@ -434,30 +549,9 @@ def _sparse_chunk(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, s
     z_sup = sums[:, -k:]
     log_s = torch.log(s_all)
 
-    # The divergence over the coarse classes, identical on every rank; h = dL / d log q_hat.
-    has = idx >= 0
-    ninf = torch.full((), -math.inf, dtype=dt, device=xs.device)
-    lp_sup, lp_rest = sparse_coarse_teacher(idx.long(), tlp.to(dt), tail, ratio, shard.total)
-    bucket = tail == "bucket"
-    has_rest = (n_sup < shard.total) & (s_rest > 0) if bucket else torch.zeros_like(has[:, 0])
-    with torch.enable_grad():
-        if tail == "support":
-            zi = torch.where(has, z_sup, ninf)
-            lq_sup = zi - torch.logsumexp(zi, 1, keepdim=True)
-        else:
-            lq_sup = torch.where(has, (z_sup - m[:, None]) - log_s[:, None], ninf)
-        lq_rest = torch.where(has_rest, torch.log(torch.where(has_rest, s_rest, 1.0)) - log_s,
-                              ninf)
-        lq_all = torch.cat([lq_sup, lq_rest[:, None]], 1).detach().requires_grad_(want_grad)
-        lp_all = torch.cat([lp_sup, lp_rest[:, None]], 1)
-        if sc.interp != 1.0:  # TAID over the classes
-            mix = taid_logits(lq_all, lp_all, sc.interp)
-            norm = torch.logsumexp(mix, 1, keepdim=True)
-            lp_all = mix - torch.where(norm == -math.inf, torch.zeros_like(norm), norm)
-        name, params = divergence_options(sc)
-        div = divergence_from_logprobs(lp_all, lq_all, name, **params)
-        h = torch.autograd.grad(div.sum(), lq_all)[0] if want_grad else None
-    div = div.detach()
+    div, h, lq_sup, has_rest = _coarse_divergence(idx, tlp, z_sup, m, log_s, s_rest, n_sup,
+                                                  divergence, tail, ratio, sc, shard, dt,
+                                                  want_grad)
     loss = soft_coef * div
     if hard:
         log_s1 = torch.log(sums[:, 3])
@@ -467,19 +561,8 @@ def _sparse_chunk(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, s
     if not want_grad:
         return loss, None
 
-    # dL/dz_j = q_j (h_c(j) / q_hat_c(j) - sum_c h_c): support ids h_c - q_c sum h; the rest's
-    # ids e_j (h_rest / s_rest - sum h / s_all); renorm/none's unclassed ids -e_j sum h / s_all.
-    sum_h = h.sum(1)
-    if tail == "support":
-        dz = torch.zeros_like(z)
-        q_sup = torch.exp(lq_sup.detach())
-    else:
-        off = -sum_h / s_all
-        if bucket:
-            off = off + torch.where(has_rest, h[:, -1] / torch.where(has_rest, s_rest, 1.0), zero)
-        dz = e * off[:, None]
-        q_sup = torch.exp(lq_sup.detach())
-    sup_grad = h[:, :k] - q_sup * sum_h[:, None]
+    off, sup_grad = _sparse_grad_terms(h, lq_sup, s_all, s_rest, has_rest, tail)
+    dz = torch.zeros_like(z) if off is None else e * off[:, None]
     dz = torch.cat([dz, torch.zeros((c, 1), dtype=dt, device=z.device)], 1)
     dz.scatter_(1, lid, torch.where(own, sup_grad, zero))
     gx = (soft_coef / t) * dz[:, :width]
