@@ -111,7 +111,11 @@ def _dense_case(rank, world, widths, seed, dtype, extreme):
                 x, t.double(), **kw), s.double(),
                 None if g_out is None else g_out.double())
             errs[f"{div}/{name}/loss"] = _errs(ls, lu, lr, 1e-6)
-            errs[f"{div}/{name}/grad"] = _errs(gs, gu[:, sl], gr[:, sl])
+            # Against the scale of the whole gradient (a tenth of its norm at least): a slice
+            # of one column (rank 1 of the 4-way split) holds a handful of entries whose own
+            # norm can be a cancellation's residue (reverse KL's q (log q - log p - KL)).
+            errs[f"{div}/{name}/grad"] = _errs(gs, gu[:, sl], gr[:, sl],
+                                               max(1e-2, 0.1 * gr.norm().item()))
     return errs
 
 
