@@ -76,3 +76,24 @@ def load_example(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def build_host_driver(tmp_dir, source: str):
+    """Compile tests/cpp/<source> (a host driver of the CUDA kernels' maths, csrc headers on
+    the include path) into tmp_dir; skips the test where no C++ compiler is on PATH."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    exe = Path(tmp_dir) / Path(source).stem
+    subprocess.run([cxx, "-O2", "-std=c++17", "-Wno-unknown-pragmas",
+                    f"-I{root / 'csrc' / 'include'}", f"-I{root / 'csrc' / 'cuda'}",
+                    str(root / "tests" / "cpp" / source), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    return exe

@@ -9,32 +9,22 @@ the GPU tests (tests/test_dense_kd.py) the instructions."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import logits
+from helpers import build_host_driver, logits
 
 from distill_ops import reference
 
-ROOT = Path(__file__).resolve().parents[1]
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl", "ab",
                "akl"]
 
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory) -> Path:
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on PATH")
-    exe = tmp_path_factory.mktemp("dense_math") / "dense_math_check"
-    subprocess.run([cxx, "-O2", "-std=c++17", "-Wno-unknown-pragmas",
-                    f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}",
-                    str(ROOT / "tests" / "cpp" / "dense_math_check.cpp"), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
-    return exe
+    return build_host_driver(tmp_path_factory.mktemp("dense_math"), "dense_math_check.cpp")
 
 
 def params(divergence: str) -> tuple[float, float]:
@@ -150,15 +140,7 @@ def test_masked_teacher_mass_is_an_infinite_forward_kl(seed, driver):
 
 @pytest.fixture(scope="module")
 def sparse_driver(tmp_path_factory) -> Path:
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on PATH")
-    exe = tmp_path_factory.mktemp("sparse_stats") / "sparse_stats_check"
-    subprocess.run([cxx, "-O2", "-std=c++17", "-Wno-unknown-pragmas",
-                    f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}",
-                    str(ROOT / "tests" / "cpp" / "sparse_stats_check.cpp"), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
-    return exe
+    return build_host_driver(tmp_path_factory.mktemp("sparse_stats"), "sparse_stats_check.cpp")
 
 
 @pytest.mark.parametrize(("vec", "dtype"), [(8, torch.bfloat16), (4, torch.float32)])

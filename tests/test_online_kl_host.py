@@ -6,30 +6,21 @@ H200) is held to fp32 accuracy without a GPU."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import logits
+from helpers import build_host_driver, logits
 
 from distill_ops import reference
 
-ROOT = Path(__file__).resolve().parents[1]
 MODES = {"forward_kl": 1, "reverse_kl": 2}
 
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory) -> Path:
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on PATH")
-    exe = tmp_path_factory.mktemp("online_kl") / "online_kl_check"
-    subprocess.run([cxx, "-O2", "-std=c++17", f"-I{ROOT / 'csrc' / 'include'}",
-                    str(ROOT / "tests" / "cpp" / "online_kl_check.cpp"), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
-    return exe
+    return build_host_driver(tmp_path_factory.mktemp("online_kl"), "online_kl_check.cpp")
 
 
 def online_kl(exe: Path, zs: torch.Tensor, zt: torch.Tensor, divergence: str,

@@ -19,18 +19,6 @@
 #include "distill_ops/kd_math.h"
 #include "scalars.cuh"
 
-#if defined(__CUDACC__)
-#ifndef DOPS_DEV
-#define DOPS_DEV __device__ __forceinline__
-#endif
-#else
-#ifndef DOPS_DEV
-#define DOPS_DEV inline
-#endif
-#define __fdividef(a, b) ((a) / (b))
-using std::isnan;
-#endif
-
 namespace distill_ops::cuda {
 
 struct DenseArgs {

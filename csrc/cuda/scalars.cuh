@@ -2,7 +2,19 @@
 // built on them (dense_math.cuh) also compiles as host C++ for the tests.
 #pragma once
 
+#include <cmath>
 #include <limits>
+
+// DOPS_DEV: device functions on a GPU build, plain inline functions where the maths headers
+// (dense_math.cuh, sparse_math.cuh) compile as host C++ for the tests, with the intrinsics
+// they use spelled as their host equivalents.
+#if defined(__CUDACC__)
+#define DOPS_DEV __device__ __forceinline__
+#else
+#define DOPS_DEV inline
+#define __fdividef(a, b) ((a) / (b))
+using std::isnan;
+#endif
 
 namespace distill_ops::cuda {
 

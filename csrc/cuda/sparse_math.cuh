@@ -9,16 +9,6 @@
 #include "distill_ops/kd_math.h"
 #include "scalars.cuh"
 
-#if defined(__CUDACC__)
-#ifndef DOPS_DEV
-#define DOPS_DEV __device__ __forceinline__
-#endif
-#else
-#ifndef DOPS_DEV
-#define DOPS_DEV inline
-#endif
-#endif
-
 namespace distill_ops::cuda {
 
 // Pass 1 over a group of VEC logits x at columns j0..: the running maximum m (finite, from
