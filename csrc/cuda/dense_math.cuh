@@ -244,6 +244,30 @@ DOPS_DEV float log_mixture(float xa, float xb, float wa) {
   return kLn2 * fast_log2(fmaxf(wa * xa + (1.0f - wa) * xb, kMixFloor));
 }
 
+// (e^x - 1) / x for |x| < 1/2 to x^7 (truncation < 1e-8 relative: fp32's; kd_math.h's
+// exprel_small goes to x^8 for the CPU's float and double paths alike).
+DOPS_DEV float exprel_to_x7(float x) {
+  float acc = 1.0f / 40320.0f;
+  acc = fmaf(acc, x, 1.0f / 5040.0f);
+  acc = fmaf(acc, x, 1.0f / 720.0f);
+  acc = fmaf(acc, x, 1.0f / 120.0f);
+  acc = fmaf(acc, x, 1.0f / 24.0f);
+  acc = fmaf(acc, x, 1.0f / 6.0f);
+  acc = fmaf(acc, x, 0.5f);
+  return fmaf(acc, x, 1.0f);
+}
+
+// Pins v as computed here: the compiler may not sink its computation into one arm of a later
+// select turned branch (a branch costs its BSSY/BSYNC bookkeeping per element, both arms
+// issue when a warp diverges). An empty asm on the GPU, nothing on the host.
+DOPS_DEV void keep_computed(float& v) {
+#if defined(__CUDA_ARCH__)
+  asm("" : "+f"(v));
+#else
+  (void)v;
+#endif
+}
+
 // The alpha-beta divergence's element (kd_math.h ab_loss, when WANT_LOSS) and h = dL/dlog q
 // (ab_dlogq), from three exponentials shared by both: U = p^s, W = q^s, G = p^a q^b
 // (s = a + b; the gradient pass needs only W and G).
@@ -255,8 +279,12 @@ DOPS_DEV float ab_terms(float lp, float lq, const ABConsts& k, float& h) {
   const float g = fast_exp2(fmaf(k.a, lp0, k.b * lq0) * kLog2E);
   // h = p^a q^b expm1(a d) / a, d = log q - log p: its series where |a d| < 1/2.
   const float d = lq0 - lp0, x = k.a * d;
+  // Branch-free: both forms computed, then selected (a branch around a series costs its
+  // BSSY/BSYNC bookkeeping on every element, taken or not).
   const bool small_x = fabsf(x) < 0.5f;
-  h = small_x ? g * d * exprel_small(small_x ? x : 0.0f) : (w - g) * k.inv_a;
+  float series = exprel_to_x7(small_x ? x : 0.0f);
+  keep_computed(series);
+  h = small_x ? g * d * series : (w - g) * k.inv_a;
   h = qinf ? 0.0f : (pinf ? w * k.inv_a : h);
   if constexpr (!WANT_LOSS) {
     return 0.0f;
@@ -268,12 +296,15 @@ DOPS_DEV float ab_terms(float lp, float lq, const ABConsts& k, float& h) {
     const float r = k.s * (k.around_p ? d : -d), cr = k.c * r;
     const bool small_r = fabsf(r) < 0.5f, small_cr = fabsf(cr) < 0.5f;
     const float rs = small_r ? r : 0.0f, crs = small_cr ? cr : 0.0f;
-    const float u_phi_r = small_r ? u * rs * rs * phi_small_over_x2(rs) : v - u - u * r;
-    const float u_phi_cr = small_cr ? u * crs * crs * phi_small_over_x2(crs) : g - u - u * cr;
-    const float amg = (r < 0.0f && cr <= -1.0f) ? (1.0f - k.c) * u + k.c * v - g
-                                                : k.c * u_phi_r - u_phi_cr;
-    if (pinf) return qinf ? 0.0f : w * k.inv_as;
-    return qinf ? up * k.inv_bs : amg * k.inv_ab;
+    float phi_r = phi_small_over_x2(rs), phi_cr = phi_small_over_x2(crs);
+    keep_computed(phi_r);
+    keep_computed(phi_cr);
+    const float u_phi_r = small_r ? u * rs * rs * phi_r : v - u - u * r;
+    const float u_phi_cr = small_cr ? u * crs * crs * phi_cr : g - u - u * cr;
+    const float amg = ((r < 0.0f) & (cr <= -1.0f)) ? (1.0f - k.c) * u + k.c * v - g
+                                                    : k.c * u_phi_r - u_phi_cr;
+    const float edge = qinf ? 0.0f : w * k.inv_as;
+    return pinf ? edge : (qinf ? up * k.inv_bs : amg * k.inv_ab);
   }
 }
 

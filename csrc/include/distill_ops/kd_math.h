@@ -287,8 +287,8 @@ template <typename Acc, int K0>
 DOPS_HD Acc exp_series_tail(Acc x) {
   constexpr int kLast = sizeof(Acc) == 4 ? 8 : 16;
   constexpr InvFactorials<K0, kLast> c{};
-  Acc acc = Acc(0);
-  for (int n = kLast; n >= 0; --n) acc = acc * x + Acc(c.v[n]);
+  Acc acc = Acc(c.v[kLast]);  // (not 0 * x + c: 0 * x is not 0 for every x, so it issues)
+  for (int n = kLast - 1; n >= 0; --n) acc = acc * x + Acc(c.v[n]);
   return acc;
 }
 

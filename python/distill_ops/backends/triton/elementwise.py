@@ -96,27 +96,29 @@ def ab_terms(lp, lq, a, b, WANT_LOSS: tl.constexpr):
     """The alpha-beta divergence's element (A - G) / (a b) (0 unless WANT_LOSS) and its
     dL/dlog q = q^b (q^a - p^a) / a, both without cancellation (kd_math.h: ab_loss and
     ab_dlogq have the derivations). Three exponentials serve both: U = p^s, W = q^s and
-    G = p^a q^b (s = a + b)."""
+    G = p^a q^b (s = a + b). The divisions by the parameters are scalar reciprocals, taken
+    once (a division of a block by a scalar costs a reciprocal per element)."""
     s = a + b
+    inv_a = 1.0 / a
     pinf = lp == NEG_INF
     qinf = lq == NEG_INF
     lp0 = tl.where(pinf, 0.0, lp)
     lq0 = tl.where(qinf, 0.0, lq)
-    up = _exp(s * lp0)  # p^s
     wq = _exp(s * lq0)  # q^s
     g = _exp(a * lp0 + b * lq0)  # p^a q^b
     # h: p^a q^b expm1(a d) / a, d = log q - log p.
     d = lq0 - lp0
     x = a * d
     small_x = tl.abs(x) < 0.5
-    h = tl.where(small_x, g * d * _exprel_small(tl.where(small_x, x, 0.0)), (wq - g) / a)
-    h = tl.where(qinf, 0.0, tl.where(pinf, wq / a, h))
+    h = tl.where(small_x, g * d * _exprel_small(tl.where(small_x, x, 0.0)), (wq - g) * inv_a)
+    h = tl.where(qinf, 0.0, tl.where(pinf, wq * inv_a, h))
     loss = tl.zeros_like(h)
     if WANT_LOSS:
+        up = _exp(s * lp0)  # p^s
         # Around the side with the smaller weight w = min(a, b) / s: U its p^s (or q^s),
         # V the other's, r = s log(V / U); A - G = w U phi(r) - U phi(w r).
         around_p = b <= a
-        w = tl.where(around_p, b, a) / s
+        w = tl.where(around_p, b, a) * (1.0 / s)
         u = tl.where(around_p, up, wq)
         v = tl.where(around_p, wq, up)
         r = s * tl.where(around_p, d, -d)
@@ -129,8 +131,8 @@ def ab_terms(lp, lq, a, b, WANT_LOSS: tl.constexpr):
         u_phi_wr = tl.where(small_wr, u * wrs * wrs * _phi_small_over_x2(wrs), g - u - u * wr)
         amg = tl.where((r < 0.0) & (wr <= -1.0), (1.0 - w) * u + w * v - g,
                        w * u_phi_r - u_phi_wr)
-        loss = amg / (a * b)
-        loss = tl.where(pinf, wq / (a * s), tl.where(qinf, up / (b * s), loss))
+        loss = amg * (1.0 / (a * b))
+        loss = tl.where(pinf, wq * (1.0 / (a * s)), tl.where(qinf, up * (1.0 / (b * s)), loss))
         loss = tl.where(pinf & qinf, 0.0, loss)
     return loss, h
 
