@@ -126,8 +126,6 @@ DOPS_DEV Scales dense_scales(const DenseArgs& a) {
 // A thread's partial starts at finite maxima (-FLT_MAX: exp of the first move is 0, and
 // m_new - m_old never meets -inf - -inf), so a group's push needs no guards; partials are
 // closed (dense_partial_close) to OnlineKL's -inf empty state before any merge.
-constexpr float kFltMax = 3.402823466e38f;
-
 DOPS_DEV DensePartial dense_partial_start() {
   return {{-kFltMax, 0.0f, -kFltMax, 0.0f, 0.0f}, 0.0f, 0.0f};
 }

@@ -19,6 +19,9 @@ using std::isnan;
 namespace distill_ops::cuda {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// The finite start of a thread's running maxima (exp of the first move is 0, and no
+// -inf - -inf): dense_partial_start, the sparse kernel's statistics.
+constexpr float kFltMax = std::numeric_limits<float>::max();
 
 // Running log-sum-exp state: max m, sum a of exp(z - m), and a cross term c = sum of
 // exp(z - m) * w, all relative to m.

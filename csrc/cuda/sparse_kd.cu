@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(SparseArgs a) {
 
   // Pass 1 over the student: softmax statistics at T, the off-support mass (cross term with
   // weight 1 off the support), and the T = 1 statistics and z_label of the hard term.
-  Online st{-3.402823466e38f, 0.0f, 0.0f};
+  Online st{-kFltMax, 0.0f, 0.0f};
   float a1 = 0.0f, z_label = 0.0f;
   for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < n_vec; j0 += int64_t(blockDim.x) * VEC) {
     float x[VEC];
@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(SparseArgs a) {
   }
   // The T = 1 sums ride on the T statistics' maximum (times T): merged as an Online of
   // their own with maximum m T.
-  if (st.m == -3.402823466e38f) st.m = kNegInf;  // only masked logits: empty
+  if (st.m == -kFltMax) st.m = kNegInf;  // only masked logits: empty
   Online one{st.m == kNegInf ? kNegInf : st.m * a.temperature, a1, 0.0f};
   st = block_reduce(st, MergeOnline{}, online_empty(), red_online);
   const float log_s = logf(st.a), inv_s = 1.0f / st.a, s_rest = st.c;
@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(SparseArgs a) {
   // Student classes.
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
     const int32_t id = sid[i];
-    const float z = id >= 0 ? load_as_float(s_row, a.s_dtype, id) * inv_t : kNegInf;
+    const float z = id >= 0 ? load_one<TS>(s_row, id) * inv_t : kNegInf;
     lq[i] = tail == Tail::Support ? z : (id >= 0 ? (z - st.m) - log_s : kNegInf);
   }
   if (threadIdx.x == 0)

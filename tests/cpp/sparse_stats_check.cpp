@@ -18,7 +18,7 @@ using namespace distill_ops::cuda;
 namespace {
 
 constexpr int kThreads = 512;
-constexpr float kStart = -3.402823466e38f;
+constexpr float kStart = -kFltMax;  // the kernel's start (sparse_kd.cu)
 
 Online merge_host(Online x, Online y) {
   const float m = std::fmax(x.m, y.m);

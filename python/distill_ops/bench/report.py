@@ -16,46 +16,45 @@ from .measure import Result
 SCHEMA = "distill_ops.bench/2"
 
 
-def fastest_backends(results: list[Result]) -> dict[str, str]:
-    """{op family: backend}: per case, which of our backends ran fastest (forward +
-    backward); per family, the backend that won most cases (ties: the lower summed time)."""
+def _fastest_impls(results: list[Result], impls: tuple[str, ...] | None = None,
+                   whole: bool = False) -> dict[str, str]:
+    """{op family: impl label}: per case, which of our impls (or of `impls`) ran fastest
+    (forward + backward); per family, the one that won most cases (ties: the lower summed
+    time). `whole`: only the cases where every one of `impls` ran."""
     wins: dict[str, dict[str, list[float]]] = {}
     cases: dict[tuple, list[Result]] = {}
     for r in results:
-        if r.status == "ok" and r.impl.startswith("distill_ops[") and r.total_ms is not None:
+        ours = r.impl in impls if impls else r.impl.startswith("distill_ops[")
+        if r.status == "ok" and ours and r.total_ms is not None:
             cases.setdefault((r.op, r.variant, r.n, r.v, r.k), []).append(r)
     for (op, *_), rows in cases.items():
+        if whole and len(rows) < len(impls or ()):
+            continue
         best = min(rows, key=lambda r: r.total_ms)
         tally = wins.setdefault(op, {})
         for r in rows:
             won, total = tally.get(r.impl, [0.0, 0.0])
             tally[r.impl] = [won + (r is best), total + r.total_ms]
-    out = {}
-    for op, tally in wins.items():
-        impl = max(tally, key=lambda i: (tally[i][0], -tally[i][1]))
-        # "cuda:cluster" and "cuda:portable" (the dense kernel's two designs) are both cuda.
-        out[op] = impl[len("distill_ops["):-1].split(":")[0]
-    return out
+    return {op: max(tally, key=lambda i: (tally[i][0], -tally[i][1]))
+            for op, tally in wins.items()}
+
+
+def fastest_backends(results: list[Result]) -> dict[str, str]:
+    """{op family: backend}: per case, which of our backends ran fastest (forward +
+    backward); per family, the backend that won most cases (ties: the lower summed time)."""
+    # "cuda:cluster" and "cuda:portable" (the dense kernel's two designs) are both cuda.
+    return {op: impl[len("distill_ops["):-1].split(":")[0]
+            for op, impl in _fastest_impls(results).items()}
+
+
+_CUDA_DENSE = ("distill_ops[cuda:portable]", "distill_ops[cuda:cluster]")
 
 
 def fastest_cuda_dense_variant(results: list[Result]) -> str | None:
     """Which CUDA dense kernel ("portable" or "cluster") won more of the dense cases where
     both ran (ties: the lower summed time); None where they were not both timed."""
-    cases: dict[tuple, dict[str, float]] = {}
-    for r in results:
-        if (r.op == "dense" and r.status == "ok" and r.total_ms is not None
-                and r.impl in ("distill_ops[cuda:portable]", "distill_ops[cuda:cluster]")):
-            cases.setdefault((r.variant, r.n, r.v, r.dtype), {})[r.impl[17:-1]] = r.total_ms
-    tally = {"portable": [0, 0.0], "cluster": [0, 0.0]}
-    both = [c for c in cases.values() if len(c) == 2]
-    for c in both:
-        best = min(c, key=c.get)
-        for name, ms in c.items():
-            tally[name][0] += name == best
-            tally[name][1] += ms
-    if not both:
-        return None
-    return max(tally, key=lambda n: (tally[n][0], -tally[n][1]))
+    impl = _fastest_impls(results, _CUDA_DENSE, whole=True).get("dense")
+    return None if impl is None else impl[len("distill_ops[cuda:"):-1]
 
 
 def write_auto_table(path: str | os.PathLike[str], device: str, results: list[Result],

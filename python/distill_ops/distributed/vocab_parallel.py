@@ -128,6 +128,14 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
     return rows, grad
 
 
+def _moved(m_local: Tensor, m: Tensor, factor: float = 1.0) -> Tensor:
+    """exp((m_local - m) * factor): a slice's sums moved to the global maximum m, 0 from a
+    slice with nothing (m_local = -inf)."""
+    ok = m_local > -math.inf
+    return torch.where(ok, torch.exp((torch.where(ok, m_local, m) - m) * factor),
+                       torch.zeros((), dtype=m.dtype, device=m.device))
+
+
 def _dense_rows_cpu(xs, xt, valid, labels, sc, shard, lim, dt, want_grad):
     """dense_rows through the C++ kernel (csrc/cpu/dense_vp.cpp): its statistics pass, one
     all-reduce of the maxima and one of four sums a row (five for the KLs: their cross term),
@@ -161,20 +169,14 @@ def _dense_rows_cpu(xs, xt, valid, labels, sc, shard, lim, dt, want_grad):
     phase(0)
     mx = reduce(rec[:, [0, 2]], dist.ReduceOp.MAX)
     zero = torch.zeros((), dtype=torch.float64)
-
-    def moved(m_local: Tensor, m: Tensor, factor: float = 1.0) -> Tensor:
-        """exp((m_local - m) * factor), 0 from a slice with nothing (m_local = -inf)."""
-        ok = m_local > -math.inf
-        return torch.where(ok, torch.exp((torch.where(ok, m_local, m) - m) * factor), zero)
-
     ms, mt = mx[:, 0], mx[:, 1]
-    cols = [rec[:, 1] * moved(rec[:, 0], ms), rec[:, 3] * moved(rec[:, 2], mt),
-            rec[:, 4] * moved(rec[:, 0], ms, sc.temperature), rec[:, 5]]
+    cols = [rec[:, 1] * _moved(rec[:, 0], ms), rec[:, 3] * _moved(rec[:, 2], mt),
+            rec[:, 4] * _moved(rec[:, 0], ms, sc.temperature), rec[:, 5]]
     kl = sc.divergence in (FORWARD_KL, REVERSE_KL)
     if kl:  # the centred cross term moved to the global maxima (kd_math.h: cross_shift)
         w, o = (2, 0) if sc.divergence == FORWARD_KL else (0, 2)
         m_w, m_o = (mt, ms) if sc.divergence == FORWARD_KL else (ms, mt)
-        f_w = moved(rec[:, w], m_w)
+        f_w = _moved(rec[:, w], m_w)
         a_w = rec[:, w + 1]
         shift = torch.where(rec[:, w] > -math.inf, (m_o - rec[:, o]) - (m_w - rec[:, w]), zero)
         c = rec[:, 6]
@@ -482,13 +484,11 @@ def _sparse_rows_cpu(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc
     phase(0)
     m_loc = rec[:, 0].clone()
     m = reduce(m_loc[:, None], dist.ReduceOp.MAX)[:, 0]
-    has = m_loc > -math.inf
     zero = torch.zeros((), dtype=torch.float64)
-    shift = torch.where(has, m_loc, m) - m
-    f = torch.where(has, torch.exp(shift), zero)
+    f = _moved(m_loc, m)
     cols = [rec[:, 1] * f, rec[:, 2] * f, rec[:, 3]]
     if hard:
-        cols += [rec[:, 4] * torch.where(has, torch.exp(shift * t), zero), rec[:, 5]]
+        cols += [rec[:, 4] * _moved(m_loc, m, t), rec[:, 5]]
     sums = reduce(torch.cat([torch.stack(cols, 1), zsup], 1), dist.ReduceOp.SUM)
     s_all, s_rest, n_sup = sums[:, 0], sums[:, 1], sums[:, 2]
     log_s = torch.log(s_all)

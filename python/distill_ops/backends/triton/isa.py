@@ -399,7 +399,7 @@ def cuda_model(binary: str, kernel: str, div: int, cc: int = 90, dtype: str = "B
         per_logit = 3 * b
     else:
         per_logit = 2 * b * len(wide) + b
-    # The cp.async copy loop of the cluster kernel loads 2 logits' bytes per logit counted.
+    # Every streaming loop counts, the cluster kernel's cp.async copy loop with them.
     instr = sum(lp.instructions for lp in wide)
     mufu = sum(lp.mufu for lp in wide)
     bd = bounds(instr, mufu, per_logit * logits, logits)
