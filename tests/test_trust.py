@@ -284,7 +284,9 @@ def test_the_teachers_forward_kl_gradient_is_f_kl_divs(seed):
     t2 = t.double().requires_grad_()
     F.kl_div(F.log_softmax(s.double() / 1.5, -1), F.log_softmax(t2 / 1.5, -1),
              reduction="batchmean", log_target=True).backward()
-    torch.testing.assert_close(t1.grad.double(), t2.grad, rtol=1e-5, atol=1e-8)
+    # fp32 against fp64: absolute slack scaled by the largest entry, as below
+    torch.testing.assert_close(t1.grad.double(), t2.grad, rtol=1e-5,
+                               atol=1e-5 * t2.grad.abs().max().item())
 
 
 def test_sparse_teacher_logprobs_that_require_grad_get_their_gradient(seed):
@@ -300,7 +302,11 @@ def test_sparse_teacher_logprobs_that_require_grad_get_their_gradient(seed):
         reference.sparse_kd_loss(s.double(), top.indices, lp2, tail=tail, temperature=2.0,
                                  source_temperature=1.5).backward()
         assert lp1.grad is not None and lp1.grad.abs().sum() > 0
-        torch.testing.assert_close(lp1.grad.double(), lp2.grad, rtol=1e-5, atol=1e-8)
+        # fp32 against fp64: a small entry is a difference of terms the size of the largest
+        # (seed 609621212: 3.7e-8 off on an entry of 3e-3, the largest 5.4e-2), so the
+        # absolute slack scales with the largest entry (~80 fp32 ulps of it)
+        torch.testing.assert_close(lp1.grad.double(), lp2.grad, rtol=1e-5,
+                                   atol=1e-5 * lp2.grad.abs().max().item())
 
 
 def test_a_detached_teacher_takes_the_fused_kernel(seed, monkeypatch):
