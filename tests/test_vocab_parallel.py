@@ -70,7 +70,7 @@ def _errs(got: torch.Tensor, unsharded: torch.Tensor, ref: torch.Tensor,
     return _rel(got, unsharded, floor), _rel(got, ref, floor), _rel(unsharded, ref, floor)
 
 
-def _dense_case(rank, world, widths, seed, dtype, extreme):
+def _dense_case(rank, world, widths, seed, dtype, extreme, backend):
     import torch.distributed as dist
 
     from distill_ops import reference
@@ -106,7 +106,7 @@ def _dense_case(rank, world, widths, seed, dtype, extreme):
             kw = dict(kw, divergence=div)
             lu, gu = _loss_and_grad(lambda x, kw=kw: distill_ops.kd_loss(x, t, **kw), s, g_out)
             ls, gs = _loss_and_grad(lambda x, kw=kw: distill_ops.kd_loss(
-                x, t[:, sl], process_group=group, **kw), s[:, sl], g_out)
+                x, t[:, sl], process_group=group, backend=backend, **kw), s[:, sl], g_out)
             lr, gr = _loss_and_grad(lambda x, kw=kw: reference.kd_loss(
                 x, t.double(), **kw), s.double(),
                 None if g_out is None else g_out.double())
@@ -119,7 +119,7 @@ def _dense_case(rank, world, widths, seed, dtype, extreme):
     return errs
 
 
-def _sparse_case(rank, world, widths, seed, dtype):
+def _sparse_case(rank, world, widths, seed, dtype, backend):
     import torch.distributed as dist
 
     from distill_ops import reference
@@ -144,7 +144,7 @@ def _sparse_case(rank, world, widths, seed, dtype):
             lu, gu = _loss_and_grad(lambda x, kw=kw: distill_ops.sparse_kd_loss(
                 x, idx, lp, **kw), s)
             ls, gs = _loss_and_grad(lambda x, kw=kw: distill_ops.sparse_kd_loss(
-                x, idx, lp, process_group=group, **kw), s[:, sl])
+                x, idx, lp, process_group=group, backend=backend, **kw), s[:, sl])
             lr, gr = _loss_and_grad(lambda x, kw=kw: reference.sparse_kd_loss(
                 x, idx, lp.double(), **kw), s.double())
             errs[f"{div}/{tail}/loss"] = _errs(ls, lu, lr, 1e-6)
@@ -159,7 +159,7 @@ def _sparse_case(rank, world, widths, seed, dtype):
     kw = dict(tail="bucket", temperature=1.5, mask=mask, labels=labels, hard_weight=0.2)
     lu, gu = _loss_and_grad(lambda x: distill_ops.sparse_kd_loss(x, idx, lp, **kw), s2)
     ls, gs = _loss_and_grad(lambda x: distill_ops.sparse_kd_loss(
-        x, idx, lp, process_group=group, **kw), s2[:, sl])
+        x, idx, lp, process_group=group, backend=backend, **kw), s2[:, sl])
     lr, gr = _loss_and_grad(lambda x: reference.sparse_kd_loss(x, idx, lp.double(), **kw),
                             s2.double())
     errs["mask/loss"] = _errs(ls, lu, lr, 1e-6)
@@ -169,7 +169,7 @@ def _sparse_case(rank, world, widths, seed, dtype):
     lu, gu = _loss_and_grad(lambda x: distill_ops.sparse_kd_loss(x, full.indices,
                                                                  full.logprobs), s)
     ls, gs = _loss_and_grad(lambda x: distill_ops.sparse_kd_loss(
-        x, full.indices, full.logprobs, process_group=group), s[:, sl])
+        x, full.indices, full.logprobs, process_group=group, backend=backend), s[:, sl])
     lr, gr = _loss_and_grad(lambda x: reference.sparse_kd_loss(
         x, full.indices, full.logprobs.double()), s.double())
     errs["k=V/loss"] = _errs(ls, lu, lr, 1e-6)
@@ -177,22 +177,53 @@ def _sparse_case(rank, world, widths, seed, dtype):
     return errs
 
 
-@pytest.mark.parametrize(("dtype", "extreme"), [(torch.float32, False), (torch.float32, True),
-                                               (torch.float64, True)], ids=str)
-@pytest.mark.parametrize("world", [2, 4])
-def test_dense_loss_and_gradient_equal_the_unsharded_ones(seed, world, dtype, extreme):
+# (world, dtype, near one-hot rows, backend): "auto" runs the C++ kernels on these CPU
+# tensors, "triton" the Triton kernels through the interpreter, "torch" the row chunks
+# (float64 and AKL take the row chunks under every backend).
+DENSE_CASES = [(w, torch.float32, False, "auto") for w in (2, 4)] + [
+    (w, torch.float32, True, "auto") for w in (2, 4)] + [
+    (w, torch.float64, True, "auto") for w in (2, 4)] + [
+    (2, torch.float32, False, "triton"), (4, torch.float32, True, "triton"),
+    (2, torch.float32, False, "torch")]
+
+
+@pytest.mark.parametrize(("world", "dtype", "extreme", "backend"), DENSE_CASES, ids=str)
+def test_dense_loss_and_gradient_equal_the_unsharded_ones(seed, world, dtype, extreme,
+                                                          backend):
     for rank, errs in enumerate(run_ranks(_dense_case, world, SPLITS[world], seed, dtype,
-                                          extreme)):
+                                          extreme, backend, timeout=600)):
         bad = _check(errs, dtype, extreme)
         assert not bad, f"rank {rank}: {bad}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("world", [2, 4])
-def test_sparse_loss_every_tail_and_divergence_equals_the_unsharded_one(seed, world, dtype):
-    for rank, errs in enumerate(run_ranks(_sparse_case, world, SPLITS[world], seed, dtype)):
+SPARSE_CASES = [(w, dt, "auto") for w in (2, 4) for dt in (torch.float32, torch.float64)] + [
+    (4, torch.float32, "triton"), (2, torch.float32, "torch")]
+
+
+@pytest.mark.parametrize(("world", "dtype", "backend"), SPARSE_CASES, ids=str)
+def test_sparse_loss_every_tail_and_divergence_equals_the_unsharded_one(seed, world, dtype,
+                                                                        backend):
+    for rank, errs in enumerate(run_ranks(_sparse_case, world, SPLITS[world], seed, dtype,
+                                          backend, timeout=600)):
         bad = _check(errs, dtype)
         assert not bad, f"rank {rank}: {bad}"
+
+
+def test_the_vocab_parallel_kernel_follows_the_backend():
+    from distill_ops.distributed.kernel_rows import choose_kernel
+
+    cpu = torch.device("cpu")
+    x32, x64 = torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64)
+    assert choose_kernel("auto", cpu, 0, student_logits=x32) == "cpu"
+    assert choose_kernel("triton", cpu, 2, student_logits=x32) == "triton"  # interpreted
+    assert choose_kernel("torch", cpu, 0, student_logits=x32) == "torch"
+    # float64 and AKL's global threshold search run in PyTorch row chunks
+    assert choose_kernel("auto", cpu, 0, student_logits=x64) == "torch"
+    assert choose_kernel("auto", cpu, 7, student_logits=x32) == "torch"
+    with pytest.raises(TypeError, match="backend='triton' takes fp32/bf16/fp16 student_logits"):
+        choose_kernel("triton", cpu, 0, student_logits=x64)
+    with pytest.raises(ValueError, match="backend='cuda' has no vocab-parallel kernel"):
+        choose_kernel("cuda", cpu, 0, student_logits=x32)
 
 
 def _topk_case(rank, world, widths, seed):

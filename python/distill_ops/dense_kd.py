@@ -164,9 +164,10 @@ def kd_loss(
             slice ``[..., V_r]`` of the vocabulary (rank order, possibly uneven; student and
             teacher sliced alike) and the same rows; the loss equals the unsharded one and
             each rank's gradient is its slice of the unsharded gradient. Per row only a few
-            floats cross the group (see :mod:`distill_ops.distributed.vocab_parallel`);
-            ``backend`` does not apply (the vocab-parallel path runs in PyTorch on any
-            device).
+            floats cross the group (see :mod:`distill_ops.distributed.vocab_parallel`). It
+            runs the fused kernels in phases around the all-reduces (``auto``: C++ for CPU
+            tensors, Triton for CUDA ones; ``"cuda"`` has none and is refused; float64 and
+            AKL run in PyTorch row chunks, as does ``"torch"``).
         student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap: the
             per-side logit transform f. A -inf logit stays -inf (masked vocabulary entry).
         backend: ``"auto"`` (cpu for CPU tensors, triton for CUDA), ``"cpu"``, ``"triton"``,
@@ -219,7 +220,7 @@ def kd_loss(
             raise ValueError("teacher_logits requires grad, but the vocab-parallel kd_loss "
                              "(process_group=) gives the teacher no gradient: detach it")
         return _vocab_parallel_kd(student_logits, teacher_logits, labels, ignore_index, mask,
-                                  sc, shard, vocab, reduction, num_items_in_batch)
+                                  sc, shard, vocab, reduction, num_items_in_batch, backend)
     be = resolve_backend(backend, device, "dense")
     check_kernel_dtype(be, student_logits=student_logits, teacher_logits=teacher_logits)
 
@@ -273,7 +274,7 @@ def _vocab_parallel_shard(group, student_logits: Tensor, teacher_logits: Tensor,
 
 
 def _vocab_parallel_kd(student_logits, teacher_logits, labels, ignore_index, mask, sc, shard,
-                       vocab, reduction, num_items_in_batch):
+                       vocab, reduction, num_items_in_batch, backend):
     from .distributed import vocab_parallel as vp
 
     lead = student_logits.shape[:-1]
@@ -284,7 +285,7 @@ def _vocab_parallel_kd(student_logits, teacher_logits, labels, ignore_index, mas
     flat_labels = labels.reshape(-1).to(torch.int64) if sc.hard_weight > 0 else None
 
     def compute(x, want):
-        return vp.dense_rows(x, teacher, valid, flat_labels, sc, shard, vocab, want)
+        return vp.dense_rows(x, teacher, valid, flat_labels, sc, shard, vocab, want, backend)
 
     rows = vp.saved_grad_rows(student, compute)
     return reduce_rows(rows, valid, reduction, num_items_in_batch, lead)

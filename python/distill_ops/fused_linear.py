@@ -88,14 +88,17 @@ def _chunk_loss(spec: _Spec, logits: Tensor, teacher_rows, labels: Tensor | None
     The launchers are called directly (no dispatcher: this runs inside our autograd)."""
     sc = spec.sc
     if spec.shard is not None:
+        # The LM head's matmul may run on the cuda backend; the loss's phases take the
+        # device's vocab-parallel kernel then (there is no CUDA C++ one).
+        vp_backend = "auto" if spec.backend == "cuda" else spec.backend
         if spec.sparse:
             r, g = vp.sparse_rows(logits, *teacher_rows, None, labels, sc.divergence,
                                   TAILS[spec.tail], sc.temperature,
                                   spec.source_temperature / sc.temperature, sc, spec.shard,
-                                  grads)
+                                  grads, vp_backend)
         else:
             r, g = vp.dense_rows(logits, teacher_rows, None, labels, sc, spec.shard,
-                                 spec.vocab, grads)
+                                 spec.vocab, grads, vp_backend)
         return r, (g.to(grad_dtype) if grads else g)
     sparse_args = (logits, *teacher_rows, None, labels, sc.divergence, spec.tail,
                    sc.temperature, spec.source_temperature, sc.beta, sc.param2, sc.interp,

@@ -186,7 +186,7 @@ def sparse_kd_loss(
                              "detach it")
         return _vocab_parallel_sparse(student_logits, indices, teacher_logprobs, labels,
                                       ignore_index, mask, sc, tail, source_t, shard,
-                                      reduction, num_items_in_batch)
+                                      reduction, num_items_in_batch, backend)
     be = resolve_backend(backend, device, "sparse")
     # Teacher log-probabilities that require grad get their exact gradient from the PyTorch
     # path (autograd through both sides); the fused kernels write the student's only.
@@ -225,7 +225,8 @@ def sparse_kd_loss(
 
 
 def _vocab_parallel_sparse(student_logits, indices, teacher_logprobs, labels, ignore_index,
-                           mask, sc, tail, source_t, shard, reduction, num_items_in_batch):
+                           mask, sc, tail, source_t, shard, reduction, num_items_in_batch,
+                           backend):
     from .distributed import vocab_parallel as vp
 
     lead = student_logits.shape[:-1]
@@ -239,7 +240,7 @@ def _vocab_parallel_sparse(student_logits, indices, teacher_logprobs, labels, ig
     def compute(x, want):
         return vp.sparse_rows(x, idx, tlp, valid, flat_labels, sc.divergence, tail,
                               sc.temperature, source_t / sc.temperature, sc,
-                              shard, want)
+                              shard, want, backend)
 
     rows = vp.saved_grad_rows(student, compute)
     return reduce_rows(rows, valid, reduction, num_items_in_batch, lead)

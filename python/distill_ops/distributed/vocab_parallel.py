@@ -16,10 +16,12 @@ statistics are reduced over the group, never its logits:
   (k x world candidates a row) and merged; ties between bitwise-equal values keep the lower
   id, as everywhere.
 
-The gradient of each rank is its slice of the unsharded gradient, computed in the forward
-(fp32 arithmetic in chunks of rows, fp64 for fp64 inputs); backward scales it by
-grad_output. Shapes are agreed by one small all-gather per call (distributed.vocab_shard),
-which reads its result on the host: a graph break under torch.compile.
+The gradient of each rank is its slice of the unsharded gradient, computed in the forward;
+backward scales it by grad_output. The losses run through the fused kernels in phases
+around those all-reduces (kernel_rows.py: the C++ kernels on CPU tensors, the Triton ones on
+CUDA tensors); float64, AKL and backend="torch" run here, in fp32 (fp64) chunks of rows.
+Shapes are agreed by one small all-gather per call (distributed.vocab_shard), which reads
+its result on the host: a graph break under torch.compile.
 """
 
 from __future__ import annotations
@@ -30,15 +32,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..backends.cpu import kd_params
-from ..backends.extension import dtype_code, has_native, native, ptr
 from ..reference import (
     divergence_from_logprobs,
-    sparse_coarse_teacher,
     taid_logits,
     transform_logits,
 )
 from ..validation import divergence_options
+from . import kernel_rows
+from .coarse import coarse_divergence, sparse_grad_terms
 from .comm import VocabShard, all_gather, all_reduce
 
 FORWARD_KL, REVERSE_KL, JSD, TVD, SKEW_KL, AKL = 0, 1, 2, 3, 4, 7
@@ -105,15 +106,20 @@ def saved_grad_rows(x: Tensor, compute) -> Tensor:
 
 
 def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | None, sc,
-               shard: VocabShard, vocab: int, want_grad: bool) -> tuple[Tensor, Tensor | None]:
+               shard: VocabShard, vocab: int, want_grad: bool, backend: str = "auto"
+               ) -> tuple[Tensor, Tensor | None]:
     """Per-row loss [N] (fp32, fp64 for fp64 inputs) and, when `want_grad`, the gradient of
     each row's loss w.r.t. this rank's slice xs [N, V_local] (in xs's dtype). Only global ids
-    < `vocab` count (padded vocabularies)."""
+    < `vocab` count (padded vocabularies). The fused kernels run it where `backend` has one
+    (kernel_rows.choose_kernel), else PyTorch row chunks."""
     n, width = xs.shape
     lim = max(0, min(width, vocab - shard.offset))
     dt = _compute_dtype(xs, xt)
-    if xs.device.type == "cpu" and sc.divergence != AKL and has_native():
-        return _dense_rows_cpu(xs, xt, valid, labels, sc, shard, lim, dt, want_grad)
+    kernel = kernel_rows.choose_kernel(backend, xs.device, sc.divergence, student_logits=xs,
+                                       teacher_logits=xt)
+    if kernel != "torch":
+        return kernel_rows.dense_rows(xs, xt, valid, labels, sc, shard, lim, dt, want_grad,
+                                      kernel)
     rows = torch.zeros(n, dtype=dt, device=xs.device)
     grad = torch.zeros_like(xs) if want_grad else None
     step = _chunk_rows(n, width)
@@ -126,97 +132,6 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
         if want_grad:
             grad[a:e, :lim] = g.to(xs.dtype)
     return rows, grad
-
-
-def _moved(m_local: Tensor, m: Tensor, factor: float = 1.0) -> Tensor:
-    """exp((m_local - m) * factor): a slice's sums moved to the global maximum m, 0 from a
-    slice with nothing (m_local = -inf)."""
-    ok = m_local > -math.inf
-    return torch.where(ok, torch.exp((torch.where(ok, m_local, m) - m) * factor),
-                       torch.zeros((), dtype=m.dtype, device=m.device))
-
-
-def _dense_rows_cpu(xs, xt, valid, labels, sc, shard, lim, dt, want_grad):
-    """dense_rows through the C++ kernel (csrc/cpu/dense_vp.cpp): its statistics pass, one
-    all-reduce of the maxima and one of four sums a row (five for the KLs: their cross term),
-    for the other divergences a sums pass and one all-reduce of two sums a row, then the
-    gradient pass. Every element goes through the fused kernel's own maths, never through a
-    PyTorch [N, V] temporary."""
-    n = xs.shape[0]
-    s, t = xs[:, :lim], xt[:, :lim]
-    s = s if s.stride(-1) == 1 else s.contiguous()
-    t = t if t.stride(-1) == 1 else t.contiguous()
-    hard = sc.hard_weight != 0.0
-    lab = None
-    if hard:
-        mine, lcol = _local_label(labels, shard, lim)
-        lab = torch.where(mine, lcol, torch.full_like(lcol, -1)).to(torch.int64).contiguous()
-    rec = torch.zeros(n, 8, dtype=torch.float64)
-    params = kd_params(sc)
-
-    def phase(k: int, g: Tensor | None = None) -> None:
-        native().dense_vp_cpu(k, ptr(s), dtype_code(s), s.stride(0), ptr(t), dtype_code(t),
-                              t.stride(0), ptr(valid), ptr(lab), ptr(rec),
-                              ptr(g) if g is not None else 0,
-                              dtype_code(g) if g is not None else 0, n, lim, params,
-                              torch.get_num_threads())
-
-    group = shard.group
-
-    def reduce(x: Tensor, op) -> Tensor:  # in the compute dtype: as many bytes as ever
-        return all_reduce(x.to(dt).contiguous(), op, group).to(torch.float64)
-
-    phase(0)
-    mx = reduce(rec[:, [0, 2]], dist.ReduceOp.MAX)
-    zero = torch.zeros((), dtype=torch.float64)
-    ms, mt = mx[:, 0], mx[:, 1]
-    cols = [rec[:, 1] * _moved(rec[:, 0], ms), rec[:, 3] * _moved(rec[:, 2], mt),
-            rec[:, 4] * _moved(rec[:, 0], ms, sc.temperature), rec[:, 5]]
-    kl = sc.divergence in (FORWARD_KL, REVERSE_KL)
-    if kl:  # the centred cross term moved to the global maxima (kd_math.h: cross_shift)
-        w, o = (2, 0) if sc.divergence == FORWARD_KL else (0, 2)
-        m_w, m_o = (mt, ms) if sc.divergence == FORWARD_KL else (ms, mt)
-        f_w = _moved(rec[:, w], m_w)
-        a_w = rec[:, w + 1]
-        shift = torch.where(rec[:, w] > -math.inf, (m_o - rec[:, o]) - (m_w - rec[:, w]), zero)
-        c = rec[:, 6]
-        cols.append(torch.where(torch.isinf(c), c, torch.where(
-            (a_w > 0) & (f_w > 0), f_w * (c + a_w * shift), zero)))
-    sums = reduce(torch.stack(cols, 1), dist.ReduceOp.SUM)
-    log_s1 = torch.log(sums[:, 2])
-    log_ss, log_st = torch.log(sums[:, 0]), torch.log(sums[:, 1])
-    rec[:, 0], rec[:, 1] = ms, log_ss
-    rec[:, 2], rec[:, 3], rec[:, 4] = mt, log_st, log_s1
-    if kl:  # KL = c / S_w - log S_w + log S_o: no sums pass
-        div = sums[:, 4] / sums[:, 1] - log_st + log_ss if sc.divergence == FORWARD_KL \
-            else sums[:, 4] / sums[:, 0] - log_ss + log_st
-        sum_h = torch.zeros_like(div)
-    else:
-        phase(1)
-        part = reduce(rec[:, 5:7], dist.ReduceOp.SUM)
-        div, sum_h = part[:, 0], part[:, 1]
-    a, b = div, sum_h
-    if sc.divergence == JSD:
-        div, sum_h = sc.beta * a + (1.0 - sc.beta) * b, (1.0 - sc.beta) * b
-    elif sc.divergence == TVD:
-        div = 0.5 * a
-    loss = sc.soft_coef * div
-    if hard:
-        loss = loss + sc.hard_weight * ((ms - sums[:, 3]) * sc.temperature + log_s1)
-    if valid is not None:
-        loss = torch.where(valid, loss, zero)
-    if not want_grad:
-        return loss.to(dt), None
-    rec[:, 5], rec[:, 6] = div, sum_h
-    if lim == xs.shape[1]:  # the whole slice counts: the kernel writes the gradient itself
-        grad = torch.empty((n, lim), dtype=xs.dtype)
-        phase(2, grad)
-        return loss.to(dt), grad
-    g_local = torch.empty((n, lim), dtype=xs.dtype)
-    phase(2, g_local)
-    grad = torch.zeros_like(xs)
-    grad[:, :lim] = g_local
-    return loss.to(dt), grad
 
 
 def _dense_chunk(xs, xt, valid, labels, sc, shard, dt, want_grad):
@@ -381,15 +296,17 @@ def _transform_grad(z: Tensor, scale: float, cap: float | None, t: float) -> Ten
 
 def sparse_rows(xs: Tensor, idx: Tensor, tlp: Tensor, valid: Tensor | None,
                 labels: Tensor | None, divergence: int, tail: str, temperature: float,
-                ratio: float, sc, shard: VocabShard, want_grad: bool
+                ratio: float, sc, shard: VocabShard, want_grad: bool, backend: str = "auto"
                 ) -> tuple[Tensor, Tensor | None]:
     """Per-row sparse loss [N] and the gradient of this rank's slice; `idx` holds global
-    ids (-1 pads), `tlp` the teacher log-probabilities, `ratio` = T_source / T."""
+    ids (-1 pads), `tlp` the teacher log-probabilities, `ratio` = T_source / T. The fused
+    kernels run it where `backend` has one (kernel_rows.choose_kernel), else row chunks."""
     n, width = xs.shape
     dt = _compute_dtype(xs, tlp)
-    if xs.device.type == "cpu" and has_native():
-        return _sparse_rows_cpu(xs, idx, tlp, valid, labels, divergence, tail, temperature,
-                                ratio, sc, shard, dt, want_grad)
+    kernel = kernel_rows.choose_kernel(backend, xs.device, None, student_logits=xs)
+    if kernel != "torch":
+        return kernel_rows.sparse_rows(xs, idx, tlp, valid, labels, divergence, tail,
+                                       temperature, ratio, sc, shard, dt, want_grad, kernel)
     rows = torch.zeros(n, dtype=dt, device=xs.device)
     grad = torch.zeros_like(xs) if want_grad else None
     step = _chunk_rows(n, width)
@@ -403,116 +320,6 @@ def sparse_rows(xs: Tensor, idx: Tensor, tlp: Tensor, valid: Tensor | None,
         if want_grad:
             grad[a:e] = g.to(xs.dtype)
     return rows, grad
-
-
-def _coarse_divergence(idx, tlp, z_sup, m, log_s, s_rest, n_sup, divergence, tail, ratio, sc,
-                       shard, dt, want_grad):
-    """The divergence over the coarse classes (the k support ids, plus the rest for bucket),
-    identical on every rank: (div [N], h = dL / d log q_hat [N, k + 1] or None, log q_hat of
-    the support [N, k], whether the rest class holds mass [N])."""
-    has = idx >= 0
-    ninf = torch.full((), -math.inf, dtype=dt, device=z_sup.device)
-    lp_sup, lp_rest = sparse_coarse_teacher(idx.long(), tlp.to(dt), tail, ratio, shard.total)
-    bucket = tail == "bucket"
-    has_rest = (n_sup < shard.total) & (s_rest > 0) if bucket else torch.zeros_like(has[:, 0])
-    with torch.enable_grad():
-        if tail == "support":
-            zi = torch.where(has, z_sup, ninf)
-            lq_sup = zi - torch.logsumexp(zi, 1, keepdim=True)
-        else:
-            lq_sup = torch.where(has, (z_sup - m[:, None]) - log_s[:, None], ninf)
-        lq_rest = torch.where(has_rest, torch.log(torch.where(has_rest, s_rest, 1.0)) - log_s,
-                              ninf)
-        lq_all = torch.cat([lq_sup, lq_rest[:, None]], 1).detach().requires_grad_(want_grad)
-        lp_all = torch.cat([lp_sup, lp_rest[:, None]], 1)
-        if sc.interp != 1.0:  # TAID over the classes
-            mix = taid_logits(lq_all, lp_all, sc.interp)
-            norm = torch.logsumexp(mix, 1, keepdim=True)
-            lp_all = mix - torch.where(norm == -math.inf, torch.zeros_like(norm), norm)
-        name, params = divergence_options(sc)
-        div = divergence_from_logprobs(lp_all, lq_all, name, **params)
-        h = torch.autograd.grad(div.sum(), lq_all)[0] if want_grad else None
-    return div.detach(), h, lq_sup.detach(), has_rest
-
-
-def _sparse_grad_terms(h, lq_sup, s_all, s_rest, has_rest, tail):
-    """dL/dz_j = q_j (h_c(j) / q_hat_c(j) - sum_c h_c): (the coefficient of e_j = exp(z_j - m)
-    off the support [N] (None for tail="support": 0 there), each support id's own gradient
-    h_c - q_c sum h [N, k]). Off the support: the rest's ids e_j (h_rest / s_rest - sum h /
-    s_all) for bucket, renorm / none's unclassed ids -e_j sum h / s_all."""
-    k = lq_sup.shape[1]
-    sum_h = h.sum(1)
-    off = None
-    if tail != "support":
-        off = -sum_h / s_all
-        if tail == "bucket":
-            off = off + torch.where(has_rest, h[:, -1] / torch.where(has_rest, s_rest, 1.0),
-                                    torch.zeros_like(off))
-    return off, h[:, :k] - torch.exp(lq_sup) * sum_h[:, None]
-
-
-def _sparse_rows_cpu(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, shard, dt,
-                     want_grad):
-    """sparse_rows through the C++ kernel (csrc/cpu/sparse_vp.cpp): its statistics pass, one
-    all-reduce of the maxima and one of the sums and the support's logits, the coarse
-    divergence here ([N, k + 1]), then the gradient pass; no [N, V] temporary."""
-    n, width = xs.shape
-    k = idx.shape[1]
-    s = xs if xs.stride(-1) == 1 else xs.contiguous()
-    ids = idx.to(torch.int64).contiguous()
-    hard = sc.hard_weight != 0.0
-    lab = None
-    if hard:
-        mine, lcol = _local_label(labels, shard, width)
-        lab = torch.where(mine, lcol, torch.full_like(lcol, -1)).to(torch.int64).contiguous()
-    vld = None if valid is None else valid.contiguous()
-    rec = torch.zeros(n, 8, dtype=torch.float64)
-    zsup = torch.zeros(n, k, dtype=torch.float64)
-
-    def phase(p: int, sup: Tensor | None = None, g: Tensor | None = None) -> None:
-        native().sparse_vp_cpu(p, ptr(s), dtype_code(s), s.stride(0), ptr(ids), k,
-                               shard.offset, ptr(vld), ptr(lab), ptr(rec), ptr(zsup),
-                               ptr(sup) if sup is not None else 0, ptr(g) if g is not None else 0,
-                               dtype_code(g) if g is not None else 0, n, width, float(t),
-                               float(sc.hard_weight), torch.get_num_threads())
-
-    group = shard.group
-
-    def reduce(x: Tensor, op) -> Tensor:  # a copy: all_reduce works in place
-        return all_reduce(x.to(dt, copy=True).contiguous(), op, group).to(torch.float64)
-
-    phase(0)
-    m_loc = rec[:, 0].clone()
-    m = reduce(m_loc[:, None], dist.ReduceOp.MAX)[:, 0]
-    zero = torch.zeros((), dtype=torch.float64)
-    f = _moved(m_loc, m)
-    cols = [rec[:, 1] * f, rec[:, 2] * f, rec[:, 3]]
-    if hard:
-        cols += [rec[:, 4] * _moved(m_loc, m, t), rec[:, 5]]
-    sums = reduce(torch.cat([torch.stack(cols, 1), zsup], 1), dist.ReduceOp.SUM)
-    s_all, s_rest, n_sup = sums[:, 0], sums[:, 1], sums[:, 2]
-    log_s = torch.log(s_all)
-    div, h, lq_sup, has_rest = _coarse_divergence(idx, tlp, sums[:, -k:].to(dt), m.to(dt),
-                                                  log_s.to(dt), s_rest.to(dt), n_sup.to(dt),
-                                                  divergence, tail, ratio, sc, shard, dt,
-                                                  want_grad)
-    loss = sc.soft_coef * div.to(torch.float64)
-    log_s1 = torch.log(sums[:, 3]) if hard else None
-    if hard:
-        loss = loss + sc.hard_weight * ((m - sums[:, 4]) * t + log_s1)
-    if valid is not None:
-        loss = torch.where(valid, loss, zero)
-    if not want_grad:
-        return loss.to(dt), None
-    off, sup_grad = _sparse_grad_terms(h, lq_sup, s_all.to(dt), s_rest.to(dt), has_rest, tail)
-    coef = sc.soft_coef / t
-    rec[:, 0] = m
-    rec[:, 1] = 0.0 if off is None else coef * off.to(torch.float64)
-    if hard:
-        rec[:, 4] = log_s1
-    grad = torch.empty((n, width), dtype=xs.dtype)
-    phase(1, (coef * sup_grad).to(torch.float64).contiguous(), grad)
-    return loss.to(dt), grad
 
 
 def _sparse_chunk(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, shard, dt,
@@ -549,7 +356,7 @@ def _sparse_chunk(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, s
     z_sup = sums[:, -k:]
     log_s = torch.log(s_all)
 
-    div, h, lq_sup, has_rest = _coarse_divergence(idx, tlp, z_sup, m, log_s, s_rest, n_sup,
+    div, h, lq_sup, has_rest = coarse_divergence(idx, tlp, z_sup, m, log_s, s_rest, n_sup,
                                                   divergence, tail, ratio, sc, shard, dt,
                                                   want_grad)
     loss = soft_coef * div
@@ -561,7 +368,7 @@ def _sparse_chunk(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, s
     if not want_grad:
         return loss, None
 
-    off, sup_grad = _sparse_grad_terms(h, lq_sup, s_all, s_rest, has_rest, tail)
+    off, sup_grad = sparse_grad_terms(h, lq_sup, s_all, s_rest, has_rest, tail)
     dz = torch.zeros_like(z) if off is None else e * off[:, None]
     dz = torch.cat([dz, torch.zeros((c, 1), dtype=dt, device=z.device)], 1)
     dz.scatter_(1, lid, torch.where(own, sup_grad, zero))

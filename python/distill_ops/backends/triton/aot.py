@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import dense_kd, sample, sparse_kd, topk, tuning
+from . import dense_kd, dense_vp, sample, sparse_kd, sparse_vp, topk, tuning
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -95,6 +95,44 @@ def _sparse_kd_specs() -> Iterator[KernelSpec]:
                          {"enable_fp_fusion": False})
 
 
+def _vocab_parallel_specs() -> Iterator[KernelSpec]:
+    """The vocab-parallel phases: dense phase 0 (the KLs' cross term, or none), phase 1
+    (divergences with a sums pass), phase 2 (every divergence but AKL) in bf16 with every
+    option on, forward KL and JSD in fp32 / fp16 with options off; sparse phases 0 and 1."""
+    floats = ("temperature", "beta", "scale_s", "cap_s", "scale_t", "cap_t", "hard_weight",
+              "soft_coef", "param2", "interp")
+    block, warps = dense_kd.launch_config(64128)
+    phases = {0: (0, 1, 2), 1: (2, 3, 4, 5, 6), 2: (0, 1, 2, 3, 4, 5, 6)}
+    cases = [(p, d, "bf16", True) for p, divs in phases.items() for d in divs]
+    cases += [(p, d, dt, False) for dt in ("fp32", "fp16") for d in (0, 2) for p in (0, 1, 2)
+              if d in phases[p]]
+    for phase, div, dt, flags in cases:
+        sig = {
+            "s_ptr": f"*{dt}", "t_ptr": f"*{dt}", "valid_ptr": "*u8", "labels_ptr": "*i64",
+            "rec_ptr": "*fp64", "grad_ptr": f"*{dt}", "s_stride": "i64", "t_stride": "i64",
+            "g_stride": "i64", "width": "i32", **dict.fromkeys(floats, "fp32"),
+        }
+        const = {"PHASE": phase, "DIVERGENCE": div, "HAS_CAP_S": flags, "HAS_CAP_T": flags,
+                 "HAS_INTERP": flags, "HAS_VALID": flags, "HAS_HARD": flags, "BLOCK": block}
+        yield KernelSpec(f"dense_vp[phase={phase},div={div},{dt},opts={int(flags)}]",
+                         dense_vp.dense_vp_kernel, sig, const, warps)
+    block, kp, warps = sparse_vp.launch_config(64128, 64)
+    for phase, dt, flags in itertools.product((0, 1), DTYPES, (True, False)):
+        if flags != (dt == "bf16"):
+            continue
+        sig = {
+            "s_ptr": f"*{dt}", "idx_ptr": "*i64", "valid_ptr": "*u8", "labels_ptr": "*i64",
+            "rec_ptr": "*fp64", "zsup_ptr": "*fp64", "sup_ptr": "*fp64", "grad_ptr": f"*{dt}",
+            "s_stride": "i64", "width": "i32", "k": "i32", "offset": "i64",
+            "temperature": "fp32", "hard_weight": "fp32",
+        }
+        const = {"PHASE": phase, "HAS_VALID": flags, "HAS_HARD": flags, "BLOCK": block,
+                 "KP": kp}
+        yield KernelSpec(f"sparse_vp[phase={phase},{dt},opts={int(flags)}]",
+                         sparse_vp.sparse_vp_kernel, sig, const, warps,
+                         {"enable_fp_fusion": False})
+
+
 def _tuning_specs() -> Iterator[KernelSpec]:
     """Every autotuning config (triton/tuning.py) of the dense and sparse kernels, on
     forward KL and JSD in bf16 with every option on: the configs a GPU may pick."""
@@ -140,7 +178,7 @@ def _aligned_specs() -> Iterator[KernelSpec]:
 
 def all_specs() -> list[KernelSpec]:
     return [*_dense_kd_specs(), *_sparse_kd_specs(), *_tuning_specs(), *_topk_specs(),
-            *_sample_specs(), *_aligned_specs()]
+            *_sample_specs(), *_vocab_parallel_specs(), *_aligned_specs()]
 
 
 def compile_spec(spec: KernelSpec, cc: int):

@@ -202,37 +202,20 @@ def _akl_p(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp,
 
 
 @triton.jit
-def dense_kd_kernel(
-    s_ptr, t_ptr, valid_ptr, labels_ptr, loss_ptr, grad_ptr, row_scale_ptr,
-    s_stride, t_stride, g_stride, vocab, grad_cols,
-    temperature, beta, scale_s, cap_s, scale_t, cap_t, hard_weight, soft_coef, param2, interp,
-    DIVERGENCE: tl.constexpr,
-    HAS_CAP_S: tl.constexpr,
-    HAS_CAP_T: tl.constexpr,
-    HAS_INTERP: tl.constexpr,
-    HAS_VALID: tl.constexpr,
-    HAS_HARD: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    inv_t = 1.0 / temperature
-    n = vocab
-    if HAS_VALID:
-        # An ignored row reads nothing: its loops run over zero columns.
-        n = tl.where(tl.load(valid_ptr + row) != 0, vocab, 0)
-    s_row = s_ptr + row * s_stride
-    t_row = t_ptr + row * t_stride
-    offs = tl.arange(0, BLOCK)
-    # Pass 1 reads a step as R groups of G neighbouring logits (one thread's vector load).
+def row_statistics(s_row, t_row, n, label, temperature, scale_s, cap_s, scale_t, cap_t, inv_t,
+                   interp, DIVERGENCE: tl.constexpr, HAS_CAP_S: tl.constexpr,
+                   HAS_CAP_T: tl.constexpr, HAS_INTERP: tl.constexpr, HAS_HARD: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Pass 1 over the columns < n of one row: (M_s, S_s, M_t, S_t, C, S_1, z_y).
+
+    M = max z (-FLT_MAX where the row holds nothing), S = sum_j exp(z_j - M) of each side;
+    C = sum_j e_w,j ((zw_j - M_w) - (zo_j - M_o)), the KL cross term centred on the row maxima
+    (forward / reverse KL only, else 0); S_1 = sum_j exp((z_s,j - M_s) T), the student's sum
+    at T = 1, and z_y = z_s at the column `label` (hard term only, else 0). A step reads R
+    groups of G neighbouring logits (one thread's vector load), each group with its own
+    online maximum and sums, folded into the row's at the end."""
     R: tl.constexpr = BLOCK // G
     goffs = tl.arange(0, R)[:, None] * G + tl.arange(0, G)[None, :]
-    label = 0
-    if HAS_HARD:
-        label = tl.load(labels_ptr + row)
-
-    # Pass 1: per-group online softmax statistics (+ KL cross terms, + T=1 sums).
     m_s = tl.full([R], -FLT_MAX, tl.float32)
     m_t = tl.full([R], -FLT_MAX, tl.float32)
     a_s = tl.zeros([R], tl.float32)
@@ -265,29 +248,37 @@ def dense_kd_kernel(
 
     M_s, w_s = _row_weights(m_s)
     M_t, w_t = _row_weights(m_t)
-    sum_s = tl.sum(a_s * w_s, 0)
-    sum_t = tl.sum(a_t * w_t, 0)
-    log_ss = tl.log(sum_s)
-    log_st = tl.log(sum_t)
-
-    div = 0.0
-    sum_qg = 0.0
+    c_row = 0.0
     # Groups' cross terms moved to the row maxima (w_* = e^(m_group - M) are the scalings).
     if DIVERGENCE == FORWARD_KL:
-        c_row = _cross_shift(cross, a_t, w_t, M_t - m_t, M_s - m_s)
-        div = tl.sum(c_row, 0) / sum_t - log_st + log_ss
+        c_row = tl.sum(_cross_shift(cross, a_t, w_t, M_t - m_t, M_s - m_s), 0)
     if DIVERGENCE == REVERSE_KL:
-        c_row = _cross_shift(cross, a_s, w_s, M_s - m_s, M_t - m_t)
-        div = tl.sum(c_row, 0) / sum_s - log_ss + log_st
-    if DIVERGENCE == JSD or DIVERGENCE == TVD:
-        # Pass 2: the loss and sum_j q_j g_j need the normalised distributions.
-        acc_a = tl.zeros([BLOCK], tl.float32)
-        acc_b = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, n, BLOCK):
-            cols = start + offs
-            zs, lq, lp = _log_probs(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t,
-                                    inv_t, interp, M_s, log_ss, M_t, log_st, HAS_CAP_S,
-                                    HAS_CAP_T, HAS_INTERP)
+        c_row = tl.sum(_cross_shift(cross, a_s, w_s, M_s - m_s, M_t - m_t), 0)
+    sum_1 = 0.0
+    if HAS_HARD:
+        _, w_1 = _row_weights(m_s * temperature)
+        sum_1 = tl.sum(a_1 * w_1, 0)
+    return (M_s, tl.sum(a_s * w_s, 0), M_t, tl.sum(a_t * w_t, 0), c_row, sum_1,
+            tl.sum(z_y, 0))
+
+
+@triton.jit
+def loss_sums(s_row, t_row, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_s, log_ss,
+              M_t, log_st, beta, param2, DIVERGENCE: tl.constexpr, HAS_CAP_S: tl.constexpr,
+              HAS_CAP_T: tl.constexpr, HAS_INTERP: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2 of the divergences whose loss needs the normalised distributions: (A, B) over
+    the columns < n. JSD: A = sum p log(p/m), B = sum q log(q/m); TVD: A = sum |q - p|,
+    B = sum q sign(q - p) / 2; skew KLs and AB: A = sum of the loss terms, B = sum_j h_j
+    (h = dL/dlog q). `combine_sums` turns them into the divergence and the gradient's sum."""
+    offs = tl.arange(0, BLOCK)
+    acc_a = tl.zeros([BLOCK], tl.float32)
+    acc_b = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n, BLOCK):
+        cols = start + offs
+        _zs, lq, lp = _log_probs(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t,
+                                inv_t, interp, M_s, log_ss, M_t, log_st, HAS_CAP_S,
+                                HAS_CAP_T, HAS_INTERP)
+        if DIVERGENCE == JSD or DIVERGENCE == TVD:
             q = _exp(lq)
             p = _exp(lp)
             if DIVERGENCE == JSD:
@@ -297,28 +288,122 @@ def dense_kd_kernel(
             else:
                 acc_a += tl.abs(q - p)
                 acc_b += q * tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
-        if DIVERGENCE == JSD:
-            kl_q = tl.sum(acc_b, 0)
-            div = beta * tl.sum(acc_a, 0) + (1.0 - beta) * kl_q
-            sum_qg = (1.0 - beta) * kl_q
         else:
-            div = 0.5 * tl.sum(acc_a, 0)
-            sum_qg = tl.sum(acc_b, 0)
-    if DIVERGENCE == SKEW_KL or DIVERGENCE == SKEW_REVERSE_KL or DIVERGENCE == AB:
-        # Pass 2: the loss and sum_j h_j, h_j = dL/dlog q_j.
-        acc_a = tl.zeros([BLOCK], tl.float32)
-        acc_b = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, n, BLOCK):
-            cols = start + offs
-            zs, lq, lp = _log_probs(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t,
-                                    inv_t, interp, M_s, log_ss, M_t, log_st, HAS_CAP_S,
-                                    HAS_CAP_T, HAS_INTERP)
             term, h = research_terms(lp, lq, _exp(lp), _exp(lq), beta, param2, True,
                                      DIVERGENCE)
             acc_a += term
             acc_b += h
-        div = tl.sum(acc_a, 0)
-        sum_qg = tl.sum(acc_b, 0)
+    return tl.sum(acc_a, 0), tl.sum(acc_b, 0)
+
+
+@triton.jit
+def combine_sums(a, b, beta, DIVERGENCE: tl.constexpr):
+    """(divergence, sum_j q_j g_j of its gradient) from loss_sums' (A, B), summed over the
+    whole row (over every rank's slice when the vocabulary is split)."""
+    if DIVERGENCE == JSD:
+        div = beta * a + (1.0 - beta) * b
+        sum_qg = (1.0 - beta) * b
+    elif DIVERGENCE == TVD:
+        div = 0.5 * a
+        sum_qg = b
+    else:
+        div = a
+        sum_qg = b
+    return div, sum_qg
+
+
+@triton.jit
+def soft_grad(lq, lp, div, sum_qg, akl_w, beta, param2, DIVERGENCE: tl.constexpr):
+    """d divergence / d z_s per element (times T), given the row's divergence, sum_qg and
+    AKL's head weight."""
+    q = _exp(lq)
+    if DIVERGENCE == FORWARD_KL:
+        d = q - _exp(lp)
+    if DIVERGENCE == REVERSE_KL:
+        d = tl.where(q > 0, q * ((lq - lp) - div), 0.0)
+    if DIVERGENCE == JSD:
+        p = _exp(lp)
+        lm = LN2 * _fast_log2(tl.maximum(beta * p + (1.0 - beta) * q, MIX_FLOOR))
+        g = tl.where(q > 0, (1.0 - beta) * (lq - lm), 0.0)
+        d = q * (g - sum_qg)
+    if DIVERGENCE == TVD:
+        p = _exp(lp)
+        d = q * (tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0)) - sum_qg)
+    if DIVERGENCE == SKEW_KL or DIVERGENCE == SKEW_REVERSE_KL or DIVERGENCE == AB:
+        _term, h = research_terms(lp, lq, _exp(lp), q, beta, param2, False, DIVERGENCE)
+        d = h - q * sum_qg
+    if DIVERGENCE == AKL:
+        d = akl_w * (q - _exp(lp)) \
+            + (1.0 - akl_w) * tl.where(q > 0, q * ((lq - lp) - sum_qg), 0.0)
+    return d
+
+
+@triton.jit
+def store_grad(g_row, cols, n, grad_cols, zs, d, coef, hard, M_s, log_s1, label, temperature,
+               scale_s, cap_s, HAS_HARD: tl.constexpr, HAS_CAP_S: tl.constexpr,
+               CHECK_LABEL: tl.constexpr, found):
+    """dL/dx of a block: coef * d plus the hard term's softmax-at-T=1 minus its one-hot, times
+    f'(x) / T's factor; 0 at columns >= n (< grad_cols), NaN rows where a checked label is
+    not found; written in the gradient's dtype."""
+    gz = coef * d
+    if HAS_HARD:
+        sm1 = _exp((zs - M_s) * temperature - log_s1)
+        gz += hard * (sm1 - tl.where(cols == label, 1.0, 0.0))
+        if CHECK_LABEL:
+            gz = tl.where(found, gz, float("nan"))
+    gx = gz * transform_grad(zs, scale_s, cap_s, temperature, HAS_CAP_S)
+    gx = tl.where(cols < n, gx, 0.0)
+    tl.store(g_row + cols, cast_rne(gx, g_row.dtype.element_ty), mask=cols < grad_cols)
+
+
+@triton.jit
+def dense_kd_kernel(
+    s_ptr, t_ptr, valid_ptr, labels_ptr, loss_ptr, grad_ptr, row_scale_ptr,
+    s_stride, t_stride, g_stride, vocab, grad_cols,
+    temperature, beta, scale_s, cap_s, scale_t, cap_t, hard_weight, soft_coef, param2, interp,
+    DIVERGENCE: tl.constexpr,
+    HAS_CAP_S: tl.constexpr,
+    HAS_CAP_T: tl.constexpr,
+    HAS_INTERP: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    HAS_HARD: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    inv_t = 1.0 / temperature
+    n = vocab
+    if HAS_VALID:
+        # An ignored row reads nothing: its loops run over zero columns.
+        n = tl.where(tl.load(valid_ptr + row) != 0, vocab, 0)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    offs = tl.arange(0, BLOCK)
+    label = 0
+    if HAS_HARD:
+        label = tl.load(labels_ptr + row)
+
+    # Pass 1: per-group online softmax statistics (+ KL cross terms, + T=1 sums).
+    M_s, sum_s, M_t, sum_t, c_row, sum_1, z_y = row_statistics(
+        s_row, t_row, n, label, temperature, scale_s, cap_s, scale_t, cap_t, inv_t, interp,
+        DIVERGENCE, HAS_CAP_S, HAS_CAP_T, HAS_INTERP, HAS_HARD, BLOCK)
+    log_ss = tl.log(sum_s)
+    log_st = tl.log(sum_t)
+
+    div = 0.0
+    sum_qg = 0.0
+    if DIVERGENCE == FORWARD_KL:
+        div = c_row / sum_t - log_st + log_ss
+    if DIVERGENCE == REVERSE_KL:
+        div = c_row / sum_s - log_ss + log_st
+    if DIVERGENCE != FORWARD_KL and DIVERGENCE != REVERSE_KL and DIVERGENCE != AKL:
+        # Pass 2: the loss and sum_j q_j g_j (h_j = dL/dlog q_j) need the normalised
+        # distributions.
+        a, b = loss_sums(s_row, t_row, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_s,
+                         log_ss, M_t, log_st, beta, param2, DIVERGENCE, HAS_CAP_S, HAS_CAP_T,
+                         HAS_INTERP, BLOCK)
+        div, sum_qg = combine_sums(a, b, beta, DIVERGENCE)
     akl_w = 0.0
     if DIVERGENCE == AKL:
         # The head threshold: the largest tau with sum_{p_j >= tau} p_j >= head mass (beta),
@@ -371,10 +456,9 @@ def dense_kd_kernel(
     found = True
     if HAS_HARD:
         # Cross-entropy at T = 1 on f(x) = z * T.
-        _, w_1 = _row_weights(m_s * temperature)
-        log_s1 = tl.log(tl.sum(a_1 * w_1, 0))
+        log_s1 = tl.log(sum_1)
         found = (label >= 0) & (label < vocab)
-        ce = (M_s - tl.sum(z_y, 0)) * temperature + log_s1
+        ce = (M_s - z_y) * temperature + log_s1
         loss += hard_weight * tl.where(found, ce, float("nan"))
     if HAS_VALID:
         loss = tl.where(n > 0, loss, 0.0)
@@ -390,38 +474,12 @@ def dense_kd_kernel(
             hard *= rs
         for start in range(0, grad_cols, BLOCK):
             cols = start + offs
-            inb = cols < n
             zs, lq, lp = _log_probs(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t,
                                     inv_t, interp, M_s, log_ss, M_t, log_st, HAS_CAP_S,
                                     HAS_CAP_T, HAS_INTERP)
-            q = _exp(lq)
-            if DIVERGENCE == FORWARD_KL:
-                d = q - _exp(lp)
-            if DIVERGENCE == REVERSE_KL:
-                d = tl.where(q > 0, q * ((lq - lp) - div), 0.0)
-            if DIVERGENCE == JSD:
-                p = _exp(lp)
-                lm = LN2 * _fast_log2(tl.maximum(beta * p + (1.0 - beta) * q, MIX_FLOOR))
-                g = tl.where(q > 0, (1.0 - beta) * (lq - lm), 0.0)
-                d = q * (g - sum_qg)
-            if DIVERGENCE == TVD:
-                p = _exp(lp)
-                d = q * (tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0)) - sum_qg)
-            if DIVERGENCE == SKEW_KL or DIVERGENCE == SKEW_REVERSE_KL or DIVERGENCE == AB:
-                _term, h = research_terms(lp, lq, _exp(lp), q, beta, param2, False,
-                                          DIVERGENCE)
-                d = h - q * sum_qg
-            if DIVERGENCE == AKL:
-                d = akl_w * (q - _exp(lp)) \
-                    + (1.0 - akl_w) * tl.where(q > 0, q * ((lq - lp) - sum_qg), 0.0)
-            gz = coef * d
-            if HAS_HARD:
-                sm1 = _exp((zs - M_s) * temperature - log_s1)
-                gz += hard * (sm1 - tl.where(cols == label, 1.0, 0.0))
-                gz = tl.where(found, gz, float("nan"))
-            gx = gz * transform_grad(zs, scale_s, cap_s, temperature, HAS_CAP_S)
-            gx = tl.where(inb, gx, 0.0)
-            tl.store(g_row + cols, cast_rne(gx, grad_ptr.dtype.element_ty), mask=cols < grad_cols)
+            d = soft_grad(lq, lp, div, sum_qg, akl_w, beta, param2, DIVERGENCE)
+            store_grad(g_row, cols, n, grad_cols, zs, d, coef, hard, M_s, log_s1, label,
+                       temperature, scale_s, cap_s, HAS_HARD, HAS_CAP_S, True, found)
 
 
 @triton.jit

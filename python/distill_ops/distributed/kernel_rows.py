@@ -1,0 +1,228 @@
+"""Vocab-parallel losses through the fused kernels: the C++ CPU kernels (csrc/cpu/dense_vp.cpp,
+sparse_vp.cpp) and the Triton ones (backends/triton/dense_vp.py, sparse_vp.py), which share
+one row record, so that one orchestration here serves both.
+
+Dense: phase 0 (each slice's maxima, sums, T = 1 sum, label logit and, for the KLs, the cross
+term centred on the maxima), one MAX all-reduce of the two maxima and one SUM all-reduce of
+four sums a row (five for the KLs), each moved to the global maxima first; JSD, TVD, the skew
+KLs and AB add phase 1 (the slice's partial sums with the global statistics) and one SUM
+all-reduce of two; phase 2 writes the slice's gradient. Sparse: phase 0 (the slice's max, sum,
+mass off the support, owned support ids and their logits), one MAX and one SUM all-reduce of
+5 + k floats a row, the divergence over the k + 1 coarse classes in PyTorch ([N, k + 1]),
+phase 1 writes the gradient. No [N, V] temporary anywhere: every element goes through the
+kernels' own maths.
+
+Which kernel runs (`choose_kernel`): `auto` takes the C++ kernel for CPU tensors and the
+Triton one for CUDA tensors; float64 and AKL (a global threshold search) run in PyTorch row
+chunks (vocab_parallel.py), as does `backend="torch"`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..backends.cpu import kd_params
+from ..backends.extension import dtype_code, has_native, native, ptr
+from ..dispatch import resolve_backend
+from ..validation import check_kernel_dtype
+from .coarse import coarse_divergence, sparse_grad_terms
+from .comm import all_reduce
+
+FORWARD_KL, REVERSE_KL, JSD, TVD, AKL = 0, 1, 2, 3, 7
+
+
+def choose_kernel(backend: str, device: torch.device, divergence: int | None,
+                  **tensors: Tensor) -> str:
+    """The kernel of a vocab-parallel loss: "cpu" (C++), "triton", or "torch" (PyTorch row
+    chunks). `auto` picks the fused kernel of the tensors' device; an explicit backend that
+    cannot run there is the single-device ops' ValueError / TypeError; "cuda" has no
+    vocab-parallel kernel of its own (a ValueError pointing at triton)."""
+    if backend == "torch":
+        return "torch"
+    if backend == "cuda":
+        raise ValueError("backend='cuda' has no vocab-parallel kernel (process_group=): use "
+                         "backend='auto' or 'triton' (the Triton kernels), or 'torch'")
+    chosen = resolve_backend(backend, device)
+    if backend != "auto":
+        check_kernel_dtype(chosen, **tensors)
+    if any(t.dtype == torch.float64 for t in tensors.values()) or divergence == AKL:
+        return "torch"
+    if chosen == "cpu":
+        return "cpu" if has_native() else "torch"
+    if chosen in ("triton", "cuda"):
+        try:
+            import triton  # noqa: F401
+        except ImportError:  # auto on a GPU without triton
+            return "torch"
+        return "triton"
+    return "torch"
+
+
+def _moved(m_local: Tensor, m: Tensor, factor: float = 1.0) -> Tensor:
+    """exp((m_local - m) * factor): a slice's sums moved to the global maximum m, 0 from a
+    slice with nothing (m_local = -inf)."""
+    ok = m_local > -math.inf
+    return torch.where(ok, torch.exp((torch.where(ok, m_local, m) - m) * factor),
+                       torch.zeros((), dtype=m.dtype, device=m.device))
+
+
+def _local_labels(labels: Tensor, offset: int, width: int) -> Tensor:
+    """Each row's label as a column of this slice, -1 where it lies elsewhere (int64)."""
+    local = labels.to(torch.int64) - offset
+    mine = (local >= 0) & (local < width)
+    return torch.where(mine, local, torch.full_like(local, -1)).contiguous()
+
+
+def _reducer(group, dt: torch.dtype):
+    def reduce(x: Tensor, op) -> Tensor:  # a copy in the compute dtype (works in place)
+        return all_reduce(x.to(dt, copy=True).contiguous(), op, group).to(torch.float64)
+
+    return reduce
+
+
+def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | None, sc,
+               shard, lim: int, dt: torch.dtype, want_grad: bool, kernel: str
+               ) -> tuple[Tensor, Tensor | None]:
+    """vocab_parallel.dense_rows through `kernel` ("cpu" or "triton"): per-row loss [N] and
+    the gradient of this rank's slice (zeros past column `lim`, the ids that count)."""
+    n, dev = xs.shape[0], xs.device
+    s, t = xs[:, :lim], xt[:, :lim]
+    s = s if s.stride(-1) == 1 else s.contiguous()
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    hard = sc.hard_weight != 0.0
+    lab = _local_labels(labels, shard.offset, lim) if hard else None
+    rec = torch.zeros(n, 8, dtype=torch.float64, device=dev)
+
+    if kernel == "cpu":
+        params = kd_params(sc)
+
+        def phase(k: int, g: Tensor | None = None) -> None:
+            native().dense_vp_cpu(k, ptr(s), dtype_code(s), s.stride(0), ptr(t), dtype_code(t),
+                                  t.stride(0), ptr(valid), ptr(lab), ptr(rec),
+                                  ptr(g) if g is not None else 0,
+                                  dtype_code(g) if g is not None else 0, n, lim, params,
+                                  torch.get_num_threads())
+    else:
+        from ..backends.triton.dense_vp import dense_vp_phase
+
+        def phase(k: int, g: Tensor | None = None) -> None:
+            dense_vp_phase(k, s, t, valid, lab, rec, g, sc)
+
+    reduce = _reducer(shard.group, dt)
+    phase(0)
+    mx = reduce(rec[:, [0, 2]], dist.ReduceOp.MAX)
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    ms, mt = mx[:, 0], mx[:, 1]
+    cols = [rec[:, 1] * _moved(rec[:, 0], ms), rec[:, 3] * _moved(rec[:, 2], mt),
+            rec[:, 4] * _moved(rec[:, 0], ms, sc.temperature), rec[:, 5]]
+    kl = sc.divergence in (FORWARD_KL, REVERSE_KL)
+    if kl:  # the centred cross term moved to the global maxima (kd_math.h: cross_shift)
+        w, o = (2, 0) if sc.divergence == FORWARD_KL else (0, 2)
+        m_w, m_o = (mt, ms) if sc.divergence == FORWARD_KL else (ms, mt)
+        f_w = _moved(rec[:, w], m_w)
+        a_w = rec[:, w + 1]
+        shift = torch.where(rec[:, w] > -math.inf, (m_o - rec[:, o]) - (m_w - rec[:, w]), zero)
+        c = rec[:, 6]
+        cols.append(torch.where(torch.isinf(c), c, torch.where(
+            (a_w > 0) & (f_w > 0), f_w * (c + a_w * shift), zero)))
+    sums = reduce(torch.stack(cols, 1), dist.ReduceOp.SUM)
+    log_s1 = torch.log(sums[:, 2])
+    log_ss, log_st = torch.log(sums[:, 0]), torch.log(sums[:, 1])
+    rec[:, 0], rec[:, 1] = ms, log_ss
+    rec[:, 2], rec[:, 3], rec[:, 4] = mt, log_st, log_s1
+    if kl:  # KL = c / S_w - log S_w + log S_o: no sums pass
+        div = sums[:, 4] / sums[:, 1] - log_st + log_ss if sc.divergence == FORWARD_KL \
+            else sums[:, 4] / sums[:, 0] - log_ss + log_st
+        sum_h = torch.zeros_like(div)
+    else:
+        phase(1)
+        part = reduce(rec[:, 5:7], dist.ReduceOp.SUM)
+        div, sum_h = part[:, 0], part[:, 1]
+    a, b = div, sum_h
+    if sc.divergence == JSD:
+        div, sum_h = sc.beta * a + (1.0 - sc.beta) * b, (1.0 - sc.beta) * b
+    elif sc.divergence == TVD:
+        div = 0.5 * a
+    loss = sc.soft_coef * div
+    if hard:
+        loss = loss + sc.hard_weight * ((ms - sums[:, 3]) * sc.temperature + log_s1)
+    if valid is not None:
+        loss = torch.where(valid, loss, zero)
+    if not want_grad:
+        return loss.to(dt), None
+    rec[:, 5], rec[:, 6] = div, sum_h
+    g_local = torch.empty((n, lim), dtype=xs.dtype, device=dev)
+    phase(2, g_local)
+    if lim == xs.shape[1]:  # the whole slice counts: the kernel wrote the gradient itself
+        return loss.to(dt), g_local
+    grad = torch.zeros_like(xs)
+    grad[:, :lim] = g_local
+    return loss.to(dt), grad
+
+
+def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, shard, dt,
+                want_grad, kernel):
+    """vocab_parallel.sparse_rows through `kernel` ("cpu" or "triton")."""
+    n, width = xs.shape
+    dev = xs.device
+    k = idx.shape[1]
+    s = xs if xs.stride(-1) == 1 else xs.contiguous()
+    ids = idx.to(torch.int64).contiguous()
+    hard = sc.hard_weight != 0.0
+    lab = _local_labels(labels, shard.offset, width) if hard else None
+    vld = None if valid is None else valid.contiguous()
+    rec = torch.zeros(n, 8, dtype=torch.float64, device=dev)
+    zsup = torch.zeros(n, k, dtype=torch.float64, device=dev)
+
+    if kernel == "cpu":
+        def phase(p: int, sup: Tensor | None = None, g: Tensor | None = None) -> None:
+            native().sparse_vp_cpu(p, ptr(s), dtype_code(s), s.stride(0), ptr(ids), k,
+                                   shard.offset, ptr(vld), ptr(lab), ptr(rec), ptr(zsup),
+                                   ptr(sup) if sup is not None else 0,
+                                   ptr(g) if g is not None else 0,
+                                   dtype_code(g) if g is not None else 0, n, width, float(t),
+                                   float(sc.hard_weight), torch.get_num_threads())
+    else:
+        from ..backends.triton.sparse_vp import sparse_vp_phase
+
+        def phase(p: int, sup: Tensor | None = None, g: Tensor | None = None) -> None:
+            sparse_vp_phase(p, s, ids, shard.offset, vld, lab, rec, zsup, sup, g, float(t),
+                            float(sc.hard_weight))
+
+    reduce = _reducer(shard.group, dt)
+    phase(0)
+    m_loc = rec[:, 0].clone()
+    m = reduce(m_loc[:, None], dist.ReduceOp.MAX)[:, 0]
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    f = _moved(m_loc, m)
+    cols = [rec[:, 1] * f, rec[:, 2] * f, rec[:, 3]]
+    if hard:
+        cols += [rec[:, 4] * _moved(m_loc, m, t), rec[:, 5]]
+    sums = reduce(torch.cat([torch.stack(cols, 1), zsup], 1), dist.ReduceOp.SUM)
+    s_all, s_rest, n_sup = sums[:, 0], sums[:, 1], sums[:, 2]
+    log_s = torch.log(s_all)
+    div, h, lq_sup, has_rest = coarse_divergence(idx, tlp, sums[:, -k:].to(dt), m.to(dt),
+                                                  log_s.to(dt), s_rest.to(dt), n_sup.to(dt),
+                                                  divergence, tail, ratio, sc, shard, dt,
+                                                  want_grad)
+    loss = sc.soft_coef * div.to(torch.float64)
+    log_s1 = torch.log(sums[:, 3]) if hard else None
+    if hard:
+        loss = loss + sc.hard_weight * ((m - sums[:, 4]) * t + log_s1)
+    if valid is not None:
+        loss = torch.where(valid, loss, zero)
+    if not want_grad:
+        return loss.to(dt), None
+    off, sup_grad = sparse_grad_terms(h, lq_sup, s_all.to(dt), s_rest.to(dt), has_rest, tail)
+    coef = sc.soft_coef / t
+    rec[:, 0] = m
+    rec[:, 1] = 0.0 if off is None else coef * off.to(torch.float64)
+    if hard:
+        rec[:, 4] = log_s1
+    grad = torch.empty((n, width), dtype=xs.dtype, device=dev)
+    phase(1, (coef * sup_grad).to(torch.float64).contiguous(), grad)
+    return loss.to(dt), grad
