@@ -47,7 +47,10 @@ TIMEOUT=""
 python3 -c "import pytest_timeout" 2>/dev/null && TIMEOUT="--timeout 120"
 TESTS="tests/test_cuda_gpu.py tests/test_dense_kd.py tests/test_sparse_kd.py \
   tests/test_topk_sampling.py tests/test_fused_linear.py tests/test_fused_linear_gpu_math.py \
-  tests/test_autograd_and_compile.py tests/test_store.py"
+  tests/test_autograd_and_compile.py tests/test_store.py \
+  tests/test_vocab_parallel.py::test_triton_phases_on_a_gpu_dense \
+  tests/test_vocab_parallel.py::test_triton_phases_on_a_gpu_sparse \
+  tests/test_vocab_parallel.py::test_the_vocab_parallel_kernel_follows_the_backend"
 log "GPU tests ($XDIST $TIMEOUT), then the serial ones"
 timeout $(( $(left) > 300 ? 240 : $(left) / 2 )) python3 -m pytest -v -p no:cacheprovider \
   $XDIST $TIMEOUT -k "not cpu" -m "not serial" $TESTS > "$OUT/tests.log" 2>&1

@@ -9,12 +9,14 @@ import tempfile
 import traceback
 
 
-def _worker(rank, world, init_file, fn, args, queue):
+def _worker(rank, world, init_file, fn, args, queue, gpu=False):
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
+        if gpu and torch.cuda.is_available():  # every rank on the one GPU (gloo: via the host)
+            torch.cuda.set_device(0)
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                 world_size=world)
         try:
@@ -25,15 +27,17 @@ def _worker(rank, world, init_file, fn, args, queue):
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
-    """[fn(rank, world, *args) for each rank], run in `world` forked gloo processes. Raises
-    AssertionError with every failing rank's traceback; a hang past `timeout` fails too."""
-    ctx = mp.get_context("fork")
+def run_ranks(fn, world: int, *args, timeout: float = 120.0, spawn: bool = False) -> list:
+    """[fn(rank, world, *args) for each rank], run in `world` forked gloo processes (spawned
+    with `spawn`: a parent that has initialised CUDA cannot fork a process that uses it; `fn`
+    must then be importable). Raises AssertionError with every failing rank's traceback; a
+    hang past `timeout` fails too."""
+    ctx = mp.get_context("spawn" if spawn else "fork")
     queue = ctx.Queue()
     fd, init_file = tempfile.mkstemp(prefix="distill_ops_gloo_")
     os.close(fd)
     os.unlink(init_file)
-    procs = [ctx.Process(target=_worker, args=(r, world, init_file, fn, args, queue))
+    procs = [ctx.Process(target=_worker, args=(r, world, init_file, fn, args, queue, spawn))
              for r in range(world)]
     for p in procs:
         p.start()
