@@ -175,3 +175,62 @@ def test_example_fsdp2_and_ddp_step_like_one_process():
     a, b = fsdp[0]["losses"], ddp[0]["losses"]
     assert all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, b, strict=True)), (a, b)
     assert a[-1] < a[0], a
+
+
+def _hf_models_and_batch(seed: int):
+    from helpers import load_example
+
+    ex = load_example("hf_trainer")
+    student, teacher = ex.tiny_causal_lm(32, seed=seed), ex.tiny_causal_lm(48, seed=seed + 1)
+    rows = ex.random_batches(8, 12, 128, seed=seed)
+    return student, teacher.eval(), rows
+
+
+def _hf_loss(model, teacher, rows):
+    """DistillTrainer.compute_loss on `rows`, as the Trainer calls it (with the model it
+    trains: the DDP wrapper, the fully_shard module), without a Trainer around it."""
+    from distill_ops.integrations.hf import DistillTrainer
+
+    trainer = DistillTrainer.__new__(DistillTrainer)  # compute_loss reads only these
+    trainer.teacher, trainer.distill = teacher, {"divergence": "jsd", "temperature": 2.0,
+                                                 "hard_weight": 0.2}
+    inputs = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return trainer.compute_loss(model, inputs)
+
+
+def _hf_case(rank, world, seed, wrap):
+    from torch.distributed.fsdp import fully_shard
+
+    student, teacher, rows = _hf_models_and_batch(seed)
+    if wrap == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(student)
+    else:
+        for layer in student.model.layers:
+            fully_shard(layer)
+        fully_shard(student)
+        model = student
+    part = len(rows) // world
+    loss = _hf_loss(model, teacher, rows[rank * part:(rank + 1) * part])
+    loss.backward()
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total)
+    grads = {}
+    for name, p in student.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grads[name] = g.tolist()
+    return (total / world).item(), grads
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_hf_distill_trainer_loss_under_ddp_and_fsdp2_equals_one_process(seed, wrap):
+    """integrations.hf.DistillTrainer.compute_loss with the student wrapped by DDP or
+    fully_shard (per layer and the root), each rank on half the rows (the same number of
+    counted labels): the mean loss and every gradient equal one process's on all rows."""
+    student, teacher, rows = _hf_models_and_batch(seed)
+    want_loss = _hf_loss(student, teacher, rows)
+    want_loss.backward()
+    for loss, grads in run_ranks(_hf_case, 2, seed, wrap, timeout=240):
+        assert abs(loss - want_loss.item()) <= 1e-5 * abs(want_loss.item()) + 1e-6
+        for name, p in student.named_parameters():
+            torch.testing.assert_close(torch.tensor(grads[name]), p.grad, rtol=1e-4,
+                                       atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

@@ -12,6 +12,11 @@ hidden states and the head's weight to :func:`distill_ops.fused_linear_kd_loss`,
 
 Position t of the batch predicts token t + 1: hidden states and targets of the last position
 are dropped, labels of the first.
+
+Under DDP or FSDP2 (`fully_shard`) the decoder runs as the wrapped model's forward, so the
+wrapper's hooks run as for a full forward (DDP's gradient sync; FSDP2 gathering the root's
+embedding, norm and head): loss and gradients equal one process's over all ranks' rows
+(tests/test_fsdp_ddp.py).
 """
 
 from __future__ import annotations
@@ -60,9 +65,13 @@ class DistillTrainer(Trainer):
 
     @staticmethod
     def _hidden_and_head(model: torch.nn.Module, inputs: dict[str, Tensor]):
-        # The decoder alone: the [B, T, V] logits of the full model are never computed.
-        hidden = model.get_decoder()(**inputs).last_hidden_state
-        head = model.get_output_embeddings()
+        # The decoder alone: the [B, T, V] logits of the full model are never computed. It
+        # runs as the forward of the model the Trainer trains (a DDP wrapper, an FSDP2
+        # module), so that the wrapper's hooks run around it as around a full forward.
+        inner = _unwrapped(model)
+        hidden = _as_forward(model, inner,
+                             lambda: inner.get_decoder()(**inputs).last_hidden_state)
+        head = inner.get_output_embeddings()
         return hidden, head.weight, getattr(head, "bias", None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -91,3 +100,34 @@ class DistillTrainer(Trainer):
                                         teacher_indices=indices[:, :-1],
                                         teacher_logprobs=logprobs[:, :-1], **kwargs)
         return (loss, {"hidden": hidden}) if return_outputs else loss
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside DDP / DataParallel wrappers (an FSDP2 module is the LM itself)."""
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel,
+                             torch.nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _as_forward(model: torch.nn.Module, inner: torch.nn.Module, fn: Any) -> Tensor:
+    """fn() run as the forward of `model`: DDP's forward (its gradient-sync bookkeeping) and
+    FSDP2's pre/post-forward hooks (the root's parameters gathered, the backward hooks on the
+    output) run around it, as around the module's own forward; a plain module (or one inside
+    DataParallel, which would replicate it per call) just calls fn()."""
+    from torch.distributed.fsdp import FSDPModule
+
+    wrapped = isinstance(model, (torch.nn.parallel.DistributedDataParallel, FSDPModule))
+    if not wrapped:
+        return fn()
+    had_own = "forward" in inner.__dict__
+    own = inner.__dict__.get("forward")
+    inner.forward = lambda *args, **kwargs: fn()
+    try:
+        return model()
+    finally:
+        if had_own:
+            inner.forward = own
+        else:
+            del inner.forward
+
