@@ -81,10 +81,12 @@ def _dense_case(rank, world, widths, seed, dtype, extreme, backend, device="cpu"
     n, v = 9, sum(widths)
     s, t = (torch.randn(n, v, dtype=dtype) * 2, torch.randn(n, v, dtype=dtype) * 2)
     s[0, :7] = t[0, :7] = float("-inf")  # masked ids (on rank 0's slice)
+    s[1, :120] = t[1, :120] = float("-inf")  # a masked range: whole slices of some ranks
     if extreme:
         s[4] *= 300  # a near one-hot student row
     labels = torch.randint(0, v, (n,))
     labels[::4] = -100
+    labels[1] = 200  # outside row 1's masked range (a label at -inf is an infinite CE)
     mask = torch.rand(n) > 0.3
     go = torch.rand(n, dtype=dtype) + 0.5
     s, t, labels, mask, go = (x.to(device) for x in (s, t, labels, mask, go))

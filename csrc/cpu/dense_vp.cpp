@@ -84,9 +84,13 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
       }
       const int64_t label = hard ? labels[r] : -1;  // -1: not in this slice
       if (phase == 0) {
-        const Acc ms = row_max(zs, width), mt = row_max(zt, width);
-        f[kMs] = double(ms);
-        f[kMt] = double(mt);
+        const Acc ninf = -std::numeric_limits<Acc>::infinity();
+        const Acc ms_row = row_max(zs, width), mt_row = row_max(zt, width);
+        f[kMs] = double(ms_row);
+        f[kMt] = double(mt_row);
+        // A side whose slice is all -inf (a masked range on this rank) holds nothing: its
+        // terms exp(-inf - 0) are 0 (exp(-inf - -inf) would be NaN), its maximum stays -inf.
+        const Acc ms = ms_row == ninf ? Acc(0) : ms_row, mt = mt_row == ninf ? Acc(0) : mt_row;
         // Both sums (and the KLs' cross term) in one loop: two exponentials a logit.
         constexpr bool kl = div == Divergence::ForwardKL || div == Divergence::ReverseKL;
         constexpr bool fwd = div == Divergence::ForwardKL;
