@@ -222,7 +222,7 @@ def test_sparse_loss_every_tail_and_divergence_equals_the_unsharded_one(seed, wo
 
 # On a GPU every new kernel specialisation compiles (~1 s each, in every rank): a subset
 # that fits the GPU check's 120 s a test (the CPU runs above cover every combination).
-GPU_DIVERGENCES = ["forward_kl", "jsd", "reverse_kl", "ab"]
+GPU_DIVERGENCES = ["forward_kl", "jsd", "akl", "ab"]
 GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (the kernels are compiled "
                               "here, run on a GPU)")
 
@@ -266,11 +266,12 @@ def test_the_vocab_parallel_kernel_follows_the_backend():
     assert choose_kernel("auto", cpu, 0, student_logits=x32) == "cpu"
     if not ON_GPU:  # the interpreter
         assert choose_kernel("triton", cpu, 2, student_logits=x32) == "triton"
+        assert choose_kernel("triton", cpu, 7, student_logits=x32) == "triton"  # AKL too
     else:
         dev = torch.device("cuda")
         assert choose_kernel("auto", dev, 2, student_logits=x32.to(dev)) == "triton"
     assert choose_kernel("torch", cpu, 0, student_logits=x32) == "torch"
-    # float64 and AKL's global threshold search run in PyTorch row chunks
+    # float64, and AKL on the CPU (no C++ phases for its threshold search), in row chunks
     assert choose_kernel("auto", cpu, 0, student_logits=x64) == "torch"
     assert choose_kernel("auto", cpu, 7, student_logits=x32) == "torch"
     if not ON_GPU:

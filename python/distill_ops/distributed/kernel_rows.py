@@ -12,9 +12,12 @@ mass off the support, owned support ids and their logits), one MAX and one SUM a
 phase 1 writes the gradient. No [N, V] temporary anywhere: every element goes through the
 kernels' own maths.
 
+AKL adds its head threshold's search (31 bisection steps of one all-reduce of a float a row)
+and one pass for both KLs and the head's and tail's gaps before the gradient.
+
 Which kernel runs (`choose_kernel`): `auto` takes the C++ kernel for CPU tensors and the
-Triton one for CUDA tensors; float64 and AKL (a global threshold search) run in PyTorch row
-chunks (vocab_parallel.py), as does `backend="torch"`.
+Triton one for CUDA tensors; float64 runs in PyTorch row chunks (vocab_parallel.py), as do
+`backend="torch"` and, on the CPU, AKL.
 """
 
 from __future__ import annotations
@@ -49,10 +52,10 @@ def choose_kernel(backend: str, device: torch.device, divergence: int | None,
     chosen = resolve_backend(backend, device)
     if backend != "auto":
         check_kernel_dtype(chosen, **tensors)
-    if any(t.dtype == torch.float64 for t in tensors.values()) or divergence == AKL:
+    if any(t.dtype == torch.float64 for t in tensors.values()):
         return "torch"
     if chosen == "cpu":
-        return "cpu" if has_native() else "torch"
+        return "cpu" if has_native() and divergence != AKL else "torch"
     if chosen in ("triton", "cuda"):
         try:
             import triton  # noqa: F401
@@ -134,10 +137,20 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
     log_ss, log_st = torch.log(sums[:, 0]), torch.log(sums[:, 1])
     rec[:, 0], rec[:, 1] = ms, log_ss
     rec[:, 2], rec[:, 3], rec[:, 4] = mt, log_st, log_s1
+    akl_w = None
     if kl:  # KL = c / S_w - log S_w + log S_o: no sums pass
         div = sums[:, 4] / sums[:, 1] - log_st + log_ss if sc.divergence == FORWARD_KL \
             else sums[:, 4] / sums[:, 0] - log_ss + log_st
         sum_h = torch.zeros_like(div)
+    elif sc.divergence == AKL:  # the global head threshold, then both KLs and the gaps
+        rec[:, 7] = _akl_threshold(phase, rec, sc.beta, reduce)
+        phase(4)
+        part = reduce(rec[:, [5, 6, 7, 4]], dist.ReduceOp.SUM)
+        fkl, rkl, g_head, g_tail = part.unbind(1)
+        total = g_head + g_tail
+        akl_w = torch.where(total > 0, g_head / torch.where(total > 0, total, 1.0), 0.5)
+        div, sum_h = akl_w * fkl + (1.0 - akl_w) * rkl, rkl
+        rec[:, 4] = log_s1  # phase 4 wrote the tail's gap there
     else:
         phase(1)
         part = reduce(rec[:, 5:7], dist.ReduceOp.SUM)
@@ -155,6 +168,8 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
     if not want_grad:
         return loss.to(dt), None
     rec[:, 5], rec[:, 6] = div, sum_h
+    if akl_w is not None:
+        rec[:, 7] = akl_w
     g_local = torch.empty((n, lim), dtype=xs.dtype, device=dev)
     phase(2, g_local)
     if lim == xs.shape[1]:  # the whole slice counts: the kernel wrote the gradient itself
@@ -162,6 +177,27 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
     grad = torch.zeros_like(xs)
     grad[:, :lim] = g_local
     return loss.to(dt), grad
+
+
+def _akl_threshold(phase, rec: Tensor, head_mass: float, reduce) -> Tensor:
+    """AKL's head threshold per row over the whole vocabulary: the largest tau with
+    sum_{p_j >= tau} p_j >= head_mass, bisected over tau's fp32 bits (p >= 0 orders as its
+    bits) in [0, 1 + 1 ulp): 31 steps of the kernel's phase 3 (the slice's mass at p >= tau,
+    tau in field 7), each one all-reduce of a float a row. A head mass of 1 is the whole
+    vocabulary, whatever its sum rounds to: tau = 0, no search."""
+    n, dev = rec.shape[0], rec.device
+    if head_mass >= 1.0:
+        return torch.zeros(n, dtype=torch.float64, device=dev)
+    lo = torch.zeros(n, dtype=torch.int64, device=dev)
+    hi = torch.full((n,), 0x3F800001, dtype=torch.int64, device=dev)
+    for _ in range(31):
+        mid = (lo + hi) // 2
+        rec[:, 7] = mid.to(torch.int32).view(torch.float32).to(torch.float64)
+        phase(3)
+        ok = reduce(rec[:, 5:6], dist.ReduceOp.SUM)[:, 0] >= head_mass
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    return lo.to(torch.int32).view(torch.float32).to(torch.float64)
 
 
 def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, shard, dt,

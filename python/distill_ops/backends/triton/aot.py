@@ -97,12 +97,12 @@ def _sparse_kd_specs() -> Iterator[KernelSpec]:
 
 def _vocab_parallel_specs() -> Iterator[KernelSpec]:
     """The vocab-parallel phases: dense phase 0 (the KLs' cross term, or none), phase 1
-    (divergences with a sums pass), phase 2 (every divergence but AKL) in bf16 with every
+    (divergences with a sums pass), phase 2 (every divergence), AKL's 3 and 4 in bf16 with every
     option on, forward KL and JSD in fp32 / fp16 with options off; sparse phases 0 and 1."""
     floats = ("temperature", "beta", "scale_s", "cap_s", "scale_t", "cap_t", "hard_weight",
               "soft_coef", "param2", "interp")
     block, warps = dense_kd.launch_config(64128)
-    phases = {0: (0, 1, 2), 1: (2, 3, 4, 5, 6), 2: (0, 1, 2, 3, 4, 5, 6)}
+    phases = {0: (0, 1, 2), 1: (2, 3, 4, 5, 6), 2: tuple(range(8)), 3: (7,), 4: (7,)}
     cases = [(p, d, "bf16", True) for p, divs in phases.items() for d in divs]
     cases += [(p, d, dt, False) for dt in ("fp32", "fp16") for d in (0, 2) for p in (0, 1, 2)
               if d in phases[p]]

@@ -10,12 +10,15 @@ the same row record as the C++ CPU kernel (csrc/cpu/dense_vp.cpp; fp64, 8 fields
 - phase 1 (JSD, TVD, skew KLs, AB): with the global maxima and log-sums in the record, the
   slice's partial sums (A, B) of the loss and of sum_j h_j (dense_kd's `loss_sums`);
 - phase 2: with the global divergence and sum_j h_j too, dL/dx of the slice in the student's
-  dtype (dense_kd's `soft_grad` and `store_grad`).
+  dtype (dense_kd's `soft_grad` and `store_grad`);
+- AKL: phase 3, one step of the bisection for its head threshold tau (field 7): the slice's
+  teacher mass at p >= tau (31 steps, one all-reduce of a float a row each, as the one-device
+  kernel's 31 reads of the teacher row); phase 4 with the global tau: both KLs and the head's
+  and tail's sum |p - q| (fields 5, 6, 7, 4); phase 2 reads the head weight from field 7.
 
 Bytes per logit: the fused kernel on one device reads s and t twice (statistics, gradient)
 and writes g; the vocab-parallel form does the same for the KLs and adds one read of s and t
-for the others, as the one-device kernel does for them too. AKL (a global threshold search)
-stays in PyTorch.
+for the others, as the one-device kernel does for them too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .dense_kd import (
+    _akl_p,
     _device_ctx,
     _log_probs,
     launch_config,
@@ -33,7 +37,7 @@ from .dense_kd import (
     soft_grad,
     store_grad,
 )
-from .elementwise import NEG_INF
+from .elementwise import AKL, NEG_INF, _exp
 
 # The record: 8 fp64 fields a row, csrc/cpu/dense_vp.cpp's VpField: phase 0 writes M_s, S_s,
 # M_t, S_t, S_1, z_y, C; phase 1 reads global M_s, log S_s, M_t, log S_t and writes A, B into
@@ -84,24 +88,58 @@ def dense_vp_kernel(
         log_ss = tl.load(f + 1).to(tl.float32)
         M_t = tl.load(f + 2).to(tl.float32)
         log_st = tl.load(f + 3).to(tl.float32)
+        offs = tl.arange(0, BLOCK)
         if PHASE == 1:
             a, b = loss_sums(s_row, t_row, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp,
                              M_s, log_ss, M_t, log_st, beta, param2, DIVERGENCE, HAS_CAP_S,
                              HAS_CAP_T, HAS_INTERP, BLOCK)
             tl.store(f + 5, a.to(tl.float64))
             tl.store(f + 6, b.to(tl.float64))
+        elif PHASE == 3:
+            # AKL's threshold search, one bisection step: the slice's teacher mass at p >= tau.
+            tau = tl.load(f + 7).to(tl.float32)
+            acc = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, n, BLOCK):
+                p = _akl_p(s_row, t_row, start + offs, n, scale_s, cap_s, scale_t, cap_t,
+                           inv_t, interp, M_t, log_st, HAS_CAP_S, HAS_CAP_T, HAS_INTERP)
+                acc += tl.where(p >= tau, p, 0.0)
+            tl.store(f + 5, tl.sum(acc, 0).to(tl.float64))
+        elif PHASE == 4:
+            # AKL with the global threshold: both KLs and the head's and tail's sum |p - q|.
+            tau = tl.load(f + 7).to(tl.float32)
+            acc_f = tl.zeros([BLOCK], tl.float32)
+            acc_r = tl.zeros([BLOCK], tl.float32)
+            acc_h = tl.zeros([BLOCK], tl.float32)
+            acc_t = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, n, BLOCK):
+                _zs, lq, lp = _log_probs(s_row, t_row, start + offs, n, scale_s, cap_s,
+                                         scale_t, cap_t, inv_t, interp, M_s, log_ss, M_t,
+                                         log_st, HAS_CAP_S, HAS_CAP_T, HAS_INTERP)
+                q = _exp(lq)
+                p = _exp(lp)  # _akl_p's expression: the head test agrees with phase 3's
+                acc_f += tl.where(p > 0, p * (lp - lq), 0.0)
+                acc_r += tl.where(q > 0, q * (lq - lp), 0.0)
+                gap = tl.abs(p - q)
+                acc_h += tl.where(p >= tau, gap, 0.0)
+                acc_t += tl.where(p >= tau, 0.0, gap)
+            tl.store(f + 5, tl.sum(acc_f, 0).to(tl.float64))
+            tl.store(f + 6, tl.sum(acc_r, 0).to(tl.float64))
+            tl.store(f + 7, tl.sum(acc_h, 0).to(tl.float64))
+            tl.store(f + 4, tl.sum(acc_t, 0).to(tl.float64))
         else:
             log_s1 = tl.load(f + 4).to(tl.float32)
             div = tl.load(f + 5).to(tl.float32)
             sum_qg = tl.load(f + 6).to(tl.float32)
+            akl_w = 0.0
+            if DIVERGENCE == AKL:  # the head's weight, sum_qg its reverse KL
+                akl_w = tl.load(f + 7).to(tl.float32)
             g_row = grad_ptr + row * g_stride
-            offs = tl.arange(0, BLOCK)
             for start in range(0, width, BLOCK):
                 cols = start + offs
                 zs, lq, lp = _log_probs(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t,
                                         inv_t, interp, M_s, log_ss, M_t, log_st, HAS_CAP_S,
                                         HAS_CAP_T, HAS_INTERP)
-                d = soft_grad(lq, lp, div, sum_qg, 0.0, beta, param2, DIVERGENCE)
+                d = soft_grad(lq, lp, div, sum_qg, akl_w, beta, param2, DIVERGENCE)
                 store_grad(g_row, cols, n, width, zs, d, soft_coef * inv_t, hard_weight, M_s,
                            log_s1, label, temperature, scale_s, cap_s, HAS_HARD, HAS_CAP_S,
                            False, True)
