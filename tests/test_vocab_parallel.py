@@ -271,9 +271,8 @@ def test_the_vocab_parallel_kernel_follows_the_backend():
         dev = torch.device("cuda")
         assert choose_kernel("auto", dev, 2, student_logits=x32.to(dev)) == "triton"
     assert choose_kernel("torch", cpu, 0, student_logits=x32) == "torch"
-    # float64, and AKL on the CPU (no C++ phases for its threshold search), in row chunks
-    assert choose_kernel("auto", cpu, 0, student_logits=x64) == "torch"
-    assert choose_kernel("auto", cpu, 7, student_logits=x32) == "torch"
+    assert choose_kernel("auto", cpu, 7, student_logits=x32) == "cpu"  # AKL's phases too
+    assert choose_kernel("auto", cpu, 0, student_logits=x64) == "torch"  # float64: row chunks
     if not ON_GPU:
         with pytest.raises(TypeError, match="backend='triton' takes fp32/bf16/fp16 "
                                             "student_logits"):

@@ -1,6 +1,6 @@
 // The dense KD loss of vocab-parallel logits on the CPU: each rank holds a slice of the
 // vocabulary, and the row statistics are global. Three phases, with the Python layer's
-// all-reduces of a few floats a row between them (distributed/vocab_parallel.py):
+// all-reduces of a few floats a row between them (distributed/kernel_rows.py):
 //   0 (statistics): per row the slice's max and sum exp(z - max) of both sides, the T = 1 sum
 //     of the student, and z at the label where the label is in the slice (each phase computes
 //     its exponentials again: caching them in [N, V] buffers measured slower, by their memory
@@ -8,8 +8,10 @@
 //   1 (sums): with the global maxima and log-sums, the slice's part of the divergence's sums
 //     (the loss, and sum_j h_j where the gradient needs it);
 //   2 (gradient): with the global sums too, d loss / d x of the slice, in the student's dtype.
-// The per-element maths is kd_math.h's, as in dense_kd.cpp. AKL (a global threshold search)
-// is not here: the Python layer keeps it.
+//   AKL: 3 (one bisection step of its global head threshold tau: the slice's teacher mass at
+//     p >= tau; 31 steps), 4 (both KLs and the head's and tail's sum |p - q| at the global
+//     tau), then 2 with the head's weight.
+// The per-element maths is kd_math.h's, as in dense_kd.cpp.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -31,6 +33,7 @@ enum VpField : int {
   kCross = 6,                          // phase 0 out (KLs): the centred cross term (kd_math.h)
   kA = 5, kB = 6,                      // phase 1 out: the two partial sums
   kDiv = 5, kSumH = 6,                 // phase 2 in: the divergence, sum_j h_j (or q g)
+  kTau = 7,                            // AKL: tau (phases 3, 4 in), head weight (phase 2 in)
   kVpFields = 8,
 };
 
@@ -69,8 +72,10 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
           const double ninf = -std::numeric_limits<double>::infinity();
           f[kMs] = f[kMt] = ninf;
           f[kSs] = f[kSt] = f[kS1] = f[kZy] = f[kCross] = 0.0;
-        } else if (phase == 1) {
+        } else if (phase == 1 || phase == 3) {
           f[kA] = f[kB] = 0.0;
+        } else if (phase == 4) {
+          f[kA] = f[kB] = f[kTau] = f[kS1] = 0.0;
         }
         continue;
       }
@@ -130,6 +135,47 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
       const Acc ms = Acc(f[kMs]), log_ss = Acc(f[kSs]), mt = Acc(f[kMt]), log_st = Acc(f[kSt]);
       auto lq_of = [&](int64_t j) { return (zs[j] - ms) - log_ss; };
       auto lp_of = [&](int64_t j) { return (zt[j] - mt) - log_st; };
+      if constexpr (div == Divergence::AKL) {
+        if (phase == 3) {  // one bisection step: the slice's teacher mass at p >= tau
+          const Acc tau = Acc(f[kTau]);
+          f[kA] = blocked_sum(width, [&](int64_t j0, int64_t j1) {
+            Acc part = 0;
+#pragma omp simd reduction(+ : part)
+            for (int64_t j = j0; j < j1; ++j) {
+              const Acc p = exp_acc(lp_of(j));
+              part += p >= tau ? p : Acc(0);
+            }
+            return part;
+          });
+          continue;
+        }
+        if (phase == 4) {  // both KLs and the head's and tail's sum |p - q| at the global tau
+          const Acc tau = Acc(f[kTau]);
+          double fkl = 0, rkl = 0, g_head = 0, g_tail = 0;
+          for (int64_t j0 = 0; j0 < width; j0 += kSumBlock) {
+            const int64_t j1 = std::min(width, j0 + kSumBlock);
+            Acc a = 0, b = 0, gh = 0, gt = 0;
+#pragma omp simd reduction(+ : a, b, gh, gt)
+            for (int64_t j = j0; j < j1; ++j) {
+              const Acc lq = lq_of(j), lp = lp_of(j), q = exp_acc(lq), p = exp_acc(lp);
+              a += xlogratio(p, lp, lq);
+              b += xlogratio(q, lq, lp);
+              const Acc gap = std::abs(p - q);
+              gh += p >= tau ? gap : Acc(0);
+              gt += p >= tau ? Acc(0) : gap;
+            }
+            fkl += double(a);
+            rkl += double(b);
+            g_head += double(gh);
+            g_tail += double(gt);
+          }
+          f[kA] = fkl;
+          f[kB] = rkl;
+          f[kTau] = g_head;
+          f[kS1] = g_tail;
+          continue;
+        }
+      }
       if (phase == 1) {
         const auto sums = blocked_sum2(width, [&](int64_t j0, int64_t j1) {
           Acc a = 0, b = 0;
@@ -168,6 +214,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
       }
       // Phase 2: the gradient w.r.t. z_s, then the hard term, then f'(x) / T.
       const Acc dv = Acc(f[kDiv]), sum_h = Acc(f[kSumH]), log_s1 = Acc(f[kS1]);
+      const Acc akl_w = Acc(f[kTau]);  // AKL: the head's weight
       const Acc coef = soft_c * inv_t;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
@@ -190,8 +237,11 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
           Acc h;
           skew_reverse_kl_term(lp, lq, q, beta, log_b, log_1mb, h);
           d = (h - q) - q * sum_h;
-        } else {
+        } else if constexpr (div == Divergence::AB) {
           d = ab_dlogq(lp, lq, beta, prm2) - q * sum_h;
+        } else {  // AKL: w (q - p) + (1 - w) q (lq - lp - RKL); sum_h is the reverse KL
+          d = akl_w * (q - p) +
+              (Acc(1) - akl_w) * (q > Acc(0) ? q * ((lq - lp) - sum_h) : Acc(0));
         }
         Acc g = coef * d;
         if (hard) {
@@ -223,9 +273,10 @@ void vp_dispatch(int phase, RowView student, RowView teacher, const uint8_t* val
     DOPS_VP_CASE(SkewKL)
     DOPS_VP_CASE(SkewReverseKL)
     DOPS_VP_CASE(AB)
+    DOPS_VP_CASE(AKL)
 #undef DOPS_VP_CASE
     default:
-      break;  // AKL: the Python layer keeps it
+      break;
   }
 }
 

@@ -16,8 +16,8 @@ AKL adds its head threshold's search (31 bisection steps of one all-reduce of a 
 and one pass for both KLs and the head's and tail's gaps before the gradient.
 
 Which kernel runs (`choose_kernel`): `auto` takes the C++ kernel for CPU tensors and the
-Triton one for CUDA tensors; float64 runs in PyTorch row chunks (vocab_parallel.py), as do
-`backend="torch"` and, on the CPU, AKL.
+Triton one for CUDA tensors; float64 runs in PyTorch row chunks (vocab_parallel.py), as does
+`backend="torch"`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def choose_kernel(backend: str, device: torch.device, divergence: int | None,
     if any(t.dtype == torch.float64 for t in tensors.values()):
         return "torch"
     if chosen == "cpu":
-        return "cpu" if has_native() and divergence != AKL else "torch"
+        return "cpu" if has_native() else "torch"
     if chosen in ("triton", "cuda"):
         try:
             import triton  # noqa: F401
