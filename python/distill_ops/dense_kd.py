@@ -166,8 +166,8 @@ def kd_loss(
             each rank's gradient is its slice of the unsharded gradient. Per row only a few
             floats cross the group (see :mod:`distill_ops.distributed.vocab_parallel`). It
             runs the fused kernels in phases around the all-reduces (``auto``: C++ for CPU
-            tensors, Triton for CUDA ones; ``"cuda"`` has none and is refused; float64, and
-            AKL on the CPU, run in PyTorch row chunks, as does ``"torch"``).
+            tensors, Triton for CUDA ones; ``"cuda"`` has none and is refused; float64
+            runs in PyTorch row chunks, as does ``"torch"``).
         student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap: the
             per-side logit transform f. A -inf logit stays -inf (masked vocabulary entry).
         backend: ``"auto"`` (cpu for CPU tensors, triton for CUDA), ``"cpu"``, ``"triton"``,

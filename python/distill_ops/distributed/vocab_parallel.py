@@ -19,8 +19,7 @@ statistics are reduced over the group, never its logits:
 The gradient of each rank is its slice of the unsharded gradient, computed in the forward;
 backward scales it by grad_output. The losses run through the fused kernels in phases
 around those all-reduces (kernel_rows.py: the C++ kernels on CPU tensors, the Triton ones on
-CUDA tensors); float64, AKL on CPU tensors and backend="torch" run here, in fp32 (fp64)
-chunks of rows.
+CUDA tensors); float64 and backend="torch" run here, in fp32 (fp64) chunks of rows.
 Shapes are agreed by one small all-gather per call (distributed.vocab_shard), which reads
 its result on the host: a graph break under torch.compile.
 """
