@@ -58,6 +58,13 @@ def _check(errs: dict, dtype: torch.dtype, extreme: bool = False) -> dict:
             ok = diff <= BAR or ours <= theirs + BAR
         elif extreme:  # near one-hot rows: fp32 noise of either computation reaches 1e-5
             ok = diff <= 10 * BAR or ours <= 2 * theirs + 10 * BAR
+        elif key.startswith("akl/"):
+            # AKL's head/tail split is discontinuous at its threshold: an id whose p lies
+            # within fp32 rounding of it can fall on either side in two fp32 computations
+            # (p = e / S one-device, exp(z - M - log S) sharded), moving the head weight by
+            # that id's |p - q| / sum |p - q| (seed 323571117: 1.9e-6 from float64 against
+            # the one-device kernel's 3.5e-7).
+            ok = diff <= 10 * BAR or ours <= 2 * theirs + 10 * BAR
         else:
             ok = diff <= BAR or ours <= 2 * theirs + BAR
         if not ok:
