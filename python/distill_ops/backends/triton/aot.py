@@ -41,7 +41,7 @@ class KernelSpec:
     def with_alignment(self) -> KernelSpec:
         """This spec with every pointer and every stride/width argument aligned."""
         names = tuple(k for k, v in self.signature.items()
-                      if v.startswith("*") or k.endswith(("stride", "vocab", "cols")))
+                      if v.startswith("*") or k.endswith(("stride", "vocab", "cols", "width")))
         return KernelSpec(self.name + "[aligned]", self.fn, self.signature, self.constexprs,
                           self.num_warps, self.options, names)
 

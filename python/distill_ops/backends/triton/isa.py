@@ -428,6 +428,49 @@ def cuda_table(binary: str, cc: int = 90, dtype: str = "BF16") -> str:
     return "\n".join(rows)
 
 
+# The vocab-parallel phases (dense_vp.py, sparse_vp.py) against the one-device kernels'
+# loops they repeat: (phase spec, its loops' read bytes a logit, one-device spec, which of its
+# loops, each loop of the phase in order, what).
+VP_PAIRS = (
+    ("dense_vp[phase=0,div=0,bf16,opts=1]", (4,), "dense_kd[div=0,bf16,opts=1][aligned]",
+     (1,), "forward KL statistics"),
+    ("dense_vp[phase=2,div=0,bf16,opts=1]", (4,), "dense_kd[div=0,bf16,opts=1][aligned]",
+     (2,), "forward KL gradient"),
+    ("dense_vp[phase=1,div=2,bf16,opts=1]", (4,), "dense_kd[div=2,bf16,opts=1][aligned]",
+     (2,), "JSD sums"),
+    ("dense_vp[phase=2,div=2,bf16,opts=1]", (4,), "dense_kd[div=2,bf16,opts=1][aligned]",
+     (3,), "JSD gradient"),
+    ("dense_vp[phase=3,div=7,bf16,opts=1]", (2,), "dense_kd[div=7,bf16,opts=1][aligned]",
+     (3,), "AKL threshold step"),
+    ("dense_vp[phase=4,div=7,bf16,opts=1]", (4,), "dense_kd[div=7,bf16,opts=1][aligned]",
+     (4,), "AKL sums"),
+    ("sparse_vp[phase=0,bf16,opts=1]", (2, 2), "sparse_kd[div=0,tail=0,bf16,opts=1][aligned]",
+     (1, 2), "sparse maximum, sums"),
+    ("sparse_vp[phase=1,bf16,opts=1]", (2,), "sparse_kd[div=0,tail=0,bf16,opts=1][aligned]",
+     (3,), "sparse gradient"),
+)
+_ONE_DEVICE_READS = {"dense_kd[div=0,bf16,opts=1][aligned]": (4, 4),
+                     "dense_kd[div=2,bf16,opts=1][aligned]": (4, 4, 4),
+                     "dense_kd[div=7,bf16,opts=1][aligned]": (4, 2, 2, 4, 4),
+                     "sparse_kd[div=0,tail=0,bf16,opts=1][aligned]": (2, 2, 2)}
+
+
+def vocab_parallel_records(cc: int = 90) -> list[dict]:
+    """Per loop of each vocab-parallel phase (compiled for aligned rows, as a GPU
+    specialises them at run time): its per-logit instructions, MUFU and 16-byte loads, and
+    the one-device kernel's same loop."""
+    one = {name: report(spec_named(name, **_PLAIN), cc, reads)
+           for name, reads in _ONE_DEVICE_READS.items()}
+    out = []
+    for name, reads, ref, ref_loops, what in VP_PAIRS:
+        for i, lr in enumerate(report(spec_named(name, **_PLAIN).with_alignment(), cc, reads)):
+            base = one[ref][ref_loops[i] - 1]
+            out.append({"what": what, "phase": name, "loop": i + 1,
+                        "instr": lr.instructions, "mufu": lr.mufu, "wide_loads": lr.wide_loads,
+                        "one_device_instr": base.instructions, "one_device_mufu": base.mufu})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cc", type=int, default=90)
@@ -435,7 +478,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="JSON records instead of a table")
     ap.add_argument("--cuda", nargs="?", const="", metavar="LIB",
                     help="the CUDA C++ kernels' loops instead, from the built extension (or LIB)")
+    ap.add_argument("--vocab-parallel", action="store_true",
+                    help="the vocab-parallel phases' loops beside the one-device kernels'")
     args = ap.parse_args(argv)
+    if args.vocab_parallel:
+        import json
+
+        print(json.dumps(vocab_parallel_records(args.cc)))
+        return 0
     if args.cuda is not None:
         from ..extension import native
 
