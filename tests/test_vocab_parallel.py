@@ -314,7 +314,7 @@ def test_topk_merges_to_the_unsharded_result_with_ties_by_id(seed, world):
             assert same_ids and err <= BAR, (rank, res)
 
 
-def _fused_case(rank, world, widths, seed):
+def _fused_case(rank, world, widths, seed, backend="auto"):
     import torch.distributed as dist
 
     group = dist.group.WORLD
@@ -339,7 +339,7 @@ def _fused_case(rank, world, widths, seed):
         lu, gu = run(lambda h, w, b, kw=kw: distill_ops.fused_linear_kd_loss(
             h, w, ht, wt, student_bias=b, **kw), [hs, ws, bs])
         ls, gs = run(lambda h, w, b, kw=kw: distill_ops.fused_linear_kd_loss(
-            h, w, ht, wt[sl], student_bias=b, process_group=group, **kw),
+            h, w, ht, wt[sl], student_bias=b, process_group=group, backend=backend, **kw),
             [hs, ws[sl], bs[sl]])
         errs[f"dense-{div}/loss"] = _rel(ls, lu, 1e-6)
         errs[f"dense-{div}/grad_h"] = _rel(gs[0], gu[0])
@@ -349,7 +349,8 @@ def _fused_case(rank, world, widths, seed):
     kw = dict(teacher_indices=top.indices, teacher_logprobs=top.logprobs, tail="bucket",
               temperature=1.5, chunk_size=3)
     lu, gu = run(lambda h, w: distill_ops.fused_linear_kd_loss(h, w, **kw), [hs, ws])
-    ls, gs = run(lambda h, w: distill_ops.fused_linear_kd_loss(h, w, process_group=group, **kw),
+    ls, gs = run(lambda h, w: distill_ops.fused_linear_kd_loss(h, w, process_group=group,
+                                                               backend=backend, **kw),
                  [hs, ws[sl]])
     errs["sparse/loss"] = _rel(ls, lu, 1e-6)
     errs["sparse/grad_h"] = _rel(gs[0], gu[0])
@@ -362,9 +363,12 @@ def _fused_case(rank, world, widths, seed):
     return errs
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_fused_lm_head_losses_and_topk_equal_the_unsharded_ones(seed, world):
-    for rank, errs in enumerate(run_ranks(_fused_case, world, SPLITS[world], seed)):
+@pytest.mark.parametrize(("world", "backend"), [
+    (2, "auto"), (4, "auto"), pytest.param(4, "triton", marks=INTERPRETED)], ids=str)
+def test_fused_lm_head_losses_and_topk_equal_the_unsharded_ones(seed, world, backend):
+    """Through the C++ phases ("auto" on these CPU tensors) and the Triton ones."""
+    for rank, errs in enumerate(run_ranks(_fused_case, world, SPLITS[world], seed, backend,
+                                          timeout=600)):
         bad = {k: e for k, e in errs.items() if e > BAR}
         assert not bad, f"rank {rank}: {bad}"
 
