@@ -95,6 +95,15 @@ else
   research_rc=skipped
 fi
 
+if [ "$(left)" -gt 100 ]; then
+  log "vocab-parallel through the Triton phases: 2 ranks sharing the GPU over gloo"
+  timeout 80 distill-ops bench --world 2 --divergence forward_kl jsd akl --reps 5 \
+    --no-progress --out "$WORK/world2" > "$WORK/world2.log" 2>&1
+  world_rc=$?
+else
+  world_rc=skipped
+fi
+
 if [ "$(left)" -gt 45 ]; then
   log "the demo, quick mode, --device cuda (the same code as on the CPU)"
   timeout $(( $(left) - 15 )) distill-ops demo --quick --device cuda --no-progress \
@@ -115,12 +124,13 @@ fi
   cat "$OUT/auto_backends.json" 2>/dev/null | tr -d '\n' | cut -c1-300; echo
   [ "$bench_rc" = 0 ] || tail -20 "$WORK/bench.log"
   echo "tests rc=$tests_rc serial rc=$serial_rc bench rc=$bench_rc compile rc=$compile_rc" \
-    "research rc=$research_rc demo rc=$demo_rc"
+    "research rc=$research_rc world rc=$world_rc demo rc=$demo_rc"
   grep -E "^\| dense \| (skew|ab|akl)" "$WORK"/research/*.md 2>/dev/null | grep distill_ops \
     | cut -c1-160
   # The two CUDA dense designs side by side (issue 26: portable vs the sm_90 cluster kernel;
   # auto_backends.json's dense_cuda_variant records the faster).
   grep -E "^\| dense \|.*distill_ops\[cuda:" "$OUT/bench.md" 2>/dev/null | cut -c1-160
+  grep -E "^\| (dense|sparse|topk) \|" "$WORK"/world2/*.md 2>/dev/null | cut -c1-200
   grep -E "^\| (ce|dense|sampled) \|" "$WORK/demo/demo.md" 2>/dev/null
 } > "$OUT/summary.txt"
 tar -C "$WORK" -czf "$OUT/results.tar.gz" . 2>/dev/null

@@ -1,5 +1,6 @@
 """`distill-ops bench --world N`: the vocab-parallel ops on N processes (gloo on CPUs, NCCL
-with one GPU per rank), against the same op unsharded on one process of the same run.
+with one GPU per rank, gloo when the ranks share fewer GPUs), against the same op unsharded
+on one process of the same run.
 
 Each rank holds V / N of the vocabulary of every row. Reported per case: the median forward
 and forward + backward time of the slowest rank, the bytes each rank contributes to the
@@ -66,13 +67,17 @@ def _rank(rank: int, world: int, init: str, n: int, v: int, k: int, dtype_name: 
     from .. import distributed as dd
 
     try:
-        cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
-        device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+        cuda = torch.cuda.is_available()
+        # A GPU a rank: NCCL. Fewer GPUs than ranks: the ranks share them over gloo (which
+        # copies through the host: the collectives' time is not NCCL's, the kernels' is).
+        nccl = cuda and torch.cuda.device_count() >= world
+        device = (torch.device("cuda", rank % torch.cuda.device_count()) if cuda
+                  else torch.device("cpu"))
         if cuda:
             torch.cuda.set_device(device)
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init}",
+        dist.init_process_group("nccl" if nccl else "gloo", init_method=f"file://{init}",
                                 rank=rank, world_size=world)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
         g = torch.Generator().manual_seed(0)
