@@ -73,11 +73,18 @@ def _moved(m_local: Tensor, m: Tensor, factor: float = 1.0) -> Tensor:
                        torch.zeros((), dtype=m.dtype, device=m.device))
 
 
-def _local_labels(labels: Tensor, offset: int, width: int) -> Tensor:
-    """Each row's label as a column of this slice, -1 where it lies elsewhere (int64)."""
-    local = labels.to(torch.int64) - offset
+def local_label(labels: Tensor, offset: int, width: int) -> tuple[Tensor, Tensor]:
+    """(whether each row's label lies in the slice [offset, offset + width), its column there,
+    0 elsewhere)."""
+    local = labels - offset
     mine = (local >= 0) & (local < width)
-    return torch.where(mine, local, torch.full_like(local, -1)).contiguous()
+    return mine, torch.where(mine, local, torch.zeros_like(local))
+
+
+def _kernel_labels(labels: Tensor, offset: int, width: int) -> Tensor:
+    """The kernels' form: the label's column in the slice, -1 where it lies elsewhere."""
+    mine, col = local_label(labels.to(torch.int64), offset, width)
+    return torch.where(mine, col, torch.full_like(col, -1)).contiguous()
 
 
 def _reducer(group, dt: torch.dtype):
@@ -97,7 +104,7 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
     s = s if s.stride(-1) == 1 else s.contiguous()
     t = t if t.stride(-1) == 1 else t.contiguous()
     hard = sc.hard_weight != 0.0
-    lab = _local_labels(labels, shard.offset, lim) if hard else None
+    lab = _kernel_labels(labels, shard.offset, lim) if hard else None
     rec = torch.zeros(n, 8, dtype=torch.float64, device=dev)
 
     if kernel == "cpu":
@@ -209,7 +216,7 @@ def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, sha
     s = xs if xs.stride(-1) == 1 else xs.contiguous()
     ids = idx.to(torch.int64).contiguous()
     hard = sc.hard_weight != 0.0
-    lab = _local_labels(labels, shard.offset, width) if hard else None
+    lab = _kernel_labels(labels, shard.offset, width) if hard else None
     vld = None if valid is None else valid.contiguous()
     rec = torch.zeros(n, 8, dtype=torch.float64, device=dev)
     zsup = torch.zeros(n, k, dtype=torch.float64, device=dev)

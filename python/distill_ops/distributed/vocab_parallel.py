@@ -41,6 +41,7 @@ from ..validation import divergence_options
 from . import kernel_rows
 from .coarse import coarse_divergence, sparse_grad_terms
 from .comm import VocabShard, all_gather, all_reduce
+from .kernel_rows import local_label
 
 FORWARD_KL, REVERSE_KL, JSD, TVD, SKEW_KL, AKL = 0, 1, 2, 3, 4, 7
 _CHUNK_BUDGET = 256 << 20  # bytes of [chunk, V_local] temporaries
@@ -64,13 +65,6 @@ def _exp_shifted(z: Tensor, m: Tensor) -> Tensor:
     """exp(z - m[:, None]), 0 where z is -inf (also when m is)."""
     return torch.where(z == -math.inf, torch.zeros((), dtype=z.dtype, device=z.device),
                        torch.exp(z - m[:, None]))
-
-
-def _local_label(labels: Tensor, shard: VocabShard, width: int) -> tuple[Tensor, Tensor]:
-    """(whether the label lies in this slice, its local column, 0 elsewhere)."""
-    local = labels - shard.offset
-    mine = (local >= 0) & (local < width)
-    return mine, torch.where(mine, local, torch.zeros_like(local))
 
 
 class _SavedGradRows(torch.autograd.Function):
@@ -161,7 +155,7 @@ def _dense_chunk(xs, xt, valid, labels, sc, shard, dt, want_grad):
     hard = sc.hard_weight != 0.0
     if hard:  # cross-entropy at T = 1 on f(x) = z * T
         cols.append(_exp_shifted(zs * t, ms * t).sum(1))
-        mine, lcol = _local_label(labels, shard, zs.shape[1])
+        mine, lcol = local_label(labels, shard.offset, zs.shape[1])
         z_at = zs.gather(1, lcol[:, None])[:, 0] if zs.shape[1] else zero.expand(c)
         cols.append(torch.where(mine, z_at, zero))
     sums = all_reduce(torch.stack(cols, 1), dist.ReduceOp.SUM, g)
@@ -347,7 +341,7 @@ def _sparse_chunk(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, s
     hard = hard_weight != 0.0
     if hard:
         cols.append(_exp_shifted(z * t, m * t).sum(1))
-        mine, lcol = _local_label(labels, shard, width)
+        mine, lcol = local_label(labels, shard.offset, width)
         z_at = z.gather(1, lcol[:, None])[:, 0] if width else zero.expand(c)
         cols.append(torch.where(mine, z_at, zero))
     z_sup = torch.where(own, z_pad.gather(1, lid), zero)

@@ -297,6 +297,47 @@ def loss_sums(s_row, t_row, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_
 
 
 @triton.jit
+def akl_head_mass(s_row, t_row, n, tau, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_t,
+                  log_st, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
+                  HAS_INTERP: tl.constexpr, BLOCK: tl.constexpr):
+    """One step of AKL's threshold search: sum_j p_j over p_j >= tau, columns < n (one read
+    of the teacher row)."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n, BLOCK):
+        p = _akl_p(s_row, t_row, start + offs, n, scale_s, cap_s, scale_t, cap_t, inv_t,
+                   interp, M_t, log_st, HAS_CAP_S, HAS_CAP_T, HAS_INTERP)
+        acc += tl.where(p >= tau, p, 0.0)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def akl_sums(s_row, t_row, n, tau, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_s,
+             log_ss, M_t, log_st, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
+             HAS_INTERP: tl.constexpr, BLOCK: tl.constexpr):
+    """AKL's pass with its threshold tau: (forward KL, reverse KL, sum |p - q| over the head
+    p >= tau, over the tail) of the columns < n. p is _akl_p's expression, so the head test
+    agrees with the search's bit for bit."""
+    offs = tl.arange(0, BLOCK)
+    acc_f = tl.zeros([BLOCK], tl.float32)
+    acc_r = tl.zeros([BLOCK], tl.float32)
+    acc_h = tl.zeros([BLOCK], tl.float32)
+    acc_t = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n, BLOCK):
+        _zs, lq, lp = _log_probs(s_row, t_row, start + offs, n, scale_s, cap_s, scale_t, cap_t,
+                                 inv_t, interp, M_s, log_ss, M_t, log_st, HAS_CAP_S, HAS_CAP_T,
+                                 HAS_INTERP)
+        q = _exp(lq)
+        p = _exp(lp)
+        acc_f += tl.where(p > 0, p * (lp - lq), 0.0)
+        acc_r += tl.where(q > 0, q * (lq - lp), 0.0)
+        gap = tl.abs(p - q)
+        acc_h += tl.where(p >= tau, gap, 0.0)
+        acc_t += tl.where(p >= tau, 0.0, gap)
+    return tl.sum(acc_f, 0), tl.sum(acc_r, 0), tl.sum(acc_h, 0), tl.sum(acc_t, 0)
+
+
+@triton.jit
 def combine_sums(a, b, beta, DIVERGENCE: tl.constexpr):
     """(divergence, sum_j q_j g_j of its gradient) from loss_sums' (A, B), summed over the
     whole row (over every rank's slice when the vocabulary is split)."""
@@ -414,38 +455,21 @@ def dense_kd_kernel(
         for _step in range(AKL_STEPS):
             mid = lo + (hi - lo) // 2
             tau = mid.to(tl.float32, bitcast=True)
-            acc_a = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, n, BLOCK):
-                p = _akl_p(s_row, t_row, start + offs, n, scale_s, cap_s, scale_t, cap_t,
-                           inv_t, interp, M_t, log_st, HAS_CAP_S, HAS_CAP_T, HAS_INTERP)
-                acc_a += tl.where(p >= tau, p, 0.0)
-            ok = tl.sum(acc_a, 0) >= beta
+            ok = akl_head_mass(s_row, t_row, n, tau, scale_s, cap_s, scale_t, cap_t, inv_t,
+                               interp, M_t, log_st, HAS_CAP_S, HAS_CAP_T, HAS_INTERP,
+                               BLOCK) >= beta
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid)
         # A head mass of 1 is the whole vocabulary, whatever the rounding of its sum.
         tau = tl.where(beta >= 1.0, 0.0, lo.to(tl.float32, bitcast=True))
         # Pass 2: both KLs and the head's and tail's sum |p - q|.
-        acc_a = tl.zeros([BLOCK], tl.float32)
-        acc_b = tl.zeros([BLOCK], tl.float32)
-        acc_h = tl.zeros([BLOCK], tl.float32)
-        acc_t = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, n, BLOCK):
-            cols = start + offs
-            zs, lq, lp = _log_probs(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t,
-                                    inv_t, interp, M_s, log_ss, M_t, log_st, HAS_CAP_S,
-                                    HAS_CAP_T, HAS_INTERP)
-            q = _exp(lq)
-            p = _exp(lp)  # _akl_p's expression: the head test agrees with tau bit for bit
-            acc_a += tl.where(p > 0, p * (lp - lq), 0.0)
-            acc_b += tl.where(q > 0, q * (lq - lp), 0.0)
-            gap = tl.abs(p - q)
-            acc_h += tl.where(p >= tau, gap, 0.0)
-            acc_t += tl.where(p >= tau, 0.0, gap)
-        g_head = tl.sum(acc_h, 0)
-        total = g_head + tl.sum(acc_t, 0)
+        fkl, rkl, g_head, g_tail = akl_sums(s_row, t_row, n, tau, scale_s, cap_s, scale_t,
+                                            cap_t, inv_t, interp, M_s, log_ss, M_t, log_st,
+                                            HAS_CAP_S, HAS_CAP_T, HAS_INTERP, BLOCK)
+        total = g_head + g_tail
         akl_w = tl.where(total > 0, g_head / tl.where(total > 0, total, 1.0), 0.5)
-        sum_qg = tl.sum(acc_b, 0)  # the reverse KL
-        div = akl_w * tl.sum(acc_a, 0) + (1.0 - akl_w) * sum_qg
+        sum_qg = rkl
+        div = akl_w * fkl + (1.0 - akl_w) * sum_qg
 
     loss = soft_coef * div
     # A NaN or +inf logit makes its side's sum NaN, and the row's loss NaN whatever the

@@ -28,16 +28,17 @@ import triton
 import triton.language as tl
 
 from .dense_kd import (
-    _akl_p,
     _device_ctx,
     _log_probs,
+    akl_head_mass,
+    akl_sums,
     launch_config,
     loss_sums,
     row_statistics,
     soft_grad,
     store_grad,
 )
-from .elementwise import AKL, NEG_INF, _exp
+from .elementwise import AKL, NEG_INF
 
 # The record: 8 fp64 fields a row, csrc/cpu/dense_vp.cpp's VpField: phase 0 writes M_s, S_s,
 # M_t, S_t, S_1, z_y, C; phase 1 reads global M_s, log S_s, M_t, log S_t and writes A, B into
@@ -97,35 +98,20 @@ def dense_vp_kernel(
             tl.store(f + 6, b.to(tl.float64))
         elif PHASE == 3:
             # AKL's threshold search, one bisection step: the slice's teacher mass at p >= tau.
-            tau = tl.load(f + 7).to(tl.float32)
-            acc = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, n, BLOCK):
-                p = _akl_p(s_row, t_row, start + offs, n, scale_s, cap_s, scale_t, cap_t,
-                           inv_t, interp, M_t, log_st, HAS_CAP_S, HAS_CAP_T, HAS_INTERP)
-                acc += tl.where(p >= tau, p, 0.0)
-            tl.store(f + 5, tl.sum(acc, 0).to(tl.float64))
+            mass = akl_head_mass(s_row, t_row, n, tl.load(f + 7).to(tl.float32), scale_s,
+                                 cap_s, scale_t, cap_t, inv_t, interp, M_t, log_st, HAS_CAP_S,
+                                 HAS_CAP_T, HAS_INTERP, BLOCK)
+            tl.store(f + 5, mass.to(tl.float64))
         elif PHASE == 4:
             # AKL with the global threshold: both KLs and the head's and tail's sum |p - q|.
-            tau = tl.load(f + 7).to(tl.float32)
-            acc_f = tl.zeros([BLOCK], tl.float32)
-            acc_r = tl.zeros([BLOCK], tl.float32)
-            acc_h = tl.zeros([BLOCK], tl.float32)
-            acc_t = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, n, BLOCK):
-                _zs, lq, lp = _log_probs(s_row, t_row, start + offs, n, scale_s, cap_s,
-                                         scale_t, cap_t, inv_t, interp, M_s, log_ss, M_t,
-                                         log_st, HAS_CAP_S, HAS_CAP_T, HAS_INTERP)
-                q = _exp(lq)
-                p = _exp(lp)  # _akl_p's expression: the head test agrees with phase 3's
-                acc_f += tl.where(p > 0, p * (lp - lq), 0.0)
-                acc_r += tl.where(q > 0, q * (lq - lp), 0.0)
-                gap = tl.abs(p - q)
-                acc_h += tl.where(p >= tau, gap, 0.0)
-                acc_t += tl.where(p >= tau, 0.0, gap)
-            tl.store(f + 5, tl.sum(acc_f, 0).to(tl.float64))
-            tl.store(f + 6, tl.sum(acc_r, 0).to(tl.float64))
-            tl.store(f + 7, tl.sum(acc_h, 0).to(tl.float64))
-            tl.store(f + 4, tl.sum(acc_t, 0).to(tl.float64))
+            fkl, rkl, g_head, g_tail = akl_sums(s_row, t_row, n, tl.load(f + 7).to(tl.float32),
+                                                scale_s, cap_s, scale_t, cap_t, inv_t, interp,
+                                                M_s, log_ss, M_t, log_st, HAS_CAP_S, HAS_CAP_T,
+                                                HAS_INTERP, BLOCK)
+            tl.store(f + 5, fkl.to(tl.float64))
+            tl.store(f + 6, rkl.to(tl.float64))
+            tl.store(f + 7, g_head.to(tl.float64))
+            tl.store(f + 4, g_tail.to(tl.float64))
         else:
             log_s1 = tl.load(f + 4).to(tl.float32)
             div = tl.load(f + 5).to(tl.float32)
