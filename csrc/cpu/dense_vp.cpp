@@ -11,6 +11,15 @@
 //   AKL: 3 (one bisection step of its global head threshold tau: the slice's teacher mass at
 //     p >= tau; 31 steps), 4 (both KLs and the head's and tail's sum |p - q| at the global
 //     tau), then 2 with the head's weight.
+// Stashing (fp32 gradients of fp32 work, or fp64 of fp64; not AKL): the gradient buffer,
+// written by phase 2 anyway, carries per-logit work to phase 2. The KLs (no phase 1): phase
+// 0 leaves exp(z_s - m_slice) there (m_slice in field 7), phase 2 takes q from it instead of
+// an exponential. The others: phase 1 leaves the gradient's per-logit term h there, exactly
+// as phase 2 would compute it, and phase 2 reads it instead of computing the divergence's
+// terms again (JSD: an exponential and a logarithm less a logit, AB: its whole element).
+// (Phase 1 computes q itself, not from a phase-0 stash: h and phase 2's centring q sum_h
+// must see the same q, or the skew reverse KL's q - q (1 + sum_h) cancellation shows their
+// rounding difference: 2.4e-6 from float64, seed 1373586744.)
 // The per-element maths is kd_math.h's, as in dense_kd.cpp.
 #include <algorithm>
 #include <cmath>
@@ -34,11 +43,13 @@ enum VpField : int {
   kA = 5, kB = 6,                      // phase 1 out: the two partial sums
   kDiv = 5, kSumH = 6,                 // phase 2 in: the divergence, sum_j h_j (or q g)
   kTau = 7,                            // AKL: tau (phases 3, 4 in), head weight (phase 2 in)
+  kMsSlice = 7,                        // stashing: the slice's student max (phase 0 out)
   kVpFields = 8,
 };
 
-// One instantiation per divergence, so that no inner loop switches on it (they vectorise).
-template <typename Acc, int kDivergence>
+// One instantiation per divergence and stash mode, so that no inner loop switches on them
+// (they vectorise).
+template <typename Acc, int kDivergence, bool kStash>
 void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
              const int64_t* labels, double* rec, void* grad, int grad_dtype, int64_t n_rows,
              int64_t width, const KDParams& prm, int num_threads) {
@@ -53,7 +64,14 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
                      div == Divergence::SkewReverseKL;
   const Acc log_b = mixes ? log_acc(beta) : Acc(0);
   const Acc log_1mb = mixes ? Acc(std::log1p(-double(beta))) : Acc(0);
-  if (phase == 2) advise_huge_pages(grad, n_rows * width * dtype_size(grad_dtype));
+  constexpr bool kl = div == Divergence::ForwardKL || div == Divergence::ReverseKL;
+  // Phase 2 with a stash: the KLs need both rows (z_s only for the hard term or the softcap
+  // in forward KL's case), the others z_s alone (q, and h from the stash).
+  const bool load_s = !kStash || div != Divergence::ForwardKL || hard || cap_s > Acc(0) ||
+                      interp != Acc(1) || phase != 2;
+  const bool load_t = !kStash || kl || phase != 2;
+  if (phase == 2 || (kStash && phase == (kl ? 0 : 1)))
+    advise_huge_pages(grad, n_rows * width * dtype_size(grad_dtype));
 
 #pragma omp parallel num_threads(num_threads)
   {
@@ -66,6 +84,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
     for (int64_t r = 0; r < n_rows; ++r) {
       double* f = rec + r * kVpFields;
       void* grow = phase == 2 ? row_ptr(grad, grad_dtype, r * width) : nullptr;
+      Acc* stash = kStash ? static_cast<Acc*>(row_ptr(grad, grad_dtype, r * width)) : nullptr;
       if ((valid && !valid[r]) || width == 0) {
         if (grow) zero_row(grow, grad_dtype, width);
         if (phase == 0) {
@@ -79,11 +98,15 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
         }
         continue;
       }
-      load_transformed(row_ptr(student.ptr, student.dtype, r * student.row_stride),
-                       student.dtype, width, scale_s, cap_s, inv_t, zs);
-      load_transformed(row_ptr(teacher.ptr, teacher.dtype, r * teacher.row_stride),
-                       teacher.dtype, width, scale_t, cap_t, inv_t, zt);
-      if (interp != Acc(1)) {
+      if (load_s) {
+        load_transformed(row_ptr(student.ptr, student.dtype, r * student.row_stride),
+                         student.dtype, width, scale_s, cap_s, inv_t, zs);
+      }
+      if (load_t) {
+        load_transformed(row_ptr(teacher.ptr, teacher.dtype, r * teacher.row_stride),
+                         teacher.dtype, width, scale_t, cap_t, inv_t, zt);
+      }
+      if (interp != Acc(1) && load_t) {
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) zt[j] = taid_logit(zs[j], zt[j], interp);
       }
@@ -97,7 +120,6 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
         // terms exp(-inf - 0) are 0 (exp(-inf - -inf) would be NaN), its maximum stays -inf.
         const Acc ms = ms_row == ninf ? Acc(0) : ms_row, mt = mt_row == ninf ? Acc(0) : mt_row;
         // Both sums (and the KLs' cross term) in one loop: two exponentials a logit.
-        constexpr bool kl = div == Divergence::ForwardKL || div == Divergence::ReverseKL;
         constexpr bool fwd = div == Divergence::ForwardKL;
         double sum_s = 0, sum_t = 0, cross = 0;
         for (int64_t j0 = 0; j0 < width; j0 += kSumBlock) {
@@ -106,6 +128,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
 #pragma omp simd reduction(+ : a, b, c)
           for (int64_t j = j0; j < j1; ++j) {
             const Acc e_s = exp_acc(zs[j] - ms), e_t = exp_acc(zt[j] - mt);
+            if constexpr (kStash && kl) stash[j] = e_s;
             a += e_s;
             b += e_t;
             // sum_j e_w u_j with u = (zw - mw) - (zo - mo): the weighting side w is the
@@ -130,11 +153,20 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
           return part;
         }) : 0.0;
         f[kZy] = label >= 0 && label < width ? double(zs[label]) : 0.0;
+        if constexpr (kStash && kl) f[kMsSlice] = double(ms);
         continue;
       }
       const Acc ms = Acc(f[kMs]), log_ss = Acc(f[kSs]), mt = Acc(f[kMt]), log_st = Acc(f[kSt]);
-      auto lq_of = [&](int64_t j) { return (zs[j] - ms) - log_ss; };
-      auto lp_of = [&](int64_t j) { return (zt[j] - mt) - log_st; };
+      // By value: a store to a stash row must not look as if it could change them.
+      auto lq_of = [=](int64_t j) { return (zs[j] - ms) - log_ss; };
+      auto lp_of = [=](int64_t j) { return (zt[j] - mt) - log_st; };
+      // q and p as e / S, e = exp(z - m) (the one-device kernel's form: exp(lq) rounds its
+      // argument at |lq|, larger than |z - m| by log S, and was ~2x further from float64).
+      const Acc inv_ss = Acc(std::exp(-f[kSs])), inv_st = Acc(std::exp(-f[kSt]));
+      auto q_of = [=](int64_t j) { return exp_acc(zs[j] - ms) * inv_ss; };
+      auto p_of = [=](int64_t j) { return exp_acc(zt[j] - mt) * inv_st; };
+      // q from phase 0's stashed exp(z_s - m_slice): e * exp(m_slice - m - log S).
+      const Acc cq = kStash && kl ? Acc(std::exp(f[kMsSlice] - f[kMs] - f[kSs])) : Acc(0);
       if constexpr (div == Divergence::AKL) {
         if (phase == 3) {  // one bisection step: the slice's teacher mass at p >= tau
           const Acc tau = Acc(f[kTau]);
@@ -142,7 +174,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
             Acc part = 0;
 #pragma omp simd reduction(+ : part)
             for (int64_t j = j0; j < j1; ++j) {
-              const Acc p = exp_acc(lp_of(j));
+              const Acc p = p_of(j);
               part += p >= tau ? p : Acc(0);
             }
             return part;
@@ -157,7 +189,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
             Acc a = 0, b = 0, gh = 0, gt = 0;
 #pragma omp simd reduction(+ : a, b, gh, gt)
             for (int64_t j = j0; j < j1; ++j) {
-              const Acc lq = lq_of(j), lp = lp_of(j), q = exp_acc(lq), p = exp_acc(lp);
+              const Acc lq = lq_of(j), lp = lp_of(j), q = q_of(j), p = p_of(j);
               a += xlogratio(p, lp, lq);
               b += xlogratio(q, lq, lp);
               const Acc gap = std::abs(p - q);
@@ -177,11 +209,11 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
         }
       }
       if (phase == 1) {
-        const auto sums = blocked_sum2(width, [&](int64_t j0, int64_t j1) {
+        const auto sums = blocked_sum2(width, [=](int64_t j0, int64_t j1) {
           Acc a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
           for (int64_t j = j0; j < j1; ++j) {
-            const Acc lq = lq_of(j), lp = lp_of(j), q = exp_acc(lq), p = exp_acc(lp);
+            const Acc lq = lq_of(j), lp = lp_of(j), q = q_of(j), p = p_of(j);
             Acc ta = 0, tb = 0;
             if constexpr (div == Divergence::ForwardKL) {
               ta = xlogratio(p, lp, lq);
@@ -191,9 +223,13 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
               const Acc lm = jsd_log_mixture(lp, lq, log_b, log_1mb);
               ta = xlogratio(p, lp, lm);
               tb = xlogratio(q, lq, lm);
+              if constexpr (kStash) {  // phase 2's d = q (h - sum_h)
+                stash[j] = q > Acc(0) ? (Acc(1) - beta) * (lq - lm) : Acc(0);
+              }
             } else if constexpr (div == Divergence::TVD) {
               ta = std::abs(q - p);
               tb = q * tvd_sign(q, p);
+              if constexpr (kStash) stash[j] = tvd_sign(q, p);  // d = q (h - sum_h)
             } else if constexpr (div == Divergence::SkewKL) {
               ta = skew_kl_term(lp, lq, p, beta, log_b, log_1mb, tb);
             } else if constexpr (div == Divergence::SkewReverseKL) {
@@ -203,6 +239,10 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
               ta = ab_loss(lp, lq, beta, prm2);
               tb = ab_dlogq(lp, lq, beta, prm2);
             }
+            // The skew KLs and AB: phase 2's d = h - q sum_h, h the sum's own term.
+            constexpr bool h_is_tb = div == Divergence::SkewKL ||
+                                     div == Divergence::SkewReverseKL || div == Divergence::AB;
+            if constexpr (kStash && h_is_tb) stash[j] = tb;
             a += ta;
             b += tb;
           }
@@ -218,8 +258,21 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
       const Acc coef = soft_c * inv_t;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
-        const Acc lq = lq_of(j), lp = lp_of(j), q = exp_acc(lq), p = exp_acc(lp);
         Acc d;
+        if constexpr (kStash) {  // the stash holds exp(z_s - m_slice) (KLs) or h (the others)
+          const Acc lq = lq_of(j);
+          if constexpr (div == Divergence::ForwardKL) {
+            d = stash[j] * cq - p_of(j);
+          } else if constexpr (div == Divergence::ReverseKL) {
+            const Acc q = stash[j] * cq;
+            d = q > Acc(0) ? q * ((lq - lp_of(j)) - dv) : Acc(0);
+          } else if constexpr (div == Divergence::JSD || div == Divergence::TVD) {
+            d = q_of(j) * (stash[j] - sum_h);
+          } else {
+            d = stash[j] - q_of(j) * sum_h;
+          }
+        } else {
+        const Acc lq = lq_of(j), lp = lp_of(j), q = q_of(j), p = p_of(j);
         if constexpr (div == Divergence::ForwardKL) {
           d = q - p;
         } else if constexpr (div == Divergence::ReverseKL) {
@@ -243,6 +296,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
           d = akl_w * (q - p) +
               (Acc(1) - akl_w) * (q > Acc(0) ? q * ((lq - lp) - sum_h) : Acc(0));
         }
+        }
         Acc g = coef * d;
         if (hard) {
           const Acc sm1 = exp_acc((zs[j] - ms) * temperature - log_s1);
@@ -256,24 +310,24 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
   }
 }
 
-template <typename Acc>
+template <typename Acc, bool kStash>
 void vp_dispatch(int phase, RowView student, RowView teacher, const uint8_t* valid,
                  const int64_t* labels, double* rec, void* grad, int grad_dtype,
                  int64_t n_rows, int64_t width, const KDParams& p, int threads) {
   switch (static_cast<Divergence>(p.divergence)) {
-#define DOPS_VP_CASE(D)                                                                       \
+#define DOPS_VP_CASE(D, S)                                                                    \
   case Divergence::D:                                                                         \
-    vp_impl<Acc, int(Divergence::D)>(phase, student, teacher, valid, labels, rec, grad,       \
-                                     grad_dtype, n_rows, width, p, threads);                  \
+    vp_impl<Acc, int(Divergence::D), S>(phase, student, teacher, valid, labels, rec, grad,    \
+                                        grad_dtype, n_rows, width, p, threads);               \
     break;
-    DOPS_VP_CASE(ForwardKL)
-    DOPS_VP_CASE(ReverseKL)
-    DOPS_VP_CASE(JSD)
-    DOPS_VP_CASE(TVD)
-    DOPS_VP_CASE(SkewKL)
-    DOPS_VP_CASE(SkewReverseKL)
-    DOPS_VP_CASE(AB)
-    DOPS_VP_CASE(AKL)
+    DOPS_VP_CASE(ForwardKL, kStash)
+    DOPS_VP_CASE(ReverseKL, kStash)
+    DOPS_VP_CASE(JSD, kStash)
+    DOPS_VP_CASE(TVD, kStash)
+    DOPS_VP_CASE(SkewKL, kStash)
+    DOPS_VP_CASE(SkewReverseKL, kStash)
+    DOPS_VP_CASE(AB, kStash)
+    DOPS_VP_CASE(AKL, false)  // its phases 3 and 4 read the rows again: no stash
 #undef DOPS_VP_CASE
     default:
       break;
@@ -284,13 +338,25 @@ void vp_dispatch(int phase, RowView student, RowView teacher, const uint8_t* val
 
 void dense_vp(int phase, RowView student, RowView teacher, const uint8_t* valid,
               const int64_t* labels, double* rec, void* grad, int grad_dtype,
-              int64_t n_rows, int64_t width, const KDParams& params, int num_threads) {
-  if (student.dtype == int(DType::F64) || teacher.dtype == int(DType::F64)) {
-    vp_dispatch<double>(phase, student, teacher, valid, labels, rec, grad, grad_dtype,
-                        n_rows, width, params, num_threads);
+              int64_t n_rows, int64_t width, const KDParams& params, bool stash,
+              int num_threads) {
+  const bool f64 = student.dtype == int(DType::F64) || teacher.dtype == int(DType::F64);
+  // The stash holds the accumulation type: only a gradient of that dtype can carry it.
+  stash = stash && grad != nullptr && grad_dtype == int(f64 ? DType::F64 : DType::F32);
+  if (f64) {
+    if (stash) {
+      vp_dispatch<double, true>(phase, student, teacher, valid, labels, rec, grad, grad_dtype,
+                                n_rows, width, params, num_threads);
+    } else {
+      vp_dispatch<double, false>(phase, student, teacher, valid, labels, rec, grad,
+                                 grad_dtype, n_rows, width, params, num_threads);
+    }
+  } else if (stash) {
+    vp_dispatch<float, true>(phase, student, teacher, valid, labels, rec, grad, grad_dtype,
+                             n_rows, width, params, num_threads);
   } else {
-    vp_dispatch<float>(phase, student, teacher, valid, labels, rec, grad, grad_dtype,
-                       n_rows, width, params, num_threads);
+    vp_dispatch<float, false>(phase, student, teacher, valid, labels, rec, grad, grad_dtype,
+                              n_rows, width, params, num_threads);
   }
 }
 

@@ -106,16 +106,21 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
     hard = sc.hard_weight != 0.0
     lab = _kernel_labels(labels, shard.offset, lim) if hard else None
     rec = torch.zeros(n, 8, dtype=torch.float64, device=dev)
+    g_local = torch.empty((n, lim), dtype=xs.dtype, device=dev) if want_grad else None
 
     if kernel == "cpu":
         params = kd_params(sc)
+        # The C++ phases carry per-logit work in the gradient buffer when it holds their
+        # accumulation type (fp32 here: fp64 runs in row chunks): dense_vp.cpp, "stashing".
+        stash = g_local is not None and g_local.dtype == torch.float32
 
         def phase(k: int, g: Tensor | None = None) -> None:
+            g = g_local if stash else g
             native().dense_vp_cpu(k, ptr(s), dtype_code(s), s.stride(0), ptr(t), dtype_code(t),
                                   t.stride(0), ptr(valid), ptr(lab), ptr(rec),
                                   ptr(g) if g is not None else 0,
                                   dtype_code(g) if g is not None else 0, n, lim, params,
-                                  torch.get_num_threads())
+                                  stash, torch.get_num_threads())
     else:
         from ..backends.triton.dense_vp import dense_vp_phase
 
@@ -177,7 +182,6 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
     rec[:, 5], rec[:, 6] = div, sum_h
     if akl_w is not None:
         rec[:, 7] = akl_w
-    g_local = torch.empty((n, lim), dtype=xs.dtype, device=dev)
     phase(2, g_local)
     if lim == xs.shape[1]:  # the whole slice counts: the kernel wrote the gradient itself
         return loss.to(dt), g_local
