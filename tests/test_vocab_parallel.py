@@ -47,9 +47,8 @@ def _check(errs: dict, dtype: torch.dtype, extreme: bool = False) -> dict:
     """The failing entries of {case: (sharded vs unsharded, sharded vs float64, unsharded vs
     float64)}. float64: equal to 1e-12 (the algorithm is exact). fp32: losses within 1e-6 of
     the unsharded ones, or no further from float64 than they are plus 1e-6; gradients within
-    1e-6 of them, or, where the unsharded fp32 kernel itself is that far from float64
-    (reverse KL and JSD of near one-hot rows, TVD's sign at q = p), no further from float64
-    than twice its error plus 1e-6."""
+    3e-6 of them (the fp32 collectives), or no further from float64 than twice the unsharded
+    kernel's error plus 3e-6 (reverse KL and JSD of near one-hot rows: 10x both)."""
     bad = {}
     for key, (diff, ours, theirs) in errs.items():
         if dtype == torch.float64:
@@ -66,7 +65,12 @@ def _check(errs: dict, dtype: torch.dtype, extreme: bool = False) -> dict:
             # the one-device kernel's 3.5e-7).
             ok = diff <= 10 * BAR or ours <= 2 * theirs + 10 * BAR
         else:
-            ok = diff <= BAR or ours <= 2 * theirs + BAR
+            # The collectives carry fp32 (4 bytes a float a row): each rank's partial sums
+            # are rounded to fp32 before they are added, where the unsharded kernel adds in
+            # float64, so the centring sum_h of a large-q id carries ~1e-7 of itself more
+            # (seed 1373586744, skew reverse KL at T = 0.7 on 4 ranks: 2.6e-6 against the
+            # unsharded 4.6e-7; within 2 x 4.6e-7 + 1e-6 with float64 collectives).
+            ok = diff <= 3 * BAR or ours <= 2 * theirs + 3 * BAR
         if not ok:
             bad[key] = (diff, ours, theirs)
     return bad
