@@ -278,3 +278,82 @@ def test_harness_times_one_step_of_each_trainer_on_the_same_batch():
     assert abs(rows[0]["loss"] - rows[1]["loss"]) <= 1e-5 * abs(rows[0]["loss"])
     assert all(r["step_ms"] > 0 and r["completion_tokens"] == 16 for r in rows)
     assert "| distill_ops |" in format_trl_table(rows)
+
+
+def _trl_trainer(tmp_dir: str):
+    from datasets import Dataset
+
+    from distill_ops.integrations import trl as ours
+
+    ds = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"]})
+    config = trl.DistillationConfig(
+        output_dir=tmp_dir, per_device_train_batch_size=3, report_to=[], use_cpu=True,
+        temperature=2.0, beta=0.5, max_completion_length=6)
+    return ours.DistillationTrainer(model=tiny(32, 0), teacher_model=tiny(48, 1), args=config,
+                                    train_dataset=ds, processing_class=tokenizer())
+
+
+def _rows(inputs: dict, part: slice) -> dict:
+    return {k: v[part] for k, v in inputs.items()}
+
+
+def _six_rows() -> dict:
+    a, b = _inputs(3, tool_mask=True), _inputs(4, tool_mask=True)
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def _trl_ddp_case(rank, world, wrap, tmp_dir):
+    """TRL's DistillationTrainer.compute_loss (which routes our _compute_loss through TRL's
+    forward redirection) with the student under DDP (accelerate's prepare_model, as the
+    Trainer does) or fully_shard, each rank on its half of the rows, TRL's convention for
+    the token count: num_items_in_batch = all ranks' tokens / the process count."""
+    import os
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world))
+    trainer = _trl_trainer(f"{tmp_dir}/{rank}")
+    assert trainer.accelerator.num_processes == world
+    student = trainer.model
+    if wrap == "ddp":
+        model = trainer.accelerator.prepare_model(student)
+        assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in student.model.layers:
+            fully_shard(layer)
+        fully_shard(student)
+        model = student
+    inputs = _six_rows()
+    n_tokens = (inputs["completion_mask"] * inputs["tool_mask"]).sum().float()
+    part = slice(rank * 3, rank * 3 + 3)
+    loss = trainer.compute_loss(model, _rows(inputs, part),
+                                num_items_in_batch=n_tokens / world)
+    loss.backward()
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total)
+    grads = {}
+    for name, p in student.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grads[name] = g.tolist()
+    return (total / world).item(), grads
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_distillation_trainer_under_ddp_and_fsdp2_equals_one_process(tmp_path, wrap):
+    """Our TRL DistillationTrainer with the student wrapped (DDP through accelerate, or
+    fully_shard per layer and root) on 2 gloo ranks, three rows each: the mean loss and every
+    student gradient equal one process's over all six rows (rows of different token counts:
+    the count is global, as TRL passes it)."""
+    from dist_helpers import run_ranks
+
+    trainer = _trl_trainer(str(tmp_path / "one"))
+    inputs = _six_rows()
+    n_tokens = (inputs["completion_mask"] * inputs["tool_mask"]).sum().float()
+    want = trainer.compute_loss(trainer.model, inputs, num_items_in_batch=n_tokens)
+    want.backward()
+    for loss, grads in run_ranks(_trl_ddp_case, 2, wrap, str(tmp_path), timeout=300):
+        assert abs(loss - want.item()) <= 1e-5 * abs(want.item()), (loss, want)
+        for name, p in trainer.model.named_parameters():
+            torch.testing.assert_close(torch.tensor(grads[name]), p.grad, rtol=1e-4,
+                                       atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
