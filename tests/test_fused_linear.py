@@ -167,10 +167,11 @@ def test_bf16_head_tiles_match_one_fp32_matmul(monkeypatch, seed):
         loss.backward()
         out.append((loss, *[x.grad for x in a]))
     # The loss is fp32; the bf16 gradients are fp32 sums rounded once, and a different tile
-    # order may move a sum across a rounding boundary: one bf16 ulp (2^-8) apart at most.
+    # order may move a sum across a rounding boundary: one bf16 ulp apart at most, which is
+    # 2^-8 to 2^-7 of the value (seed 538306550: 2^-17 on 0.00132, 0.0058 of it).
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-6)
     for x, y in zip(out[0][1:], out[1][1:], strict=True):
-        torch.testing.assert_close(x, y, rtol=2.0**-8, atol=1e-6)
+        torch.testing.assert_close(x, y, rtol=2.0**-7, atol=1e-6)
 
 
 @pytest.mark.parametrize(
