@@ -12,14 +12,12 @@
 //     p >= tau; 31 steps), 4 (both KLs and the head's and tail's sum |p - q| at the global
 //     tau), then 2 with the head's weight.
 // Stashing (fp32 gradients of fp32 work, or fp64 of fp64; not AKL): the gradient buffer,
-// written by phase 2 anyway, carries per-logit work to phase 2. The KLs (no phase 1): phase
-// 0 leaves exp(z_s - m_slice) there (m_slice in field 7), phase 2 takes q from it instead of
-// an exponential. The others: phase 1 leaves the gradient's per-logit term h there, exactly
-// as phase 2 would compute it, and phase 2 reads it instead of computing the divergence's
-// terms again (JSD: an exponential and a logarithm less a logit, AB: its whole element).
-// (Phase 1 computes q itself, not from a phase-0 stash: h and phase 2's centring q sum_h
-// must see the same q, or the skew reverse KL's q - q (1 + sum_h) cancellation shows their
-// rounding difference: 2.4e-6 from float64, seed 1373586744.)
+// written by phase 2 anyway, carries per-logit work between the phases. Phase 0 leaves
+// exp(z_s - m_slice) there (m_slice in field 7), and the next phase takes q from it instead
+// of an exponential: phase 2 for the KLs (they have no phase 1), phase 1 for the others,
+// which leaves the gradient's per-logit term h there in its place, for phase 2 to read
+// instead of computing the divergence's terms again (JSD: an exponential and a logarithm
+// less a logit, AB: its whole element).
 // The per-element maths is kd_math.h's, as in dense_kd.cpp.
 #include <algorithm>
 #include <cmath>
@@ -70,7 +68,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
   const bool load_s = !kStash || div != Divergence::ForwardKL || hard || cap_s > Acc(0) ||
                       interp != Acc(1) || phase != 2;
   const bool load_t = !kStash || kl || phase != 2;
-  if (phase == 2 || (kStash && phase == (kl ? 0 : 1)))
+  if (phase == 2 || (kStash && phase == 0))
     advise_huge_pages(grad, n_rows * width * dtype_size(grad_dtype));
 
 #pragma omp parallel num_threads(num_threads)
@@ -128,7 +126,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
 #pragma omp simd reduction(+ : a, b, c)
           for (int64_t j = j0; j < j1; ++j) {
             const Acc e_s = exp_acc(zs[j] - ms), e_t = exp_acc(zt[j] - mt);
-            if constexpr (kStash && kl) stash[j] = e_s;
+            if constexpr (kStash) stash[j] = e_s;
             a += e_s;
             b += e_t;
             // sum_j e_w u_j with u = (zw - mw) - (zo - mo): the weighting side w is the
@@ -153,7 +151,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
           return part;
         }) : 0.0;
         f[kZy] = label >= 0 && label < width ? double(zs[label]) : 0.0;
-        if constexpr (kStash && kl) f[kMsSlice] = double(ms);
+        if constexpr (kStash) f[kMsSlice] = double(ms);
         continue;
       }
       const Acc ms = Acc(f[kMs]), log_ss = Acc(f[kSs]), mt = Acc(f[kMt]), log_st = Acc(f[kSt]);
@@ -166,7 +164,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
       auto q_of = [=](int64_t j) { return exp_acc(zs[j] - ms) * inv_ss; };
       auto p_of = [=](int64_t j) { return exp_acc(zt[j] - mt) * inv_st; };
       // q from phase 0's stashed exp(z_s - m_slice): e * exp(m_slice - m - log S).
-      const Acc cq = kStash && kl ? Acc(std::exp(f[kMsSlice] - f[kMs] - f[kSs])) : Acc(0);
+      const Acc cq = kStash ? Acc(std::exp(f[kMsSlice] - f[kMs] - f[kSs])) : Acc(0);
       if constexpr (div == Divergence::AKL) {
         if (phase == 3) {  // one bisection step: the slice's teacher mass at p >= tau
           const Acc tau = Acc(f[kTau]);
@@ -213,7 +211,8 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
           Acc a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
           for (int64_t j = j0; j < j1; ++j) {
-            const Acc lq = lq_of(j), lp = lp_of(j), q = q_of(j), p = p_of(j);
+            const Acc lq = lq_of(j), lp = lp_of(j), p = p_of(j);
+            const Acc q = kStash ? stash[j] * cq : q_of(j);
             Acc ta = 0, tb = 0;
             if constexpr (div == Divergence::ForwardKL) {
               ta = xlogratio(p, lp, lq);
