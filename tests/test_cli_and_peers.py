@@ -215,6 +215,18 @@ def test_world_mode_reports_time_and_bytes_per_row(tmp_path):
         assert r["world"] == 2 and r["fwd_bwd_ms"] > 0 and r["single_ms"] > 0
     dense = [r for r in rows if r["op"] == "dense"]
     assert all(r["bytes_per_row"] <= 9 * 4 + 1 for r in dense)
+    # the slice alone timed alternately with the vocab-parallel call, their per-rep ratio
+    assert all(r["slice_ms"] > 0 and r["vs_slice"] > 0 for r in dense)
+
+
+def test_timed_pair_alternates_and_takes_the_median_ratio():
+    from distill_ops.bench.world import _timed_pair
+
+    calls = []
+    a, b = (lambda: calls.append("a")), (lambda: calls.append("b"))
+    ta, tb, ratio = _timed_pair(a, b, torch.device("cpu"), 3)
+    assert calls == ["a", "b"] * 4  # a warm-up of each, then alternating
+    assert ta > 0 and tb > 0 and ratio > 0
 
 
 def test_auto_backend_is_the_fastest_measured_for_the_gpu_model(tmp_path, monkeypatch):

@@ -6,7 +6,9 @@ Each rank holds V / N of the vocabulary of every row. Reported per case: the med
 and forward + backward time of the slowest rank, the bytes each rank contributes to the
 collectives per row (counted by distill_ops.distributed, so V-independence shows directly),
 the single-process time of the same op at the full V, and (dense) the fused kernel's time on
-each rank's slice alone, every rank at once: what the vocab-parallel path should cost.
+each rank's slice alone, every rank at once: what the vocab-parallel path should cost. The
+two alternate rep by rep (the machine's speed drifts between runs: ±25% on a shared VM), and
+"vs slice" is the median of the per-rep ratios of the slowest rank.
 """
 
 from __future__ import annotations
@@ -35,6 +37,25 @@ def _timed(call, device: torch.device, reps: int) -> float:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _timed_pair(a, b, device: torch.device, reps: int) -> tuple[float, float, float]:
+    """(median time of a, median time of b, median of the per-rep ratios a / b), a and b
+    alternating rep by rep so that both see the same machine."""
+    a()
+    b()
+    ta, tb = [], []
+    for _ in range(reps):
+        for call, times in ((a, ta), (b, tb)):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            call()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+    ratio = statistics.median(x / y for x, y in zip(ta, tb, strict=True))
+    return statistics.median(ta), statistics.median(tb), ratio
 
 
 def _case_calls(case: str, x_s, x_t, top, k: int, temperature: float, divergence: str,
@@ -99,14 +120,15 @@ def _rank(rank: int, world: int, init: str, n: int, v: int, k: int, dtype_name: 
                 fwd()
                 sent = dd.comm_stats()
                 t_fwd = _timed(fwd, device, reps)
-                t_both = _timed(both, device, reps)
                 # The fused kernel on this rank's slice alone (no group: its own softmax),
                 # every rank at once as in the vocab-parallel run: the bar to meet.
-                t_slice = 0.0
+                t_slice = ratio = 0.0
                 if case == "dense":
                     _, alone = _case_calls(case, x_s, x_t, top, k, temperature, div, None)
-                    t_slice = _timed(alone, device, reps)
-                worst = torch.tensor([t_fwd, t_both, t_slice], dtype=torch.float64)
+                    t_both, t_slice, ratio = _timed_pair(both, alone, device, reps)
+                else:
+                    t_both = _timed(both, device, reps)
+                worst = torch.tensor([t_fwd, t_both, t_slice, ratio], dtype=torch.float64)
                 dist.all_reduce(worst, op=dist.ReduceOp.MAX)
                 single = None
                 if rank == 0:
@@ -114,13 +136,14 @@ def _rank(rank: int, world: int, init: str, n: int, v: int, k: int, dtype_name: 
                     f1, b1 = _case_calls(case, fs, full_t.to(device), top, k, temperature, div,
                                          None)
                     single = _timed(b1 if case != "topk" else f1, device, reps)
-                fwd_s, fwd_bwd_s, slice_s = worst.tolist()  # host-sync-ok: after the run
+                fwd_s, fwd_bwd_s, slice_s, ratio = worst.tolist()  # host-sync-ok: after the run
                 rows.append({"op": case, "variant": div if case == "dense" else
                              (f"tail=bucket k={k}" if case == "sparse" else f"k={k}"),
                              "world": world, "N": n, "V": v, "dtype": dtype_name,
                              "fwd_ms": fwd_s * 1e3, "fwd_bwd_ms": fwd_bwd_s * 1e3,
                              "single_ms": None if single is None else single * 1e3,
                              "slice_ms": slice_s * 1e3 if slice_s else None,
+                             "vs_slice": ratio if slice_s else None,
                              "collectives": sent["calls"],
                              "bytes_per_row": sent["bytes"] / n})
         queue.put((rank, "ok", {"rows": rows, "device": str(device),
@@ -171,7 +194,8 @@ def format_world_table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         single = "-" if r["single_ms"] is None else f"{r['single_ms']:.2f}"
         alone = r.get("slice_ms")
-        vs = "-" if not alone else f"{r['fwd_bwd_ms'] / alone:.2f}x"
+        ratio = r.get("vs_slice") or (alone and r["fwd_bwd_ms"] / alone)
+        vs = "-" if not alone else f"{ratio:.2f}x"
         lines.append(f"| {r['op']} | {r['variant']} | {r['world']} | {r['N']} | {r['V']} | "
                      f"{r['dtype']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {single} | "
                      f"{'-' if not alone else f'{alone:.2f}'} | {vs} | "
