@@ -10,6 +10,7 @@ impl, so `torch.compile(fullgraph=True)` traces straight through it.
 
 # No `from __future__ import annotations`: torch.library reads the op's annotations, and
 # `Optional[Tensor]` is the spelling every torch >= 2.4 understands there.
+import math
 from typing import Optional
 
 import torch
@@ -284,10 +285,20 @@ def _vocab_parallel_kd(student_logits, teacher_logits, labels, ignore_index, mas
     valid = valid_rows(labels, mask, ignore_index)
     flat_labels = labels.reshape(-1).to(torch.int64) if sc.hard_weight > 0 else None
 
-    def compute(x, want):
-        return vp.dense_rows(x, teacher, valid, flat_labels, sc, shard, vocab, want, backend)
+    # On the CPU the reduction's weight goes into the gradient the kernel writes, so that a
+    # plain backward leaves it alone (autograd.py, row_scale); on a GPU that would cost a
+    # host sync, and backward scales instead.
+    weight = None
+    if student.requires_grad and torch.is_grad_enabled() and student.device.type == "cpu":
+        w = reduction_weight(student, valid, reduction, num_items_in_batch)
+        w = None if w is None else float(w)  # host-sync-ok: a CPU tensor
+        weight = w if w is not None and math.isfinite(w) and w > 0 else None
 
-    rows = vp.saved_grad_rows(student, compute)
+    def compute(x, want):
+        return vp.dense_rows(x, teacher, valid, flat_labels, sc, shard, vocab, want, backend,
+                             weight or 1.0)
+
+    rows = vp.saved_grad_rows(student, compute, weight)
     return reduce_rows(rows, valid, reduction, num_items_in_batch, lead)
 
 

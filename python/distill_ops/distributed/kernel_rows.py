@@ -22,6 +22,7 @@ Triton one for CUDA tensors; float64 runs in PyTorch row chunks (vocab_parallel.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -95,10 +96,13 @@ def _reducer(group, dt: torch.dtype):
 
 
 def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | None, sc,
-               shard, lim: int, dt: torch.dtype, want_grad: bool, kernel: str
-               ) -> tuple[Tensor, Tensor | None]:
+               shard, lim: int, dt: torch.dtype, want_grad: bool, kernel: str,
+               grad_scale: float = 1.0) -> tuple[Tensor, Tensor | None]:
     """vocab_parallel.dense_rows through `kernel` ("cpu" or "triton"): per-row loss [N] and
-    the gradient of this rank's slice (zeros past column `lim`, the ids that count)."""
+    the gradient of this rank's slice (zeros past column `lim`, the ids that count) times
+    `grad_scale`, which the gradient phase folds into its coefficients."""
+    sc_grad = sc if grad_scale == 1.0 else dataclasses.replace(
+        sc, soft_coef=sc.soft_coef * grad_scale, hard_weight=sc.hard_weight * grad_scale)
     n, dev = xs.shape[0], xs.device
     s, t = xs[:, :lim], xt[:, :lim]
     s = s if s.stride(-1) == 1 else s.contiguous()
@@ -109,7 +113,7 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
     g_local = torch.empty((n, lim), dtype=xs.dtype, device=dev) if want_grad else None
 
     if kernel == "cpu":
-        params = kd_params(sc)
+        params, params_grad = kd_params(sc), kd_params(sc_grad)
         # The C++ phases carry per-logit work in the gradient buffer when it holds their
         # accumulation type (fp32 here: fp64 runs in row chunks): dense_vp.cpp, "stashing".
         stash = g_local is not None and g_local.dtype == torch.float32
@@ -119,13 +123,14 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
             native().dense_vp_cpu(k, ptr(s), dtype_code(s), s.stride(0), ptr(t), dtype_code(t),
                                   t.stride(0), ptr(valid), ptr(lab), ptr(rec),
                                   ptr(g) if g is not None else 0,
-                                  dtype_code(g) if g is not None else 0, n, lim, params,
-                                  stash, torch.get_num_threads())
+                                  dtype_code(g) if g is not None else 0, n, lim,
+                                  params_grad if k == 2 else params, stash,
+                                  torch.get_num_threads())
     else:
         from ..backends.triton.dense_vp import dense_vp_phase
 
         def phase(k: int, g: Tensor | None = None) -> None:
-            dense_vp_phase(k, s, t, valid, lab, rec, g, sc)
+            dense_vp_phase(k, s, t, valid, lab, rec, g, sc_grad if k == 2 else sc)
 
     reduce = _reducer(shard.group, dt)
     phase(0)

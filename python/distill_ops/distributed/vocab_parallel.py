@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..backends.extension import has_native
 from ..reference import (
     divergence_from_logprobs,
     taid_logits,
@@ -69,12 +70,15 @@ def _exp_shifted(z: Tensor, m: Tensor) -> Tensor:
 
 class _SavedGradRows(torch.autograd.Function):
     """Per-row losses whose gradient w.r.t. `x` was computed in the forward: backward scales
-    it by grad_output in place (as the fused single-device ops do)."""
+    it by grad_output in place (as the fused single-device ops do). With `row_scale` (the
+    reduction's weight, already in the gradient) it scales by grad_output / row_scale, which
+    is exactly 1 under a plain backward: the CPU's scale_rows_ then leaves the rows alone."""
 
     @staticmethod
-    def forward(ctx, x, compute):
+    def forward(ctx, x, compute, row_scale):
         rows, grad = compute(x, True)
         ctx.save_for_backward(grad)
+        ctx.row_scale = row_scale
         ctx.set_materialize_grads(False)
         return rows
 
@@ -82,15 +86,25 @@ class _SavedGradRows(torch.autograd.Function):
     def backward(ctx, go):
         (grad,) = ctx.saved_tensors
         if go is None:
-            return None, None
-        return grad.mul_(go[:, None].to(grad.dtype)), None
+            return None, None, None
+        if ctx.row_scale is None:
+            return grad.mul_(go[:, None].to(grad.dtype)), None, None
+        scale = go.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+        scale = scale / ctx.row_scale
+        if grad.device.type == "cpu" and has_native():
+            from ..autograd import scale_rows_
+
+            scale_rows_(grad, scale, "cpu")
+            return grad, None, None
+        return grad.mul_(scale[:, None].to(grad.dtype)), None, None
 
 
-def saved_grad_rows(x: Tensor, compute) -> Tensor:
+def saved_grad_rows(x: Tensor, compute, row_scale: float | None = None) -> Tensor:
     """rows of `compute(x, want_grad) -> (rows, grad or None)`, with the gradient attached
-    when x needs one."""
+    when x needs one; `row_scale`: the factor compute already put on the gradient (the
+    reduction's weight), which backward divides out of grad_output."""
     if x.requires_grad and torch.is_grad_enabled():
-        return _SavedGradRows.apply(x, compute)
+        return _SavedGradRows.apply(x, compute, row_scale)
     with torch.no_grad():
         return compute(x, False)[0]
 
@@ -100,12 +114,12 @@ def saved_grad_rows(x: Tensor, compute) -> Tensor:
 
 
 def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | None, sc,
-               shard: VocabShard, vocab: int, want_grad: bool, backend: str = "auto"
-               ) -> tuple[Tensor, Tensor | None]:
+               shard: VocabShard, vocab: int, want_grad: bool, backend: str = "auto",
+               grad_scale: float = 1.0) -> tuple[Tensor, Tensor | None]:
     """Per-row loss [N] (fp32, fp64 for fp64 inputs) and, when `want_grad`, the gradient of
-    each row's loss w.r.t. this rank's slice xs [N, V_local] (in xs's dtype). Only global ids
-    < `vocab` count (padded vocabularies). The fused kernels run it where `backend` has one
-    (kernel_rows.choose_kernel), else PyTorch row chunks."""
+    each row's loss w.r.t. this rank's slice xs [N, V_local] (in xs's dtype) times
+    `grad_scale`. Only global ids < `vocab` count (padded vocabularies). The fused kernels
+    run it where `backend` has one (kernel_rows.choose_kernel), else PyTorch row chunks."""
     n, width = xs.shape
     lim = max(0, min(width, vocab - shard.offset))
     dt = _compute_dtype(xs, xt)
@@ -113,7 +127,7 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
                                        teacher_logits=xt)
     if kernel != "torch":
         return kernel_rows.dense_rows(xs, xt, valid, labels, sc, shard, lim, dt, want_grad,
-                                      kernel)
+                                      kernel, grad_scale)
     rows = torch.zeros(n, dtype=dt, device=xs.device)
     grad = torch.zeros_like(xs) if want_grad else None
     step = _chunk_rows(n, width)
@@ -124,7 +138,7 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
                             None if labels is None else labels[a:e], sc, shard, dt, want_grad)
         rows[a:e] = r
         if want_grad:
-            grad[a:e, :lim] = g.to(xs.dtype)
+            grad[a:e, :lim] = (g if grad_scale == 1.0 else g * grad_scale).to(xs.dtype)
     return rows, grad
 
 
