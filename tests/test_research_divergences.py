@@ -147,7 +147,12 @@ def test_masked_vocabulary_and_extremes(seed, backend, divergence):
     def ref(x64, t, divergence, **kw):
         return reference.kd_loss(x64, t.double(), divergence=divergence, reduction="none", **kw)
 
-    loss, g = compare(backend, s, t, divergence, rtol=(5e-5, 2e-4), oracle=ref, temperature=0.5)
+    # The torch backend is autograd through the fp32 formula: at these extremes its gradient
+    # sits at ~1e-4 of float64 with a tail past 2e-4 (seed 809854977, skew reverse KL:
+    # 2.15e-4, its worst of 40 other seeds 1.3e-4; the C++ kernel's 6.1e-5).
+    grad_rtol = 4e-4 if backend == "torch" else 2e-4
+    loss, g = compare(backend, s, t, divergence, rtol=(5e-5, grad_rtol), oracle=ref,
+                      temperature=0.5)
     assert torch.isfinite(loss).all() and torch.isfinite(g).all()
 
 
