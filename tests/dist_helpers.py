@@ -27,6 +27,21 @@ def _worker(rank, world, init_file, fn, args, queue, gpu=False):
         queue.put((rank, "error", traceback.format_exc()))
 
 
+def mean_loss_and_full_grads(loss, module) -> tuple[float, dict]:
+    """Backward of this rank's loss, then (the ranks' mean loss, every parameter's gradient
+    of `module` as lists, an FSDP2 shard gathered whole)."""
+    import torch
+
+    loss.backward()
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total)
+    grads = {}
+    for name, p in module.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grads[name] = g.tolist()
+    return (total / torch.distributed.get_world_size()).item(), grads
+
+
 def run_ranks(fn, world: int, *args, timeout: float = 120.0, spawn: bool = False) -> list:
     """[fn(rank, world, *args) for each rank], run in `world` forked gloo processes (spawned
     with `spawn`: a parent that has initialised CUDA cannot fork a process that uses it; `fn`

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from dist_helpers import run_ranks
+from dist_helpers import mean_loss_and_full_grads, run_ranks
 
 import distill_ops
 
@@ -211,14 +211,7 @@ def _hf_case(rank, world, seed, wrap):
         model = student
     part = len(rows) // world
     loss = _hf_loss(model, teacher, rows[rank * part:(rank + 1) * part])
-    loss.backward()
-    total = loss.detach().clone()
-    torch.distributed.all_reduce(total)
-    grads = {}
-    for name, p in student.named_parameters():
-        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        grads[name] = g.tolist()
-    return (total / world).item(), grads
+    return mean_loss_and_full_grads(loss, student)
 
 
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])

@@ -327,16 +327,11 @@ def _trl_ddp_case(rank, world, wrap, tmp_dir):
     inputs = _six_rows()
     n_tokens = (inputs["completion_mask"] * inputs["tool_mask"]).sum().float()
     part = slice(rank * 3, rank * 3 + 3)
+    from dist_helpers import mean_loss_and_full_grads
+
     loss = trainer.compute_loss(model, _rows(inputs, part),
                                 num_items_in_batch=n_tokens / world)
-    loss.backward()
-    total = loss.detach().clone()
-    torch.distributed.all_reduce(total)
-    grads = {}
-    for name, p in student.named_parameters():
-        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        grads[name] = g.tolist()
-    return (total / world).item(), grads
+    return mean_loss_and_full_grads(loss, student)
 
 
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])

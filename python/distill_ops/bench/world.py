@@ -25,18 +25,19 @@ import torch
 CASES = ("dense", "sparse", "topk")
 
 
+def _time_once(call, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def _timed(call, device: torch.device, reps: int) -> float:
     call()  # warm-up
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(_time_once(call, device) for _ in range(reps))
 
 
 def _timed_pair(a, b, device: torch.device, reps: int) -> tuple[float, float, float]:
@@ -46,14 +47,8 @@ def _timed_pair(a, b, device: torch.device, reps: int) -> tuple[float, float, fl
     b()
     ta, tb = [], []
     for _ in range(reps):
-        for call, times in ((a, ta), (b, tb)):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            call()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
+        ta.append(_time_once(a, device))
+        tb.append(_time_once(b, device))
     ratio = statistics.median(x / y for x, y in zip(ta, tb, strict=True))
     return statistics.median(ta), statistics.median(tb), ratio
 
