@@ -158,8 +158,9 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
       // By value: a store to a stash row must not look as if it could change them.
       auto lq_of = [=](int64_t j) { return (zs[j] - ms) - log_ss; };
       auto lp_of = [=](int64_t j) { return (zt[j] - mt) - log_st; };
-      // q and p as e / S, e = exp(z - m) (the one-device kernel's form: exp(lq) rounds its
-      // argument at |lq|, larger than |z - m| by log S, and was ~2x further from float64).
+      // q and p as e / S, e = exp(z - m), the one-device kernel's form (exp(lq) rounds its
+      // argument at |lq|, larger than |z - m| by log S; over 12 seeds on 4 ranks the worst
+      // gradient errors fell or held: forward KL 4.8e-8 -> 2.5e-8, skew KL 1.3e-7 -> 2.3e-8).
       const Acc inv_ss = Acc(std::exp(-f[kSs])), inv_st = Acc(std::exp(-f[kSt]));
       auto q_of = [=](int64_t j) { return exp_acc(zs[j] - ms) * inv_ss; };
       auto p_of = [=](int64_t j) { return exp_acc(zt[j] - mt) * inv_st; };
