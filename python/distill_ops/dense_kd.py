@@ -10,7 +10,6 @@ impl, so `torch.compile(fullgraph=True)` traces straight through it.
 
 # No `from __future__ import annotations`: torch.library reads the op's annotations, and
 # `Optional[Tensor]` is the spelling every torch >= 2.4 understands there.
-import math
 from typing import Optional
 
 import torch
@@ -288,11 +287,7 @@ def _vocab_parallel_kd(student_logits, teacher_logits, labels, ignore_index, mas
     # On the CPU the reduction's weight goes into the gradient the kernel writes, so that a
     # plain backward leaves it alone (autograd.py, row_scale); on a GPU that would cost a
     # host sync, and backward scales instead.
-    weight = None
-    if student.requires_grad and torch.is_grad_enabled() and student.device.type == "cpu":
-        w = reduction_weight(student, valid, reduction, num_items_in_batch)
-        w = None if w is None else float(w)  # host-sync-ok: a CPU tensor
-        weight = w if w is not None and math.isfinite(w) and w > 0 else None
+    weight = vp.folded_weight(student, valid, reduction, num_items_in_batch)
 
     def compute(x, want):
         return vp.dense_rows(x, teacher, valid, flat_labels, sc, shard, vocab, want, backend,

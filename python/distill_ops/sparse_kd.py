@@ -237,10 +237,12 @@ def _vocab_parallel_sparse(student_logits, indices, teacher_logprobs, labels, ig
     valid = valid_rows(labels, mask, ignore_index)
     flat_labels = labels.reshape(-1).to(torch.int64) if sc.hard_weight > 0 else None
 
+    weight = vp.folded_weight(student, valid, reduction, num_items_in_batch)  # autograd.py
+
     def compute(x, want):
         return vp.sparse_rows(x, idx, tlp, valid, flat_labels, sc.divergence, tail,
                               sc.temperature, source_t / sc.temperature, sc,
-                              shard, want, backend)
+                              shard, want, backend, weight or 1.0)
 
-    rows = vp.saved_grad_rows(student, compute)
+    rows = vp.saved_grad_rows(student, compute, weight)
     return reduce_rows(rows, valid, reduction, num_items_in_batch, lead)

@@ -217,8 +217,10 @@ def _akl_threshold(phase, rec: Tensor, head_mass: float, reduce) -> Tensor:
 
 
 def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, shard, dt,
-                want_grad, kernel):
-    """vocab_parallel.sparse_rows through `kernel` ("cpu" or "triton")."""
+                want_grad, kernel, grad_scale: float = 1.0):
+    """vocab_parallel.sparse_rows through `kernel` ("cpu" or "triton"); the gradient times
+    `grad_scale` (folded into the gradient phase's coefficients)."""
+    hw_grad = sc.hard_weight * grad_scale
     n, width = xs.shape
     dev = xs.device
     k = idx.shape[1]
@@ -237,13 +239,14 @@ def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, sha
                                    ptr(sup) if sup is not None else 0,
                                    ptr(g) if g is not None else 0,
                                    dtype_code(g) if g is not None else 0, n, width, float(t),
-                                   float(sc.hard_weight), torch.get_num_threads())
+                                   float(hw_grad if p == 1 else sc.hard_weight),
+                                   torch.get_num_threads())
     else:
         from ..backends.triton.sparse_vp import sparse_vp_phase
 
         def phase(p: int, sup: Tensor | None = None, g: Tensor | None = None) -> None:
             sparse_vp_phase(p, s, ids, shard.offset, vld, lab, rec, zsup, sup, g, float(t),
-                            float(sc.hard_weight))
+                            float(hw_grad if p == 1 else sc.hard_weight))
 
     reduce = _reducer(shard.group, dt)
     phase(0)
@@ -270,7 +273,7 @@ def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, sha
     if not want_grad:
         return loss.to(dt), None
     off, sup_grad = sparse_grad_terms(h, lq_sup, s_all.to(dt), s_rest.to(dt), has_rest, tail)
-    coef = sc.soft_coef / t
+    coef = sc.soft_coef * grad_scale / t
     rec[:, 0] = m
     rec[:, 1] = 0.0 if off is None else coef * off.to(torch.float64)
     if hard:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..backends.extension import has_native
+from ..reduction import reduction_weight
 from ..reference import (
     divergence_from_logprobs,
     taid_logits,
@@ -97,6 +98,17 @@ class _SavedGradRows(torch.autograd.Function):
             scale_rows_(grad, scale, "cpu")
             return grad, None, None
         return grad.mul_(scale[:, None].to(grad.dtype)), None, None
+
+
+def folded_weight(x: Tensor, valid: Tensor | None, reduction: str,
+                  num_items_in_batch) -> float | None:
+    """The reduction's weight as a float where the gradient can carry it (CPU tensors that
+    need a gradient: reading it costs no sync there), else None."""
+    if not (x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu"):
+        return None
+    w = reduction_weight(x, valid, reduction, num_items_in_batch)
+    w = None if w is None else float(w)  # host-sync-ok: a CPU tensor
+    return w if w is not None and math.isfinite(w) and w > 0 else None
 
 
 def saved_grad_rows(x: Tensor, compute, row_scale: float | None = None) -> Tensor:
@@ -304,17 +316,19 @@ def _transform_grad(z: Tensor, scale: float, cap: float | None, t: float) -> Ten
 
 def sparse_rows(xs: Tensor, idx: Tensor, tlp: Tensor, valid: Tensor | None,
                 labels: Tensor | None, divergence: int, tail: str, temperature: float,
-                ratio: float, sc, shard: VocabShard, want_grad: bool, backend: str = "auto"
-                ) -> tuple[Tensor, Tensor | None]:
-    """Per-row sparse loss [N] and the gradient of this rank's slice; `idx` holds global
-    ids (-1 pads), `tlp` the teacher log-probabilities, `ratio` = T_source / T. The fused
-    kernels run it where `backend` has one (kernel_rows.choose_kernel), else row chunks."""
+                ratio: float, sc, shard: VocabShard, want_grad: bool, backend: str = "auto",
+                grad_scale: float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """Per-row sparse loss [N] and the gradient of this rank's slice (times `grad_scale`);
+    `idx` holds global ids (-1 pads), `tlp` the teacher log-probabilities, `ratio` =
+    T_source / T. The fused kernels run it where `backend` has one
+    (kernel_rows.choose_kernel), else row chunks."""
     n, width = xs.shape
     dt = _compute_dtype(xs, tlp)
     kernel = kernel_rows.choose_kernel(backend, xs.device, None, student_logits=xs)
     if kernel != "torch":
         return kernel_rows.sparse_rows(xs, idx, tlp, valid, labels, divergence, tail,
-                                       temperature, ratio, sc, shard, dt, want_grad, kernel)
+                                       temperature, ratio, sc, shard, dt, want_grad, kernel,
+                                       grad_scale)
     rows = torch.zeros(n, dtype=dt, device=xs.device)
     grad = torch.zeros_like(xs) if want_grad else None
     step = _chunk_rows(n, width)
@@ -326,7 +340,7 @@ def sparse_rows(xs: Tensor, idx: Tensor, tlp: Tensor, valid: Tensor | None,
                              want_grad)
         rows[a:e] = r
         if want_grad:
-            grad[a:e] = g.to(xs.dtype)
+            grad[a:e] = (g if grad_scale == 1.0 else g * grad_scale).to(xs.dtype)
     return rows, grad
 
 
