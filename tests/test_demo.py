@@ -30,8 +30,12 @@ RUN_FIELDS = {"name": str, "targets": str, "heldout_loss": float, "perplexity": 
 
 def test_pipeline_writes_every_run_with_its_metrics(tmp_path):
     lines = []
+    threads = torch.get_num_threads()
     report = run_demo(cfg=TINY, out=str(tmp_path / "out"), cache=str(tmp_path / "cache"),
                       device="cpu", progress=False, log=lines.append)
+    # quick mode on a CPU trains its students on one thread, then gives the rest back
+    assert report["environment"]["student_threads"] == 1
+    assert torch.get_num_threads() == threads
     data = json.loads((tmp_path / "out" / "demo.json").read_text())
     assert data["runs"] == json.loads(json.dumps(report["runs"]))
     assert [r["name"] for r in data["runs"]] == list(RUNS)

@@ -474,13 +474,22 @@ def run_demo(quick: bool = True, corpus: str | None = None, out: str | None = "d
     t2 = time.perf_counter()
     teacher_eval = evaluate(data["teacher"], data["held"][:cfg.final_windows], dev)
     results, models = [], {}
-    for run in runs:
-        t = time.perf_counter()
-        r = train_student(run, data, stores, cfg, dev, progress)
-        models[run] = r.pop("model")
-        results.append(r | {"name": run, "seconds": time.perf_counter() - t})
-        log(f"  {run:14s} held-out loss {r['loss']:.4f}  ECE {r['ece']:.4f}  "
-            f"{r['tokens_per_s']:,.0f} tokens/s")
+    # The quick students' steps (a few ms) gain little from a second CPU thread and time
+    # unsteadily with it: three identical quick runs on the 2-core VM spread each row's
+    # tokens/s by 8-46% with two threads, by 3-12% with one (2026-12-03).
+    threads = torch.get_num_threads()
+    student_threads = 1 if quick and dev.type == "cpu" else threads
+    torch.set_num_threads(student_threads)
+    try:
+        for run in runs:
+            t = time.perf_counter()
+            r = train_student(run, data, stores, cfg, dev, progress)
+            models[run] = r.pop("model")
+            results.append(r | {"name": run, "seconds": time.perf_counter() - t})
+            log(f"  {run:14s} held-out loss {r['loss']:.4f}  ECE {r['ece']:.4f}  "
+                f"{r['tokens_per_s']:,.0f} tokens/s")
+    finally:
+        torch.set_num_threads(threads)
     dense_rows = [r for r in results if _is_dense(r["name"])]
     if len(dense_rows) > 1:
         best = min(dense_rows, key=lambda r: r["loss"])
@@ -495,6 +504,7 @@ def run_demo(quick: bool = True, corpus: str | None = None, out: str | None = "d
                                              "sampled_draws": stores["draws"]},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "device": str(dev), "machine": platform.machine(),
+                        "student_threads": student_threads if dev.type == "cpu" else None,
                         "corpus_files": data["files"], "train_tokens": data["train_tokens"],
                         "heldout_tokens": data["held_tokens"]},
         "teacher": {"heldout_loss": teacher_eval["loss"], "ece": teacher_eval["ece"],
