@@ -95,14 +95,22 @@ def _reducer(group, dt: torch.dtype):
     return reduce
 
 
+def _grad_scalars(sc, grad_scale: float):
+    """The loss scalars of the gradient phase: the hard and soft weights times `grad_scale`
+    (the reduction's weight folded into the gradient; the loss keeps `sc`'s)."""
+    if grad_scale == 1.0:
+        return sc
+    return dataclasses.replace(sc, soft_coef=sc.soft_coef * grad_scale,
+                               hard_weight=sc.hard_weight * grad_scale)
+
+
 def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | None, sc,
                shard, lim: int, dt: torch.dtype, want_grad: bool, kernel: str,
                grad_scale: float = 1.0) -> tuple[Tensor, Tensor | None]:
     """vocab_parallel.dense_rows through `kernel` ("cpu" or "triton"): per-row loss [N] and
     the gradient of this rank's slice (zeros past column `lim`, the ids that count) times
     `grad_scale`, which the gradient phase folds into its coefficients."""
-    sc_grad = sc if grad_scale == 1.0 else dataclasses.replace(
-        sc, soft_coef=sc.soft_coef * grad_scale, hard_weight=sc.hard_weight * grad_scale)
+    sc_grad = _grad_scalars(sc, grad_scale)
     n, dev = xs.shape[0], xs.device
     s, t = xs[:, :lim], xt[:, :lim]
     s = s if s.stride(-1) == 1 else s.contiguous()
@@ -220,7 +228,7 @@ def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, sha
                 want_grad, kernel, grad_scale: float = 1.0):
     """vocab_parallel.sparse_rows through `kernel` ("cpu" or "triton"); the gradient times
     `grad_scale` (folded into the gradient phase's coefficients)."""
-    hw_grad = sc.hard_weight * grad_scale
+    sc_grad = _grad_scalars(sc, grad_scale)
     n, width = xs.shape
     dev = xs.device
     k = idx.shape[1]
@@ -239,14 +247,14 @@ def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, sha
                                    ptr(sup) if sup is not None else 0,
                                    ptr(g) if g is not None else 0,
                                    dtype_code(g) if g is not None else 0, n, width, float(t),
-                                   float(hw_grad if p == 1 else sc.hard_weight),
+                                   float((sc_grad if p == 1 else sc).hard_weight),
                                    torch.get_num_threads())
     else:
         from ..backends.triton.sparse_vp import sparse_vp_phase
 
         def phase(p: int, sup: Tensor | None = None, g: Tensor | None = None) -> None:
             sparse_vp_phase(p, s, ids, shard.offset, vld, lab, rec, zsup, sup, g, float(t),
-                            float(hw_grad if p == 1 else sc.hard_weight))
+                            float((sc_grad if p == 1 else sc).hard_weight))
 
     reduce = _reducer(shard.group, dt)
     phase(0)
@@ -273,7 +281,7 @@ def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, sha
     if not want_grad:
         return loss.to(dt), None
     off, sup_grad = sparse_grad_terms(h, lq_sup, s_all.to(dt), s_rest.to(dt), has_rest, tail)
-    coef = sc.soft_coef * grad_scale / t
+    coef = sc_grad.soft_coef / t
     rec[:, 0] = m
     rec[:, 1] = 0.0 if off is None else coef * off.to(torch.float64)
     if hard:
