@@ -272,30 +272,30 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
             d = stash[j] - q_of(j) * sum_h;
           }
         } else {
-        const Acc lq = lq_of(j), lp = lp_of(j), q = q_of(j), p = p_of(j);
-        if constexpr (div == Divergence::ForwardKL) {
-          d = q - p;
-        } else if constexpr (div == Divergence::ReverseKL) {
-          d = q > Acc(0) ? q * ((lq - lp) - dv) : Acc(0);
-        } else if constexpr (div == Divergence::JSD) {
-          const Acc lm = jsd_log_mixture(lp, lq, log_b, log_1mb);
-          d = q * ((q > Acc(0) ? (Acc(1) - beta) * (lq - lm) : Acc(0)) - sum_h);
-        } else if constexpr (div == Divergence::TVD) {
-          d = q * (tvd_sign(q, p) - sum_h);
-        } else if constexpr (div == Divergence::SkewKL) {
-          Acc h;
-          skew_kl_term(lp, lq, p, beta, log_b, log_1mb, h);
-          d = h - q * sum_h;
-        } else if constexpr (div == Divergence::SkewReverseKL) {
-          Acc h;
-          skew_reverse_kl_term(lp, lq, q, beta, log_b, log_1mb, h);
-          d = (h - q) - q * sum_h;
-        } else if constexpr (div == Divergence::AB) {
-          d = ab_dlogq(lp, lq, beta, prm2) - q * sum_h;
-        } else {  // AKL: w (q - p) + (1 - w) q (lq - lp - RKL); sum_h is the reverse KL
-          d = akl_w * (q - p) +
-              (Acc(1) - akl_w) * (q > Acc(0) ? q * ((lq - lp) - sum_h) : Acc(0));
-        }
+          const Acc lq = lq_of(j), lp = lp_of(j), q = q_of(j), p = p_of(j);
+          if constexpr (div == Divergence::ForwardKL) {
+            d = q - p;
+          } else if constexpr (div == Divergence::ReverseKL) {
+            d = q > Acc(0) ? q * ((lq - lp) - dv) : Acc(0);
+          } else if constexpr (div == Divergence::JSD) {
+            const Acc lm = jsd_log_mixture(lp, lq, log_b, log_1mb);
+            d = q * ((q > Acc(0) ? (Acc(1) - beta) * (lq - lm) : Acc(0)) - sum_h);
+          } else if constexpr (div == Divergence::TVD) {
+            d = q * (tvd_sign(q, p) - sum_h);
+          } else if constexpr (div == Divergence::SkewKL) {
+            Acc h;
+            skew_kl_term(lp, lq, p, beta, log_b, log_1mb, h);
+            d = h - q * sum_h;
+          } else if constexpr (div == Divergence::SkewReverseKL) {
+            Acc h;
+            skew_reverse_kl_term(lp, lq, q, beta, log_b, log_1mb, h);
+            d = (h - q) - q * sum_h;
+          } else if constexpr (div == Divergence::AB) {
+            d = ab_dlogq(lp, lq, beta, prm2) - q * sum_h;
+          } else {  // AKL: w (q - p) + (1 - w) q (lq - lp - RKL); sum_h is the reverse KL
+            d = akl_w * (q - p) +
+                (Acc(1) - akl_w) * (q > Acc(0) ? q * ((lq - lp) - sum_h) : Acc(0));
+          }
         }
         Acc g = coef * d;
         if (hard) {
