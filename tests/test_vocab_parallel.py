@@ -244,6 +244,57 @@ def test_dense_loss_and_gradient_equal_the_unsharded_ones(seed, world, dtype, ex
         assert not bad, f"rank {rank}: {bad}"
 
 
+def _lean_case(rank, world, seed, dtype):
+    """{case: whether loss and gradient are bitwise equal} with the C++ phases' lean path
+    (in-place reads of exact rows, the stash, the one-pass gradient) and without."""
+    import torch.distributed as dist
+
+    from distill_ops.distributed import kernel_rows
+
+    torch.manual_seed(seed)
+    n, v = 7, 301
+    s, t = torch.randn(n, v) * 3, torch.randn(n, v) * 3
+    s[0, :9] = t[0, :9] = float("-inf")
+    s[2] *= 300  # a near one-hot student row
+    labels = torch.randint(0, v, (n,))
+    labels[::3] = -100
+    same = {}
+    for div in DIVERGENCES:
+        for name, kw in {
+            "T1": dict(temperature=1.0), "T2": dict(temperature=2.0),  # in place: scale 1, 1/2
+            "T0.7": dict(temperature=0.7),  # through scratch
+            "scale": dict(temperature=2.0, student_logit_scale=0.5, teacher_logit_scale=4.0),
+            "hard": dict(temperature=2.0, labels=labels, hard_weight=0.3),
+            "softcap": dict(temperature=1.0, student_softcap=5.0),
+            "taid": dict(temperature=1.0, teacher_interpolation=0.6),
+            "mask": dict(temperature=1.0, mask=torch.arange(n) % 2 == 0),
+        }.items():
+            for sd, td in ((dtype, dtype), (dtype, torch.bfloat16)):
+                got = []
+                for lean in (True, False):
+                    kernel_rows.LEAN = lean
+                    got.append(_loss_and_grad(lambda x, kw=kw, td=td, div=div: distill_ops.kd_loss(
+                        x, t.to(td), divergence=div, process_group=dist.group.WORLD, **kw),
+                        s.to(sd)))
+                kernel_rows.LEAN = True
+                (l1, g1), (l0, g0) = got
+                same[f"{div}/{name}/{td}"] = torch.equal(l1, l0) and torch.equal(g1, g0)
+    return same
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lean_cpu_phases_are_bitwise_the_plain_ones_on_one_process(seed, dtype):
+    """dense_vp.cpp's lean phases change only where the work happens, not one operation of
+    it: on one process (a slice's max is the global one, so the stash's rescale is the plain
+    1 / S) loss and gradient equal the plain phases' bit for bit."""
+    from distill_ops.backends.extension import has_native
+
+    if not has_native():
+        pytest.skip("the C++ extension is not built")
+    (same,) = run_ranks(_lean_case, 1, seed, dtype, timeout=300)
+    assert all(same.values()), [k for k, ok in same.items() if not ok]
+
+
 SPARSE_CASES = [(w, dt, "auto") for w in (2, 4) for dt in (torch.float32, torch.float64)] + [
     pytest.param(4, torch.float32, "triton", marks=INTERPRETED), (2, torch.float32, "torch")]
 

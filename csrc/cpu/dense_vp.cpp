@@ -11,6 +11,9 @@
 //   AKL: 3 (one bisection step of its global head threshold tau: the slice's teacher mass at
 //     p >= tau; 31 steps), 4 (both KLs and the head's and tail's sum |p - q| at the global
 //     tau), then 2 with the head's weight.
+// Lean phases (`lean`; bitwise equal to the plain ones on one process): rows whose z is exact
+// are read where they lie (below, "in place"), and, stashing, a stashed phase 2 without the
+// hard term or a student softcap is one pass that overwrites the stash with the gradient.
 // Stashing (fp32 gradients of fp32 work, or fp64 of fp64; not AKL): the gradient buffer,
 // written by phase 2 anyway, carries per-logit work between the phases. Phase 0 leaves
 // exp(z_s - m_slice) there (m_slice in field 7), and the next phase takes q from it instead
@@ -22,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -45,12 +49,19 @@ enum VpField : int {
   kVpFields = 8,
 };
 
+// Whether x * k is exact for every x (short of underflow): k a power of two.
+template <typename Acc>
+bool power_of_two(Acc k) {
+  int e = 0;
+  return k > Acc(0) && std::frexp(k, &e) == Acc(0.5);
+}
+
 // One instantiation per divergence and stash mode, so that no inner loop switches on them
 // (they vectorise).
 template <typename Acc, int kDivergence, bool kStash>
 void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
              const int64_t* labels, double* rec, void* grad, int grad_dtype, int64_t n_rows,
-             int64_t width, const KDParams& prm, int num_threads) {
+             int64_t width, const KDParams& prm, bool reads_in_place, int num_threads) {
   const Acc temperature = Acc(prm.temperature), inv_t = Acc(1) / temperature;
   const Acc scale_s = Acc(prm.scale_s), cap_s = Acc(prm.cap_s);
   const Acc scale_t = Acc(prm.scale_t), cap_t = Acc(prm.cap_t);
@@ -68,6 +79,21 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
   const bool load_s = !kStash || div != Divergence::ForwardKL || hard || cap_s > Acc(0) ||
                       interp != Acc(1) || phase != 2;
   const bool load_t = !kStash || kl || phase != 2;
+  // Phase 2, stashed, without the hard term or a student softcap: one pass that writes the
+  // gradient over the stash in place.
+  const bool lean = kStash && phase == 2 && !hard && cap_s == Acc(0);
+  // Every phase but a scratch-bound phase 2 reads a row where it lies instead of loading it
+  // into scratch when its z = x * scale / T is exact: the accumulation type, no softcap or
+  // TAID, scale / T a power of two (T = 1 or 2 at scale 1). Under another scale the product
+  // would contract into the next subtraction (an fma: z never rounded), and z_max - m would
+  // no longer be 0 for phase 0's rounded maximum m; scratch reads are times 1. Either way
+  // the same operations in the same order: bitwise equal.
+  constexpr int acc_dtype = int(sizeof(Acc) == 8 ? DType::F64 : DType::F32);
+  const Acc ks = scale_s * inv_t, kt = scale_t * inv_t;
+  const bool in_place = reads_in_place && interp == Acc(1) && (phase != 2 || lean);
+  const bool raw_s = in_place && cap_s == Acc(0) && student.dtype == acc_dtype && power_of_two(ks);
+  const bool raw_t = in_place && cap_t == Acc(0) && teacher.dtype == acc_dtype && power_of_two(kt);
+  const Acc ks_row = raw_s ? ks : Acc(1), kt_row = raw_t ? kt : Acc(1);
   if (phase == 2 || (kStash && phase == 0))
     advise_huge_pages(grad, n_rows * width * dtype_size(grad_dtype));
 
@@ -96,11 +122,11 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
         }
         continue;
       }
-      if (load_s) {
+      if (load_s && !raw_s) {
         load_transformed(row_ptr(student.ptr, student.dtype, r * student.row_stride),
                          student.dtype, width, scale_s, cap_s, inv_t, zs);
       }
-      if (load_t) {
+      if (load_t && !raw_t) {
         load_transformed(row_ptr(teacher.ptr, teacher.dtype, r * teacher.row_stride),
                          teacher.dtype, width, scale_t, cap_t, inv_t, zt);
       }
@@ -109,9 +135,18 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
         for (int64_t j = 0; j < width; ++j) zt[j] = taid_logit(zs[j], zt[j], interp);
       }
       const int64_t label = hard ? labels[r] : -1;  // -1: not in this slice
+      const Acc* src_s = raw_s ? static_cast<const Acc*>(row_ptr(student.ptr, student.dtype,
+                                                                 r * student.row_stride))
+                               : zs;
+      const Acc* src_t = raw_t ? static_cast<const Acc*>(row_ptr(teacher.ptr, teacher.dtype,
+                                                                 r * teacher.row_stride))
+                               : zt;
+      auto zs_at = [=](int64_t j) { return src_s[j] * ks_row; };  // z of the row, either way
+      auto zt_at = [=](int64_t j) { return src_t[j] * kt_row; };
       if (phase == 0) {
         const Acc ninf = -std::numeric_limits<Acc>::infinity();
-        const Acc ms_row = row_max(zs, width), mt_row = row_max(zt, width);
+        const Acc ms_row = row_max(src_s, width) * ks_row;  // exact: k > 0, a power of two
+        const Acc mt_row = row_max(src_t, width) * kt_row;
         f[kMs] = double(ms_row);
         f[kMt] = double(mt_row);
         // A side whose slice is all -inf (a masked range on this rank) holds nothing: its
@@ -125,7 +160,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
           Acc a = 0, b = 0, c = 0;
 #pragma omp simd reduction(+ : a, b, c)
           for (int64_t j = j0; j < j1; ++j) {
-            const Acc e_s = exp_acc(zs[j] - ms), e_t = exp_acc(zt[j] - mt);
+            const Acc e_s = exp_acc(zs_at(j) - ms), e_t = exp_acc(zt_at(j) - mt);
             if constexpr (kStash) stash[j] = e_s;
             a += e_s;
             b += e_t;
@@ -133,8 +168,8 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
             // teacher for forward KL, the student for reverse KL. With it the KLs need no
             // sums pass: the Python layer moves each rank's term to the global maxima.
             if constexpr (kl) {
-              c += fwd ? cross_term(e_t, zt[j], mt, zs[j], ms)
-                       : cross_term(e_s, zs[j], ms, zt[j], mt);
+              c += fwd ? cross_term(e_t, zt_at(j), mt, zs_at(j), ms)
+                       : cross_term(e_s, zs_at(j), ms, zt_at(j), mt);
             }
           }
           sum_s += double(a);
@@ -147,25 +182,41 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
         f[kS1] = hard ? blocked_sum(width, [&](int64_t j0, int64_t j1) {
           Acc part = 0;
 #pragma omp simd reduction(+ : part)
-          for (int64_t j = j0; j < j1; ++j) part += exp_acc((zs[j] - ms) * temperature);
+          for (int64_t j = j0; j < j1; ++j) part += exp_acc((zs_at(j) - ms) * temperature);
           return part;
         }) : 0.0;
-        f[kZy] = label >= 0 && label < width ? double(zs[label]) : 0.0;
+        f[kZy] = label >= 0 && label < width ? double(zs_at(label)) : 0.0;
         if constexpr (kStash) f[kMsSlice] = double(ms);
         continue;
       }
       const Acc ms = Acc(f[kMs]), log_ss = Acc(f[kSs]), mt = Acc(f[kMt]), log_st = Acc(f[kSt]);
       // By value: a store to a stash row must not look as if it could change them.
-      auto lq_of = [=](int64_t j) { return (zs[j] - ms) - log_ss; };
-      auto lp_of = [=](int64_t j) { return (zt[j] - mt) - log_st; };
+      auto lq_of = [=](int64_t j) { return (zs_at(j) - ms) - log_ss; };
+      auto lp_of = [=](int64_t j) { return (zt_at(j) - mt) - log_st; };
       // q and p as e / S, e = exp(z - m), the one-device kernel's form (exp(lq) rounds its
       // argument at |lq|, larger than |z - m| by log S; over 12 seeds on 4 ranks the worst
       // gradient errors fell or held: forward KL 4.8e-8 -> 2.5e-8, skew KL 1.3e-7 -> 2.3e-8).
       const Acc inv_ss = Acc(std::exp(-f[kSs])), inv_st = Acc(std::exp(-f[kSt]));
-      auto q_of = [=](int64_t j) { return exp_acc(zs[j] - ms) * inv_ss; };
-      auto p_of = [=](int64_t j) { return exp_acc(zt[j] - mt) * inv_st; };
+      auto q_of = [=](int64_t j) { return exp_acc(zs_at(j) - ms) * inv_ss; };
+      auto p_of = [=](int64_t j) { return exp_acc(zt_at(j) - mt) * inv_st; };
       // q from phase 0's stashed exp(z_s - m_slice): e * exp(m_slice - m - log S).
       const Acc cq = kStash ? Acc(std::exp(f[kMsSlice] - f[kMs] - f[kSs])) : Acc(0);
+      const Acc dv = Acc(f[kDiv]), sum_h = Acc(f[kSumH]);  // phase 2's inputs
+      // Phase 2's d (the gradient w.r.t. z_s over soft_coef / T) of one logit from its stash
+      // value sj, which holds exp(z_s - m_slice) (KLs) or h (the others).
+      auto stash_d = [=](Acc sj, Acc zsj, Acc ztj) {
+        const Acc lq = (zsj - ms) - log_ss;
+        if constexpr (div == Divergence::ForwardKL) {
+          return sj * cq - exp_acc(ztj - mt) * inv_st;
+        } else if constexpr (div == Divergence::ReverseKL) {
+          const Acc q = sj * cq;
+          return q > Acc(0) ? q * ((lq - ((ztj - mt) - log_st)) - dv) : Acc(0);
+        } else if constexpr (div == Divergence::JSD || div == Divergence::TVD) {
+          return exp_acc(zsj - ms) * inv_ss * (sj - sum_h);
+        } else {
+          return sj - exp_acc(zsj - ms) * inv_ss * sum_h;
+        }
+      };
       if constexpr (div == Divergence::AKL) {
         if (phase == 3) {  // one bisection step: the slice's teacher mass at p >= tau
           const Acc tau = Acc(f[kTau]);
@@ -253,24 +304,20 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
         continue;
       }
       // Phase 2: the gradient w.r.t. z_s, then the hard term, then f'(x) / T.
-      const Acc dv = Acc(f[kDiv]), sum_h = Acc(f[kSumH]), log_s1 = Acc(f[kS1]);
+      const Acc log_s1 = Acc(f[kS1]);
       const Acc akl_w = Acc(f[kTau]);  // AKL: the head's weight
       const Acc coef = soft_c * inv_t;
+      if (lean) {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j)
+          stash[j] = (coef * stash_d(stash[j], zs_at(j), zt_at(j))) * scale_s;
+        continue;
+      }
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
         Acc d;
-        if constexpr (kStash) {  // the stash holds exp(z_s - m_slice) (KLs) or h (the others)
-          const Acc lq = lq_of(j);
-          if constexpr (div == Divergence::ForwardKL) {
-            d = stash[j] * cq - p_of(j);
-          } else if constexpr (div == Divergence::ReverseKL) {
-            const Acc q = stash[j] * cq;
-            d = q > Acc(0) ? q * ((lq - lp_of(j)) - dv) : Acc(0);
-          } else if constexpr (div == Divergence::JSD || div == Divergence::TVD) {
-            d = q_of(j) * (stash[j] - sum_h);
-          } else {
-            d = stash[j] - q_of(j) * sum_h;
-          }
+        if constexpr (kStash) {
+          d = stash_d(stash[j], zs_at(j), zt_at(j));
         } else {
           const Acc lq = lq_of(j), lp = lp_of(j), q = q_of(j), p = p_of(j);
           if constexpr (div == Divergence::ForwardKL) {
@@ -313,12 +360,13 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
 template <typename Acc, bool kStash>
 void vp_dispatch(int phase, RowView student, RowView teacher, const uint8_t* valid,
                  const int64_t* labels, double* rec, void* grad, int grad_dtype,
-                 int64_t n_rows, int64_t width, const KDParams& p, int threads) {
+                 int64_t n_rows, int64_t width, const KDParams& p, bool in_place,
+                 int threads) {
   switch (static_cast<Divergence>(p.divergence)) {
 #define DOPS_VP_CASE(D, S)                                                                    \
   case Divergence::D:                                                                         \
     vp_impl<Acc, int(Divergence::D), S>(phase, student, teacher, valid, labels, rec, grad,    \
-                                        grad_dtype, n_rows, width, p, threads);               \
+                                        grad_dtype, n_rows, width, p, in_place, threads); \
     break;
     DOPS_VP_CASE(ForwardKL, kStash)
     DOPS_VP_CASE(ReverseKL, kStash)
@@ -338,25 +386,20 @@ void vp_dispatch(int phase, RowView student, RowView teacher, const uint8_t* val
 
 void dense_vp(int phase, RowView student, RowView teacher, const uint8_t* valid,
               const int64_t* labels, double* rec, void* grad, int grad_dtype,
-              int64_t n_rows, int64_t width, const KDParams& params, bool stash,
+              int64_t n_rows, int64_t width, const KDParams& params, bool lean,
               int num_threads) {
   const bool f64 = student.dtype == int(DType::F64) || teacher.dtype == int(DType::F64);
   // The stash holds the accumulation type: only a gradient of that dtype can carry it.
-  stash = stash && grad != nullptr && grad_dtype == int(f64 ? DType::F64 : DType::F32);
+  const bool stash = lean && grad != nullptr && grad_dtype == int(f64 ? DType::F64 : DType::F32);
+  auto run = [&](auto acc, auto stashing) {
+    vp_dispatch<decltype(acc), decltype(stashing)::value>(phase, student, teacher, valid, labels,
+                                                          rec, grad, grad_dtype, n_rows, width,
+                                                          params, lean, num_threads);
+  };
   if (f64) {
-    if (stash) {
-      vp_dispatch<double, true>(phase, student, teacher, valid, labels, rec, grad, grad_dtype,
-                                n_rows, width, params, num_threads);
-    } else {
-      vp_dispatch<double, false>(phase, student, teacher, valid, labels, rec, grad,
-                                 grad_dtype, n_rows, width, params, num_threads);
-    }
-  } else if (stash) {
-    vp_dispatch<float, true>(phase, student, teacher, valid, labels, rec, grad, grad_dtype,
-                             n_rows, width, params, num_threads);
+    stash ? run(0.0, std::true_type{}) : run(0.0, std::false_type{});
   } else {
-    vp_dispatch<float, false>(phase, student, teacher, valid, labels, rec, grad, grad_dtype,
-                              n_rows, width, params, num_threads);
+    stash ? run(0.0f, std::true_type{}) : run(0.0f, std::false_type{});
   }
 }
 

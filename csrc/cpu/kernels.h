@@ -32,11 +32,12 @@ void dense_kd(RowView student, RowView teacher, const uint8_t* valid, const int6
 // per-row record `rec` (double [n_rows, 8]) carrying what the phases and the Python layer's
 // all-reduces hand each other (dense_vp.cpp lists the fields). labels: nullable [n_rows]
 // int64, each row's label as a column of this slice, -1 where it lies elsewhere.
-// stash: grad (of the accumulation dtype, F32 or F64 for float64 inputs; ignored otherwise)
-// given to every phase carries per-logit work from phase to phase (dense_vp.cpp).
+// lean: the phases read rows whose z is exact where they lie, and grad (of the accumulation
+// dtype, F32 or F64 for float64 inputs; not otherwise) given to every phase carries per-logit
+// work from phase to phase (dense_vp.cpp); bitwise equal to !lean on one process.
 void dense_vp(int phase, RowView student, RowView teacher, const uint8_t* valid,
               const int64_t* labels, double* rec, void* grad, int grad_dtype, int64_t n_rows,
-              int64_t width, const KDParams& params, bool stash, int num_threads);
+              int64_t width, const KDParams& params, bool lean, int num_threads);
 
 // The sparse KD loss of a vocab-parallel slice [n_rows, width] (global columns offset ..
 // offset + width; indices [n_rows, k] global ids, -1 pads) in two phases (0: statistics into
