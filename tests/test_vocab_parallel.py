@@ -256,6 +256,7 @@ def _lean_case(rank, world, seed, dtype):
     s, t = torch.randn(n, v) * 3, torch.randn(n, v) * 3
     s[0, :9] = t[0, :9] = float("-inf")
     s[2] *= 300  # a near one-hot student row
+    t[3] = s[3]  # q == p: TVD's sign 0, which its signed-q stash cannot hold
     labels = torch.randint(0, v, (n,))
     labels[::3] = -100
     same = {}
@@ -278,7 +279,11 @@ def _lean_case(rank, world, seed, dtype):
                         s.to(sd)))
                 kernel_rows.LEAN = True
                 (l1, g1), (l0, g0) = got
-                same[f"{div}/{name}/{td}"] = torch.equal(l1, l0) and torch.equal(g1, g0)
+                if div == "akl":  # its stash holds p rounded: see the test's docstring
+                    ok = max(_rel(l1, l0), _rel(g1, g0)) <= 1e-6
+                else:
+                    ok = torch.equal(l1, l0) and torch.equal(g1, g0)
+                same[f"{div}/{name}/{td}"] = ok
     return same
 
 
@@ -286,7 +291,9 @@ def _lean_case(rank, world, seed, dtype):
 def test_lean_cpu_phases_are_bitwise_the_plain_ones_on_one_process(seed, dtype):
     """dense_vp.cpp's lean phases change only where the work happens, not one operation of
     it: on one process (a slice's max is the global one, so the stash's rescale is the plain
-    1 / S) loss and gradient equal the plain phases' bit for bit."""
+    1 / S) loss and gradient equal the plain phases' bit for bit. AKL's within 1e-6: its
+    stash holds p = e / S rounded to fp32, which the plain phases may fuse into the next
+    operation (an fma), rounding p never."""
     from distill_ops.backends.extension import has_native
 
     if not has_native():

@@ -10,17 +10,20 @@
 //   2 (gradient): with the global sums too, d loss / d x of the slice, in the student's dtype.
 //   AKL: 3 (one bisection step of its global head threshold tau: the slice's teacher mass at
 //     p >= tau; 31 steps), 4 (both KLs and the head's and tail's sum |p - q| at the global
-//     tau), then 2 with the head's weight.
-// Lean phases (`lean`; bitwise equal to the plain ones on one process): rows whose z is exact
+//     tau), then 2 with the head's weight; stashing, 5 (the stash to p) before 3.
+// Lean phases (`lean`; on one process bitwise equal to the plain ones, AKL to an fp32 rounding
+// of p): rows whose z is exact
 // are read where they lie (below, "in place"), and, stashing, a stashed phase 2 without the
 // hard term or a student softcap is one pass that overwrites the stash with the gradient.
-// Stashing (fp32 gradients of fp32 work, or fp64 of fp64; not AKL): the gradient buffer,
-// written by phase 2 anyway, carries per-logit work between the phases. Phase 0 leaves
+// Stashing (fp32 gradients of fp32 work, or fp64 of fp64): the gradient buffer, written by
+// phase 2 anyway, carries per-logit work between the phases. Phase 0 leaves
 // exp(z_s - m_slice) there (m_slice in field 7), and the next phase takes q from it instead
 // of an exponential: phase 2 for the KLs (they have no phase 1), phase 1 for the others,
 // which leaves the gradient's per-logit term h there in its place, for phase 2 to read
 // instead of computing the divergence's terms again (JSD: an exponential and a logarithm
-// less a logit, AB: its whole element).
+// less a logit, AB: its whole element). AKL stashes the teacher's exp(z_t - m_slice)
+// instead (m_slice in field 6), which phase 5 turns into p with the global statistics: its
+// 31 bisection steps (phase 3) then read the stash alone, and phases 4 and 2 take p from it.
 // The per-element maths is kd_math.h's, as in dense_kd.cpp.
 #include <algorithm>
 #include <cmath>
@@ -46,6 +49,12 @@ enum VpField : int {
   kDiv = 5, kSumH = 6,                 // phase 2 in: the divergence, sum_j h_j (or q g)
   kTau = 7,                            // AKL: tau (phases 3, 4 in), head weight (phase 2 in)
   kMsSlice = 7,                        // stashing: the slice's student max (phase 0 out)
+  kMtSlice = 6,                        // AKL stashing: the slice's teacher max (phase 0 out)
+  // TVD stashing (phase 1 out): -1 where the stash holds sign(q - p) / 2; else it holds q
+  // signed by q - p (a lean phase 2 reads q and the sign from it, no exponential), and the
+  // field counts the ids with q == p > 0 (sign 0, which that cannot carry: then phase 2
+  // computes the row from its logits).
+  kTvdStash = 7,
   kVpFields = 8,
 };
 
@@ -74,14 +83,18 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
   const Acc log_b = mixes ? log_acc(beta) : Acc(0);
   const Acc log_1mb = mixes ? Acc(std::log1p(-double(beta))) : Acc(0);
   constexpr bool kl = div == Divergence::ForwardKL || div == Divergence::ReverseKL;
-  // Phase 2 with a stash: the KLs need both rows (z_s only for the hard term or the softcap
-  // in forward KL's case), the others z_s alone (q, and h from the stash).
-  const bool load_s = !kStash || div != Divergence::ForwardKL || hard || cap_s > Acc(0) ||
-                      interp != Acc(1) || phase != 2;
-  const bool load_t = !kStash || kl || phase != 2;
+  constexpr bool akl = div == Divergence::AKL;
+  // AKL stashes p: phase 3 reads the stash alone, as does phase 5, which rescales it.
+  const bool no_rows = kStash && akl && (phase == 3 || phase == 5);
+  // Phase 2 with a stash: the KLs and AKL need both rows (z_s only for the hard term or the
+  // softcap in forward KL's case), the others z_s alone (q, and h from the stash).
+  const bool load_s = !no_rows && (!kStash || div != Divergence::ForwardKL || hard ||
+                                   cap_s > Acc(0) || interp != Acc(1) || phase != 2);
+  const bool load_t = !no_rows && (!kStash || kl || akl || phase != 2);
   // Phase 2, stashed, without the hard term or a student softcap: one pass that writes the
   // gradient over the stash in place.
-  const bool lean = kStash && phase == 2 && !hard && cap_s == Acc(0);
+  const bool lean = kStash && !akl && phase == 2 && !hard && cap_s == Acc(0);
+  const bool tvd_lean = kStash && div == Divergence::TVD && !hard && cap_s == Acc(0);
   // Every phase but a scratch-bound phase 2 reads a row where it lies instead of loading it
   // into scratch when its z = x * scale / T is exact: the accumulation type, no softcap or
   // TAID, scale / T a power of two (T = 1 or 2 at scale 1). Under another scale the product
@@ -122,15 +135,22 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
         }
         continue;
       }
-      if (load_s && !raw_s) {
+      // TVD's lean phase 2: 0 (the stash holds signed q), 1 (it holds signs), 2 (a tie: the
+      // row from its logits).
+      const int tvd_mode = !(lean && div == Divergence::TVD) ? 1
+                           : f[kTvdStash] < 0.0          ? 1
+                           : f[kTvdStash] == 0.0         ? 0
+                                                         : 2;
+      const bool row_s = load_s || tvd_mode == 2, row_t = load_t || tvd_mode == 2;
+      if (row_s && !raw_s) {
         load_transformed(row_ptr(student.ptr, student.dtype, r * student.row_stride),
                          student.dtype, width, scale_s, cap_s, inv_t, zs);
       }
-      if (load_t && !raw_t) {
+      if (row_t && !raw_t) {
         load_transformed(row_ptr(teacher.ptr, teacher.dtype, r * teacher.row_stride),
                          teacher.dtype, width, scale_t, cap_t, inv_t, zt);
       }
-      if (interp != Acc(1) && load_t) {
+      if (interp != Acc(1) && row_t) {
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) zt[j] = taid_logit(zs[j], zt[j], interp);
       }
@@ -161,7 +181,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
 #pragma omp simd reduction(+ : a, b, c)
           for (int64_t j = j0; j < j1; ++j) {
             const Acc e_s = exp_acc(zs_at(j) - ms), e_t = exp_acc(zt_at(j) - mt);
-            if constexpr (kStash) stash[j] = e_s;
+            if constexpr (kStash) stash[j] = akl ? e_t : e_s;
             a += e_s;
             b += e_t;
             // sum_j e_w u_j with u = (zw - mw) - (zo - mo): the weighting side w is the
@@ -186,7 +206,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
           return part;
         }) : 0.0;
         f[kZy] = label >= 0 && label < width ? double(zs_at(label)) : 0.0;
-        if constexpr (kStash) f[kMsSlice] = double(ms);
+        if constexpr (kStash) f[akl ? kMtSlice : kMsSlice] = double(akl ? mt : ms);
         continue;
       }
       const Acc ms = Acc(f[kMs]), log_ss = Acc(f[kSs]), mt = Acc(f[kMt]), log_st = Acc(f[kSt]);
@@ -218,13 +238,19 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
         }
       };
       if constexpr (div == Divergence::AKL) {
+        if (kStash && phase == 5) {  // the stash from exp(z_t - m_slice) to p
+          const Acc cp = Acc(std::exp(f[kMtSlice] - f[kMt] - f[kSt]));
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j) stash[j] *= cp;
+          continue;
+        }
         if (phase == 3) {  // one bisection step: the slice's teacher mass at p >= tau
           const Acc tau = Acc(f[kTau]);
           f[kA] = blocked_sum(width, [&](int64_t j0, int64_t j1) {
             Acc part = 0;
 #pragma omp simd reduction(+ : part)
             for (int64_t j = j0; j < j1; ++j) {
-              const Acc p = p_of(j);
+              const Acc p = kStash ? stash[j] : p_of(j);
               part += p >= tau ? p : Acc(0);
             }
             return part;
@@ -239,7 +265,8 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
             Acc a = 0, b = 0, gh = 0, gt = 0;
 #pragma omp simd reduction(+ : a, b, gh, gt)
             for (int64_t j = j0; j < j1; ++j) {
-              const Acc lq = lq_of(j), lp = lp_of(j), q = q_of(j), p = p_of(j);
+              const Acc lq = lq_of(j), lp = lp_of(j), q = q_of(j);
+              const Acc p = kStash ? stash[j] : p_of(j);
               a += xlogratio(p, lp, lq);
               b += xlogratio(q, lq, lp);
               const Acc gap = std::abs(p - q);
@@ -259,9 +286,11 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
         }
       }
       if (phase == 1) {
-        const auto sums = blocked_sum2(width, [=](int64_t j0, int64_t j1) {
-          Acc a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
+        double sum_a = 0, sum_b = 0, ties = 0;
+        for (int64_t j0 = 0; j0 < width; j0 += kSumBlock) {
+          const int64_t j1 = std::min(width, j0 + kSumBlock);
+          Acc a = 0, b = 0, c = 0;
+#pragma omp simd reduction(+ : a, b, c)
           for (int64_t j = j0; j < j1; ++j) {
             const Acc lq = lq_of(j), lp = lp_of(j), p = p_of(j);
             const Acc q = kStash ? stash[j] * cq : q_of(j);
@@ -280,7 +309,10 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
             } else if constexpr (div == Divergence::TVD) {
               ta = std::abs(q - p);
               tb = q * tvd_sign(q, p);
-              if constexpr (kStash) stash[j] = tvd_sign(q, p);  // d = q (h - sum_h)
+              if constexpr (kStash) {  // d = q (h - sum_h): see kTvdStash
+                stash[j] = tvd_lean ? (q > p ? q : -q) : tvd_sign(q, p);
+                c += q == p && q > Acc(0) ? Acc(1) : Acc(0);
+              }
             } else if constexpr (div == Divergence::SkewKL) {
               ta = skew_kl_term(lp, lq, p, beta, log_b, log_1mb, tb);
             } else if constexpr (div == Divergence::SkewReverseKL) {
@@ -297,10 +329,13 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
             a += ta;
             b += tb;
           }
-          return std::pair<Acc, Acc>(a, b);
-        });
-        f[kA] = sums.first;
-        f[kB] = sums.second;
+          sum_a += double(a);
+          sum_b += double(b);
+          ties += double(c);
+        }
+        f[kA] = sum_a;
+        f[kB] = sum_b;
+        if constexpr (kStash && div == Divergence::TVD) f[kTvdStash] = tvd_lean ? ties : -1.0;
         continue;
       }
       // Phase 2: the gradient w.r.t. z_s, then the hard term, then f'(x) / T.
@@ -308,18 +343,34 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
       const Acc akl_w = Acc(f[kTau]);  // AKL: the head's weight
       const Acc coef = soft_c * inv_t;
       if (lean) {
+        if (tvd_mode == 0) {
 #pragma omp simd
-        for (int64_t j = 0; j < width; ++j)
-          stash[j] = (coef * stash_d(stash[j], zs_at(j), zt_at(j))) * scale_s;
+          for (int64_t j = 0; j < width; ++j) {
+            const Acc sj = stash[j];
+            const Acc h = sj > Acc(0) ? Acc(0.5) : (sj < Acc(0) ? Acc(-0.5) : Acc(0));
+            stash[j] = (coef * (std::abs(sj) * (h - sum_h))) * scale_s;
+          }
+        } else if (tvd_mode == 2) {
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j) {
+            const Acc q = q_of(j);
+            stash[j] = (coef * (q * (tvd_sign(q, p_of(j)) - sum_h))) * scale_s;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j)
+            stash[j] = (coef * stash_d(stash[j], zs_at(j), zt_at(j))) * scale_s;
+        }
         continue;
       }
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
         Acc d;
-        if constexpr (kStash) {
+        if constexpr (kStash && !akl) {
           d = stash_d(stash[j], zs_at(j), zt_at(j));
         } else {
-          const Acc lq = lq_of(j), lp = lp_of(j), q = q_of(j), p = p_of(j);
+          const Acc lq = lq_of(j), lp = lp_of(j), q = q_of(j);
+          const Acc p = kStash ? stash[j] : p_of(j);  // AKL stashes p
           if constexpr (div == Divergence::ForwardKL) {
             d = q - p;
           } else if constexpr (div == Divergence::ReverseKL) {
@@ -375,7 +426,7 @@ void vp_dispatch(int phase, RowView student, RowView teacher, const uint8_t* val
     DOPS_VP_CASE(SkewKL, kStash)
     DOPS_VP_CASE(SkewReverseKL, kStash)
     DOPS_VP_CASE(AB, kStash)
-    DOPS_VP_CASE(AKL, false)  // its phases 3 and 4 read the rows again: no stash
+    DOPS_VP_CASE(AKL, kStash)
 #undef DOPS_VP_CASE
     default:
       break;

@@ -13,7 +13,8 @@ phase 1 writes the gradient. No [N, V] temporary anywhere: every element goes th
 kernels' own maths.
 
 AKL adds its head threshold's search (31 bisection steps of one all-reduce of a float a row)
-and one pass for both KLs and the head's and tail's gaps before the gradient.
+and one pass for both KLs and the head's and tail's gaps before the gradient (the C++ phases
+first turn their stash into p, so that the search reads one fp32 stream and no exponential).
 
 Which kernel runs (`choose_kernel`): `auto` takes the C++ kernel for CPU tensors and the
 Triton one for CUDA tensors; float64 runs in PyTorch row chunks (vocab_parallel.py), as does
@@ -141,6 +142,8 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
     else:
         from ..backends.triton.dense_vp import dense_vp_phase
 
+        stash = False
+
         def phase(k: int, g: Tensor | None = None) -> None:
             dense_vp_phase(k, s, t, valid, lab, rec, g, sc_grad if k == 2 else sc)
 
@@ -172,6 +175,8 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
             else sums[:, 4] / sums[:, 0] - log_ss + log_st
         sum_h = torch.zeros_like(div)
     elif sc.divergence == AKL:  # the global head threshold, then both KLs and the gaps
+        if stash:  # the stashed exp(z_t - m_slice) to p (dense_vp.cpp, phase 5)
+            phase(5)
         rec[:, 7] = _akl_threshold(phase, rec, sc.beta, reduce)
         phase(4)
         part = reduce(rec[:, [5, 6, 7, 4]], dist.ReduceOp.SUM)
