@@ -52,13 +52,14 @@ void sparse_vp_cpu(int phase, uintptr_t s_ptr, int s_dtype, int64_t s_stride, ui
                    int64_t k, int64_t offset, uintptr_t valid_ptr, uintptr_t labels_ptr,
                    uintptr_t rec_ptr, uintptr_t zsup_ptr, uintptr_t sup_grad_ptr,
                    uintptr_t grad_ptr, int grad_dtype, int64_t n_rows, int64_t width,
-                   double temperature, double hard_weight, int num_threads) {
+                   double temperature, double hard_weight, bool lean, int num_threads) {
   distill_ops::cpu::sparse_vp(phase, {as_ptr<const void>(s_ptr), s_dtype, s_stride},
                               as_ptr<const int64_t>(idx_ptr), k, offset,
                               as_ptr<const uint8_t>(valid_ptr), as_ptr<const int64_t>(labels_ptr),
                               as_ptr<double>(rec_ptr), as_ptr<double>(zsup_ptr),
                               as_ptr<const double>(sup_grad_ptr), as_ptr<void>(grad_ptr),
-                              grad_dtype, n_rows, width, temperature, hard_weight, num_threads);
+                              grad_dtype, n_rows, width, temperature, hard_weight, lean,
+                              num_threads);
 }
 
 void sparse_kd_cpu(uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t idx_ptr,

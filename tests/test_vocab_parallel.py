@@ -246,7 +246,8 @@ def test_dense_loss_and_gradient_equal_the_unsharded_ones(seed, world, dtype, ex
 
 def _lean_case(rank, world, seed, dtype):
     """{case: whether loss and gradient are bitwise equal} with the C++ phases' lean path
-    (in-place reads of exact rows, the stash, the one-pass gradient) and without."""
+    (in-place reads of exact rows, the stash, the one-pass gradient) and without, dense and
+    sparse."""
     import torch.distributed as dist
 
     from distill_ops.distributed import kernel_rows
@@ -284,6 +285,26 @@ def _lean_case(rank, world, seed, dtype):
                 else:
                     ok = torch.equal(l1, l0) and torch.equal(g1, g0)
                 same[f"{div}/{name}/{td}"] = ok
+    top = distill_ops.topk_logprobs(t, 24)
+    idx, lp = top.indices.clone(), top.logprobs
+    idx[1, 20:] = -1  # padding slots
+    for tail in TAILS:
+        for name, kw in {
+            "T1": dict(temperature=1.0), "T2": dict(temperature=2.0, divergence="reverse_kl"),
+            "T0.7": dict(temperature=0.7, divergence="skew_kl"),
+            "hard": dict(temperature=2.0, labels=labels, hard_weight=0.3),
+        }.items():
+            for sd in (dtype, torch.float64):
+                got = []
+                for lean in (True, False):
+                    kernel_rows.LEAN = lean
+                    got.append(_loss_and_grad(
+                        lambda x, kw=kw, tail=tail: distill_ops.sparse_kd_loss(
+                            x, idx, lp, tail=tail, process_group=dist.group.WORLD, **kw),
+                        s.to(sd)))
+                kernel_rows.LEAN = True
+                (l1, g1), (l0, g0) = got
+                same[f"sparse/{tail}/{name}/{sd}"] = torch.equal(l1, l0) and torch.equal(g1, g0)
     return same
 
 

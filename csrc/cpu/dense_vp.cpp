@@ -58,13 +58,6 @@ enum VpField : int {
   kVpFields = 8,
 };
 
-// Whether x * k is exact for every x (short of underflow): k a power of two.
-template <typename Acc>
-bool power_of_two(Acc k) {
-  int e = 0;
-  return k > Acc(0) && std::frexp(k, &e) == Acc(0.5);
-}
-
 // One instantiation per divergence and stash mode, so that no inner loop switches on them
 // (they vectorise).
 template <typename Acc, int kDivergence, bool kStash>
@@ -206,7 +199,9 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
           return part;
         }) : 0.0;
         f[kZy] = label >= 0 && label < width ? double(zs_at(label)) : 0.0;
-        if constexpr (kStash) f[akl ? kMtSlice : kMsSlice] = double(akl ? mt : ms);
+        // The slice's own maximum, -inf where it holds nothing: its stash of 0s then rescales
+        // by exp(-inf) = 0 (not by exp(0 - m), which overflows where m < -88).
+        if constexpr (kStash) f[akl ? kMtSlice : kMsSlice] = double(akl ? mt_row : ms_row);
         continue;
       }
       const Acc ms = Acc(f[kMs]), log_ss = Acc(f[kSs]), mt = Acc(f[kMt]), log_st = Acc(f[kSt]);

@@ -45,10 +45,14 @@ void dense_vp(int phase, RowView student, RowView teacher, const uint8_t* valid,
 // 1: with rec's global max, off-support coefficient and hard log-sum and each support id's
 // gradient sup_grad (double [n_rows, k]), the gradient into grad of grad_dtype). labels:
 // nullable [n_rows] int64, the label as a column of this slice or -1 (sparse_vp.cpp).
+// lean: rows whose z is exact are read in place, and grad (given to phase 0 too, when of the
+// accumulation dtype) carries phase 0's exponentials to phase 1; bitwise equal to !lean on
+// one process.
 void sparse_vp(int phase, RowView student, const int64_t* indices, int64_t k, int64_t offset,
                const uint8_t* valid, const int64_t* labels, double* rec, double* zsup,
                const double* sup_grad, void* grad, int grad_dtype, int64_t n_rows,
-               int64_t width, double temperature, double hard_weight, int num_threads);
+               int64_t width, double temperature, double hard_weight, bool lean,
+               int num_threads);
 
 // Sparse KD loss per row against k teacher targets (indices [n_rows, k] int64, -1 = padding;
 // teacher_logprobs [n_rows, k] of tlp_dtype F32/F64), gradient w.r.t. the student fused in

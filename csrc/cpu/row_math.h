@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <utility>
@@ -9,6 +10,15 @@
 #include "distill_ops/kd_math.h"
 
 namespace distill_ops::cpu {
+
+// Whether x * k is exact for every x (short of underflow): k a power of two. A row read in
+// place as x * k then has the same z as one loaded into scratch, even where the product
+// contracts into the next operation (an fma).
+template <typename Acc>
+bool power_of_two(Acc k) {
+  int e = 0;
+  return k > Acc(0) && std::frexp(k, &e) == Acc(0.5);
+}
 
 template <typename Acc>
 Acc row_max(const Acc* z, int64_t n) {

@@ -5,8 +5,9 @@ on one process of the same run.
 Each rank holds V / N of the vocabulary of every row. Reported per case: the median forward
 and forward + backward time of the slowest rank, the bytes each rank contributes to the
 collectives per row (counted by distill_ops.distributed, so V-independence shows directly),
-the single-process time of the same op at the full V, and (dense) the fused kernel's time on
-each rank's slice alone, every rank at once: what the vocab-parallel path should cost. The
+the single-process time of the same op at the full V, and (dense and sparse) the fused
+kernel's time on each rank's slice alone, every rank at once: what the vocab-parallel path
+should cost (sparse: the targets the slice owns, as its own columns, the others padding). The
 two alternate rep by rep (the machine's speed drifts between runs: ±25% on a shared VM), and
 "vs slice" is the median of the per-rep ratios of the slowest rank.
 """
@@ -118,8 +119,15 @@ def _rank(rank: int, world: int, init: str, n: int, v: int, k: int, dtype_name: 
                 # The fused kernel on this rank's slice alone (no group: its own softmax),
                 # every rank at once as in the vocab-parallel run: the bar to meet.
                 t_slice = ratio = 0.0
-                if case == "dense":
-                    _, alone = _case_calls(case, x_s, x_t, top, k, temperature, div, None)
+                if case != "topk":
+                    # Sparse: the targets this slice owns, as its own columns (-1 pads the
+                    # rest): the same kernel work on the slice, no group.
+                    own = top
+                    if case == "sparse":
+                        local = top.indices - off
+                        mine = (local >= 0) & (local < width)
+                        own = top._replace(indices=torch.where(mine, local, -1))
+                    _, alone = _case_calls(case, x_s, x_t, own, k, temperature, div, None)
                     t_both, t_slice, ratio = _timed_pair(both, alone, device, reps)
                 else:
                     t_both = _timed(both, device, reps)

@@ -38,8 +38,9 @@ from .coarse import coarse_divergence, sparse_grad_terms
 from .comm import all_reduce
 
 FORWARD_KL, REVERSE_KL, JSD, TVD, AKL = 0, 1, 2, 3, 7
-# The C++ dense phases' shortcuts (dense_vp.cpp, "lean phases"), bitwise equal on one
-# process to the plain phases, which the tests compare them with by turning this off.
+# The C++ phases' shortcuts (dense_vp.cpp and sparse_vp.cpp, "lean"), bitwise equal on one
+# process to the plain phases (AKL to a rounding), which the tests compare them with by
+# turning this off.
 LEAN = True
 
 
@@ -248,15 +249,21 @@ def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, sha
     vld = None if valid is None else valid.contiguous()
     rec = torch.zeros(n, 8, dtype=torch.float64, device=dev)
     zsup = torch.zeros(n, k, dtype=torch.float64, device=dev)
+    grad = torch.empty((n, width), dtype=xs.dtype, device=dev) if want_grad else None
 
     if kernel == "cpu":
+        # Lean phases: phase 0 leaves its exponentials in an fp32 gradient for phase 1 to
+        # rescale (sparse_vp.cpp), so it gets the gradient buffer too.
+        stash = LEAN and grad is not None and grad.dtype == torch.float32
+
         def phase(p: int, sup: Tensor | None = None, g: Tensor | None = None) -> None:
+            g = grad if stash else g
             native().sparse_vp_cpu(p, ptr(s), dtype_code(s), s.stride(0), ptr(ids), k,
                                    shard.offset, ptr(vld), ptr(lab), ptr(rec), ptr(zsup),
                                    ptr(sup) if sup is not None else 0,
                                    ptr(g) if g is not None else 0,
                                    dtype_code(g) if g is not None else 0, n, width, float(t),
-                                   float((sc_grad if p == 1 else sc).hard_weight),
+                                   float((sc_grad if p == 1 else sc).hard_weight), LEAN,
                                    torch.get_num_threads())
     else:
         from ..backends.triton.sparse_vp import sparse_vp_phase
@@ -295,6 +302,5 @@ def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, sha
     rec[:, 1] = 0.0 if off is None else coef * off.to(torch.float64)
     if hard:
         rec[:, 4] = log_s1
-    grad = torch.empty((n, width), dtype=xs.dtype, device=dev)
     phase(1, (coef * sup_grad).to(torch.float64).contiguous(), grad)
     return loss.to(dt), grad
