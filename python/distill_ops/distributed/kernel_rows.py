@@ -3,8 +3,10 @@ sparse_vp.cpp) and the Triton ones (backends/triton/dense_vp.py, sparse_vp.py), 
 one row record, so that one orchestration here serves both.
 
 Dense: phase 0 (each slice's maxima, sums, T = 1 sum, label logit and, for the KLs, the cross
-term centred on the maxima), one MAX all-reduce of the two maxima and one SUM all-reduce of
-four sums a row (five for the KLs), each moved to the global maxima first; JSD, TVD, the skew
+term centred on the maxima), one all-gather of those six floats a row (seven for the KLs),
+each rank's sums moved to the global maxima and added here (the bytes of a MAX and a SUM
+all-reduce, one collective instead of two: measured 1.07x -> 1.00x of the slice alone for
+forward KL on 2 gloo ranks); JSD, TVD, the skew
 KLs and AB add phase 1 (the slice's partial sums with the global statistics) and one SUM
 all-reduce of two; phase 2 writes the slice's gradient. Sparse: phase 0 (the slice's max, sum,
 mass off the support, owned support ids and their logits), one MAX and one SUM all-reduce of
@@ -35,7 +37,7 @@ from ..backends.extension import dtype_code, has_native, native, ptr
 from ..dispatch import resolve_backend
 from ..validation import check_kernel_dtype
 from .coarse import coarse_divergence, sparse_grad_terms
-from .comm import all_reduce
+from .comm import all_gather, all_reduce
 
 FORWARD_KL, REVERSE_KL, JSD, TVD, AKL = 0, 1, 2, 3, 7
 # The C++ phases' shortcuts (dense_vp.cpp and sparse_vp.cpp, "lean"), bitwise equal on one
@@ -150,22 +152,9 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
 
     reduce = _reducer(shard.group, dt)
     phase(0)
-    mx = reduce(rec[:, [0, 2]], dist.ReduceOp.MAX)
     zero = torch.zeros((), dtype=torch.float64, device=dev)
-    ms, mt = mx[:, 0], mx[:, 1]
-    cols = [rec[:, 1] * _moved(rec[:, 0], ms), rec[:, 3] * _moved(rec[:, 2], mt),
-            rec[:, 4] * _moved(rec[:, 0], ms, sc.temperature), rec[:, 5]]
     kl = sc.divergence in (FORWARD_KL, REVERSE_KL)
-    if kl:  # the centred cross term moved to the global maxima (kd_math.h: cross_shift)
-        w, o = (2, 0) if sc.divergence == FORWARD_KL else (0, 2)
-        m_w, m_o = (mt, ms) if sc.divergence == FORWARD_KL else (ms, mt)
-        f_w = _moved(rec[:, w], m_w)
-        a_w = rec[:, w + 1]
-        shift = torch.where(rec[:, w] > -math.inf, (m_o - rec[:, o]) - (m_w - rec[:, w]), zero)
-        c = rec[:, 6]
-        cols.append(torch.where(torch.isinf(c), c, torch.where(
-            (a_w > 0) & (f_w > 0), f_w * (c + a_w * shift), zero)))
-    sums = reduce(torch.stack(cols, 1), dist.ReduceOp.SUM)
+    ms, mt, sums = _global_sums(rec, sc.divergence, sc.temperature, kl, shard.group, dt)
     log_s1 = torch.log(sums[:, 2])
     log_ss, log_st = torch.log(sums[:, 0]), torch.log(sums[:, 1])
     rec[:, 0], rec[:, 1] = ms, log_ss
@@ -211,6 +200,33 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
     grad = torch.zeros_like(xs)
     grad[:, :lim] = g_local
     return loss.to(dt), grad
+
+
+def _global_sums(rec: Tensor, divergence: int, temperature: float, kl: bool, group,
+                 dt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The global maxima of both sides and the sums of phase 0's record moved to them: one
+    all-gather of every rank's record (six floats a row, seven for the KLs: the bytes a MAX
+    and a SUM all-reduce of them would send, in one collective, not two), each rank's
+    sums moved to the global maxima here in float64 and added in rank order."""
+    fields = [0, 1, 2, 3, 4, 5, 6] if kl else [0, 1, 2, 3, 4, 5]
+    table = all_gather(rec[:, fields].to(dt).contiguous(), group).to(torch.float64)
+    ms, mt = table[:, :, 0].amax(0), table[:, :, 2].amax(0)
+    zero = torch.zeros((), dtype=torch.float64, device=rec.device)
+    cols = [table[:, :, 1] * _moved(table[:, :, 0], ms),
+            table[:, :, 3] * _moved(table[:, :, 2], mt),
+            table[:, :, 4] * _moved(table[:, :, 0], ms, temperature), table[:, :, 5]]
+    if kl:  # the centred cross term moved to the global maxima (kd_math.h: cross_shift)
+        w, o = (2, 0) if divergence == FORWARD_KL else (0, 2)
+        m_w, m_o = (mt, ms) if divergence == FORWARD_KL else (ms, mt)
+        f_w = _moved(table[:, :, w], m_w)
+        a_w = table[:, :, w + 1]
+        shift = torch.where(table[:, :, w] > -math.inf,
+                            (m_o - table[:, :, o]) - (m_w - table[:, :, w]), zero)
+        c = table[:, :, 6]
+        cols.append(torch.where(torch.isinf(c), c, torch.where(
+            (a_w > 0) & (f_w > 0), f_w * (c + a_w * shift), zero)))
+    sums = torch.stack(cols, -1).sum(0)  # [n, 4 or 5]
+    return ms, mt, sums
 
 
 def _akl_threshold(phase, rec: Tensor, head_mass: float, reduce) -> Tensor:
