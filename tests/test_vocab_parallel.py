@@ -114,6 +114,8 @@ def _dense_case(rank, world, widths, seed, dtype, extreme, backend, device="cpu"
     s, t = (torch.randn(n, v, dtype=dtype) * 2, torch.randn(n, v, dtype=dtype) * 2)
     s[0, :7] = t[0, :7] = float("-inf")  # masked ids (on rank 0's slice)
     s[1, :120] = t[1, :120] = float("-inf")  # a masked range: whole slices of some ranks
+    s[1] -= 1000.0  # ... in a row whose maximum lies far below 0 (exp(-max) overflows)
+    t[1] -= 1000.0
     if extreme:
         s[4] *= 300  # a near one-hot student row
     labels = torch.randint(0, v, (n,))
