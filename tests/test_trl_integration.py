@@ -352,3 +352,75 @@ def test_distillation_trainer_under_ddp_and_fsdp2_equals_one_process(tmp_path, w
         for name, p in trainer.model.named_parameters():
             torch.testing.assert_close(torch.tensor(grads[name]), p.grad, rtol=1e-4,
                                        atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _gkd_trainer(tmp_dir: str, student, teacher):
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig
+
+    from distill_ops.integrations.trl import GKDTrainer
+
+    ds = Dataset.from_dict({"messages": [[{"role": "user", "content": "w1 w2"},
+                                          {"role": "assistant", "content": "w3"}]]})
+    # fp32: GKDConfig's default bf16=True makes accelerate's prepare_model autocast the
+    # student's forward (3e-4 of the loss here), which the unwrapped one-process model and
+    # the fully_shard ranks would not.
+    config = GKDConfig(output_dir=tmp_dir, report_to=[], use_cpu=True, beta=0.3, max_length=16,
+                       temperature=1.5, bf16=False)
+    tok = tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=ds,
+                      processing_class=tok)
+
+
+def _gkd_inputs() -> dict:
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB - 3, (4, 9), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100  # the same number of counted tokens in every row
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _gkd_ddp_case(rank, world, wrap, tmp_dir):
+    """GKDTrainer.compute_loss with the student under DDP (accelerate's prepare_model) or
+    fully_shard, each rank on its half of the rows."""
+    import os
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world))
+    trainer = _gkd_trainer(f"{tmp_dir}/{rank}", tiny(32, 0), tiny(48, 1))
+    assert trainer.accelerator.num_processes == world
+    student = trainer.model
+    if wrap == "ddp":
+        model = trainer.accelerator.prepare_model(student)
+        assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in student.model.layers:
+            fully_shard(layer)
+        fully_shard(student)
+        model = student
+    from dist_helpers import mean_loss_and_full_grads
+
+    loss = trainer.compute_loss(model, _rows(_gkd_inputs(), slice(rank * 2, rank * 2 + 2)))
+    return mean_loss_and_full_grads(loss, student)
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_gkd_trainer_under_ddp_and_fsdp2_equals_one_process(tmp_path, wrap):
+    """Our GKDTrainer (its generalized_jsd_loss is kd_loss) with the student wrapped (DDP
+    through accelerate, or fully_shard per layer and root) on 2 gloo ranks, two rows each:
+    TRL's GKD averages over each rank's own tokens and the wrapper averages the gradients,
+    so with the same token count on every rank the mean loss and every student gradient
+    equal one process's over all four rows."""
+    from dist_helpers import run_ranks
+
+    trainer = _gkd_trainer(str(tmp_path / "one"), tiny(32, 0), tiny(48, 1))
+    want = trainer.compute_loss(trainer.model, _gkd_inputs())
+    want.backward()
+    for loss, grads in run_ranks(_gkd_ddp_case, 2, wrap, str(tmp_path), timeout=300):
+        assert abs(loss - want.item()) <= 1e-5 * abs(want.item()), (loss, want)
+        for name, p in trainer.model.named_parameters():
+            torch.testing.assert_close(torch.tensor(grads[name]), p.grad, rtol=1e-4,
+                                       atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")

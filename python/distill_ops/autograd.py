@@ -62,6 +62,22 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def scale_saved_grad_(grad: Tensor, grad_loss: Tensor, row_scale: Tensor | float | None,
+                      backend: str | None) -> Tensor:
+    """The fused ops' backward: grad[r] *= grad_loss[r] / row_scale in place (fp32, fp64
+    for fp64), row_scale being the factor the forward already put on the gradient (the
+    reduction's weight; the ratio is exactly 1 under a plain backward, and `backend`'s
+    scale_rows_ leaves such rows alone). backend None: a plain multiply."""
+    scale = grad_loss.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    if row_scale is not None:
+        scale = scale / (row_scale.to(scale.dtype) if isinstance(row_scale, Tensor)
+                         else row_scale)
+    if backend is None:
+        return grad.mul_(scale[:, None].to(grad.dtype))
+    scale_rows_(grad, scale, backend)
+    return grad
+
+
 def register_fused_autograd(op, n_inputs: int) -> None:
     """Register the scale-the-saved-gradient backward on `op`, whose first input is the one
     differentiated, whose last input is the backend name and whose last but one is the
@@ -69,10 +85,7 @@ def register_fused_autograd(op, n_inputs: int) -> None:
 
     def backward(ctx, grad_loss, _grad_of_grad):
         grad, row_scale = ctx.saved_tensors
-        scale = grad_loss.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
-        if row_scale is not None:
-            scale = scale / row_scale.to(scale.dtype)
-        scale_rows_(grad, scale, ctx.backend)
-        return (grad,) + (None,) * (n_inputs - 1)
+        return (scale_saved_grad_(grad, grad_loss, row_scale, ctx.backend),) + \
+            (None,) * (n_inputs - 1)
 
     op.register_autograd(backward, setup_context=_setup_context)

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..autograd import scale_saved_grad_
 from ..backends.extension import has_native
 from ..reduction import reduction_weight
 from ..reference import (
@@ -88,16 +89,8 @@ class _SavedGradRows(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if go is None:
             return None, None, None
-        if ctx.row_scale is None:
-            return grad.mul_(go[:, None].to(grad.dtype)), None, None
-        scale = go.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
-        scale = scale / ctx.row_scale
-        if grad.device.type == "cpu" and has_native():
-            from ..autograd import scale_rows_
-
-            scale_rows_(grad, scale, "cpu")
-            return grad, None, None
-        return grad.mul_(scale[:, None].to(grad.dtype)), None, None
+        backend = "cpu" if grad.device.type == "cpu" and has_native() else None
+        return scale_saved_grad_(grad, go, ctx.row_scale, backend), None, None
 
 
 def folded_weight(x: Tensor, valid: Tensor | None, reduction: str,
