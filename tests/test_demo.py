@@ -25,7 +25,34 @@ TINY = dataclasses.replace(QUICK, corpus_bytes=80_000, vocab=300, context=16, ba
                            final_windows=16, teacher_eval_every=10, val_windows=8,
                            student_windows=20)
 RUN_FIELDS = {"name": str, "targets": str, "heldout_loss": float, "perplexity": float,
-              "ece": float, "grad_angle_deg": float, "tokens_per_s": float}
+              "ece": float, "grad_angle_deg": float, "tokens_per_s": float,
+              "tokens_per_s_training": float}
+
+
+def test_interleaved_timing_rotates_the_students_and_leaves_them_alone():
+    """tokens/s: every round one step of each student in a rotated order (a slow spell of
+    the machine falls on every row alike), one warm-up round, on copies."""
+    from distill_ops.demo.steps import interleaved_tokens_per_s
+
+    calls = []
+
+    def loss_fn_of(run):
+        def loss_fn(student, ids, windows):
+            calls.append(run)
+            return student(windows.float()).square().mean()
+        return loss_fn
+
+    runs = ["a", "b", "c"]
+    students = {r: torch.nn.Linear(5, 3) for r in runs}
+    before = {r: [p.clone() for p in m.parameters()] for r, m in students.items()}
+    seen, train = torch.arange(8), torch.randn(8, 5)
+    speed = interleaved_tokens_per_s(students, {r: loss_fn_of(r) for r in runs}, seen, train,
+                                     batch=2, context=4, lr=1e-2, rounds=4,
+                                     device=torch.device("cpu"))
+    assert set(speed) == set(runs) and all(v > 0 for v in speed.values())
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c", "b", "c", "a"]
+    for r, m in students.items():
+        assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before[r], strict=True))
 
 
 def test_pipeline_writes_every_run_with_its_metrics(tmp_path):

@@ -21,7 +21,8 @@ shows. The teacher's targets go through the store once (top-12 from its hidden s
 
 Reported per run: held-out loss and perplexity, expected calibration error, the angle
 between its gradient and the full-KD gradient (at a common point: the CE student, on
-held-out windows), training tokens/s (a step's tokens over the median step time) and peak
+held-out windows), training tokens/s (a step's tokens over the median time of steps timed
+in rounds across all the students, steps.py) and peak
 memory (CUDA: the allocator's peak; CPU: resident-set growth above the run's start, the
 kernel's high-water mark, after freed memory is handed back to the OS); a table, `OUT/demo.json`,
 and PNG plots (the teacher's validation curve, the students' held-out curves,
@@ -50,6 +51,7 @@ from ..sampling import sample_targets
 from ..store import TopKReader, TopKWriter
 from . import data as dd
 from .report import format_table, write_report
+from .steps import interleaved_tokens_per_s, train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Config:
     eval_windows: int = 64
     angle_windows: int = 16
     final_windows: int = 512
+    timing_rounds: int = 30  # tokens/s: steps of every student, interleaved (steps.py)
     seed: int = 0
 
 
@@ -430,11 +433,7 @@ def train_student(run: str, data: dict[str, Any], stores: dict[str, Any], cfg: C
             for group in opt.param_groups:
                 group["lr"] = _lr(step, cfg.student_steps, cfg.student_lr)
             ids = seen[step * cfg.batch:(step + 1) * cfg.batch]
-            loss = loss_fn(student, ids, train[ids])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
+            loss = train_step(student, opt, loss_fn, ids, train[ids])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_seconds.append(time.perf_counter() - t0)  # the step alone, not evaluation
@@ -445,12 +444,13 @@ def train_student(run: str, data: dict[str, Any], stores: dict[str, Any], cfg: C
         if mem is not None:
             mem.__exit__()
         stage.close()
-    # tokens/s: one step's tokens over the median step time (the first step, which warms
-    # caches and allocators, and the evaluations do not count).
+    # tokens/s while training: one step's tokens over the median step time (the first step,
+    # which warms caches and allocators, and the evaluations do not count); the report's
+    # comes from steps.interleaved_tokens_per_s.
     median_step = float(torch.tensor(step_seconds[1:] or step_seconds).median())
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else mem.extra
     final = evaluate(student, data["held"][:cfg.final_windows], device)
-    return {"model": student, "curve": curve,
+    return {"model": student, "loss_fn": loss_fn, "curve": curve,
             "tokens_per_s": cfg.batch * cfg.context / median_step,
             "peak_mib": peak / 2**20, **final}
 
@@ -480,16 +480,23 @@ def run_demo(quick: bool = True, corpus: str | None = None, out: str | None = "d
     threads = torch.get_num_threads()
     student_threads = 1 if quick and dev.type == "cpu" else threads
     torch.set_num_threads(student_threads)
+    loss_fns = {}
     try:
         for run in runs:
             t = time.perf_counter()
             r = train_student(run, data, stores, cfg, dev, progress)
-            models[run] = r.pop("model")
+            models[run], loss_fns[run] = r.pop("model"), r.pop("loss_fn")
             results.append(r | {"name": run, "seconds": time.perf_counter() - t})
-            log(f"  {run:14s} held-out loss {r['loss']:.4f}  ECE {r['ece']:.4f}  "
-                f"{r['tokens_per_s']:,.0f} tokens/s")
+            log(f"  {run:14s} held-out loss {r['loss']:.4f}  ECE {r['ece']:.4f}")
+        speed = interleaved_tokens_per_s(models, loss_fns, data["seen"], data["train"],
+                                         cfg.batch, cfg.context, cfg.student_lr,
+                                         cfg.timing_rounds, dev)
     finally:
         torch.set_num_threads(threads)
+    for r in results:
+        r["tokens_per_s_training"], r["tokens_per_s"] = r["tokens_per_s"], speed[r["name"]]
+    log("  tokens/s (median of " + str(cfg.timing_rounds) + " interleaved steps): " +
+        ", ".join(f"{r['name']} {r['tokens_per_s']:,.0f}" for r in results))
     dense_rows = [r for r in results if _is_dense(r["name"])]
     if len(dense_rows) > 1:
         best = min(dense_rows, key=lambda r: r["loss"])
@@ -537,5 +544,6 @@ def _run_entry(r: dict[str, Any], angles: dict[str, float], cfg: Config) -> dict
             ("none" if targets == "sampled" else None),
             "heldout_loss": r["loss"], "perplexity": r["perplexity"], "ece": r["ece"],
             "grad_angle_deg": angles.get(name), "tokens_per_s": r["tokens_per_s"],
-            "peak_mib": r["peak_mib"], "seconds": r["seconds"], "curve": r["curve"],
+            "tokens_per_s_training": r["tokens_per_s_training"], "peak_mib": r["peak_mib"],
+            "seconds": r["seconds"], "curve": r["curve"],
             "reliability": r["reliability"]}
