@@ -302,28 +302,51 @@ def _six_rows() -> dict:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
-def _trl_ddp_case(rank, world, wrap, tmp_dir):
-    """TRL's DistillationTrainer.compute_loss (which routes our _compute_loss through TRL's
-    forward redirection) with the student under DDP (accelerate's prepare_model, as the
-    Trainer does) or fully_shard, each rank on its half of the rows, TRL's convention for
-    the token count: num_items_in_batch = all ranks' tokens / the process count."""
+def _rank_env(rank: int, world: int) -> None:
+    """The launcher's environment, which accelerate reads for its process count."""
     import os
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world))
-    trainer = _trl_trainer(f"{tmp_dir}/{rank}")
+
+
+def _wrapped(trainer, wrap: str, world: int):
+    """The trainer's student under DDP (accelerate's prepare_model, as the Trainer does) or
+    fully_shard per layer and root (then the student itself)."""
     assert trainer.accelerator.num_processes == world
     student = trainer.model
     if wrap == "ddp":
         model = trainer.accelerator.prepare_model(student)
         assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    else:
-        from torch.distributed.fsdp import fully_shard
+        return model
+    from torch.distributed.fsdp import fully_shard
 
-        for layer in student.model.layers:
-            fully_shard(layer)
-        fully_shard(student)
-        model = student
+    for layer in student.model.layers:
+        fully_shard(layer)
+    fully_shard(student)
+    return student
+
+
+def _check_ranks_equal_one_process(want, model, ranks) -> None:
+    """Each rank's (mean loss, full gradients) against one process's loss `want` (backward
+    run here) and `model`'s gradients."""
+    want.backward()
+    for loss, grads in ranks:
+        assert abs(loss - want.item()) <= 1e-5 * abs(want.item()), (loss, want)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(torch.tensor(grads[name]), p.grad, rtol=1e-4,
+                                       atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _trl_ddp_case(rank, world, wrap, tmp_dir):
+    """TRL's DistillationTrainer.compute_loss (which routes our _compute_loss through TRL's
+    forward redirection) with the student under DDP (accelerate's prepare_model, as the
+    Trainer does) or fully_shard, each rank on its half of the rows, TRL's convention for
+    the token count: num_items_in_batch = all ranks' tokens / the process count."""
+    _rank_env(rank, world)
+    trainer = _trl_trainer(f"{tmp_dir}/{rank}")
+    student = trainer.model
+    model = _wrapped(trainer, wrap, world)
     inputs = _six_rows()
     n_tokens = (inputs["completion_mask"] * inputs["tool_mask"]).sum().float()
     part = slice(rank * 3, rank * 3 + 3)
@@ -346,12 +369,8 @@ def test_distillation_trainer_under_ddp_and_fsdp2_equals_one_process(tmp_path, w
     inputs = _six_rows()
     n_tokens = (inputs["completion_mask"] * inputs["tool_mask"]).sum().float()
     want = trainer.compute_loss(trainer.model, inputs, num_items_in_batch=n_tokens)
-    want.backward()
-    for loss, grads in run_ranks(_trl_ddp_case, 2, wrap, str(tmp_path), timeout=300):
-        assert abs(loss - want.item()) <= 1e-5 * abs(want.item()), (loss, want)
-        for name, p in trainer.model.named_parameters():
-            torch.testing.assert_close(torch.tensor(grads[name]), p.grad, rtol=1e-4,
-                                       atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+    _check_ranks_equal_one_process(want, trainer.model,
+                                   run_ranks(_trl_ddp_case, 2, wrap, str(tmp_path), timeout=300))
 
 
 def _gkd_trainer(tmp_dir: str, student, teacher):
@@ -384,23 +403,10 @@ def _gkd_inputs() -> dict:
 def _gkd_ddp_case(rank, world, wrap, tmp_dir):
     """GKDTrainer.compute_loss with the student under DDP (accelerate's prepare_model) or
     fully_shard, each rank on its half of the rows."""
-    import os
-
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world))
+    _rank_env(rank, world)
     trainer = _gkd_trainer(f"{tmp_dir}/{rank}", tiny(32, 0), tiny(48, 1))
-    assert trainer.accelerator.num_processes == world
     student = trainer.model
-    if wrap == "ddp":
-        model = trainer.accelerator.prepare_model(student)
-        assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    else:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in student.model.layers:
-            fully_shard(layer)
-        fully_shard(student)
-        model = student
+    model = _wrapped(trainer, wrap, world)
     from dist_helpers import mean_loss_and_full_grads
 
     loss = trainer.compute_loss(model, _rows(_gkd_inputs(), slice(rank * 2, rank * 2 + 2)))
@@ -418,9 +424,5 @@ def test_gkd_trainer_under_ddp_and_fsdp2_equals_one_process(tmp_path, wrap):
 
     trainer = _gkd_trainer(str(tmp_path / "one"), tiny(32, 0), tiny(48, 1))
     want = trainer.compute_loss(trainer.model, _gkd_inputs())
-    want.backward()
-    for loss, grads in run_ranks(_gkd_ddp_case, 2, wrap, str(tmp_path), timeout=300):
-        assert abs(loss - want.item()) <= 1e-5 * abs(want.item()), (loss, want)
-        for name, p in trainer.model.named_parameters():
-            torch.testing.assert_close(torch.tensor(grads[name]), p.grad, rtol=1e-4,
-                                       atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+    _check_ranks_equal_one_process(want, trainer.model,
+                                   run_ranks(_gkd_ddp_case, 2, wrap, str(tmp_path), timeout=300))
