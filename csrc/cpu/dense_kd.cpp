@@ -303,14 +303,18 @@ void dense_kd_impl(RowView student, RowView teacher, const uint8_t* valid, const
         if (grow) {
           // et now holds dD/dz_s; turn it into dL/dx_s in place, then store.
           const Acc coef = soft_c * inv_t;
-          if (hard) {
-            ce.add_grad(et, zs, es, vocab, s, temperature, coef, hard_w);
-          } else {
+          if (hard || cap_s > Acc(0)) {
+            if (hard) {
+              ce.add_grad(et, zs, es, vocab, s, temperature, coef, hard_w);
+            } else {
 #pragma omp simd
-            for (int64_t j = 0; j < vocab; ++j) et[j] *= coef;
+              for (int64_t j = 0; j < vocab; ++j) et[j] *= coef;
+            }
+            apply_transform_grad(et, zs, vocab, scale_s, cap_s, temperature);
+            store_row(et, vocab, grad_dtype, grow);
+          } else {  // one pass: the same two products, rounded alike, stored as they come
+            store_scaled_row(et, vocab, coef, scale_s, grad_dtype, grow);
           }
-          apply_transform_grad(et, zs, vocab, scale_s, cap_s, temperature);
-          store_row(et, vocab, grad_dtype, grow);
           zero_row(row_ptr(grow, grad_dtype, vocab), grad_dtype, grad_cols - vocab);
         }
       }

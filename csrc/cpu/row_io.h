@@ -81,6 +81,38 @@ inline void store_row(const Acc* in, int64_t n, int dtype, void* row) {
   }
 }
 
+// row[j] = (in[j] * a) * b converted to dtype, for j < n: store_row of the twice-scaled
+// values in one pass (each product rounded to Acc as two separate passes would round it).
+template <typename Acc>
+inline void store_scaled_row(const Acc* in, int64_t n, Acc a, Acc b, int dtype, void* row) {
+  switch (static_cast<DType>(dtype)) {
+    case DType::F32: {
+      float* p = static_cast<float*>(row);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) p[j] = float(Acc(in[j] * a) * b);
+      break;
+    }
+    case DType::BF16: {
+      uint16_t* p = static_cast<uint16_t*>(row);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) p[j] = float_to_bf16(float(Acc(in[j] * a) * b));
+      break;
+    }
+    case DType::F16: {
+      uint16_t* p = static_cast<uint16_t*>(row);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) p[j] = float_to_half(float(Acc(in[j] * a) * b));
+      break;
+    }
+    case DType::F64: {
+      double* p = static_cast<double*>(row);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) p[j] = double(Acc(in[j] * a) * b);
+      break;
+    }
+  }
+}
+
 inline int64_t dtype_size(int dtype) {
   switch (static_cast<DType>(dtype)) {
     case DType::F32: return 4;
