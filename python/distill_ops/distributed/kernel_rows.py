@@ -5,14 +5,13 @@ one row record, so that one orchestration here serves both.
 Dense: phase 0 (each slice's maxima, sums, T = 1 sum, label logit and, for the KLs, the cross
 term centred on the maxima), one all-gather of those six floats a row (seven for the KLs),
 each rank's sums moved to the global maxima and added here (the bytes of a MAX and a SUM
-all-reduce, one collective instead of two: measured 1.07x -> 1.00x of the slice alone for
-forward KL on 2 gloo ranks); JSD, TVD, the skew
-KLs and AB add phase 1 (the slice's partial sums with the global statistics) and one SUM
-all-reduce of two; phase 2 writes the slice's gradient. Sparse: phase 0 (the slice's max, sum,
-mass off the support, owned support ids and their logits), one MAX and one SUM all-reduce of
-5 + k floats a row, the divergence over the k + 1 coarse classes in PyTorch ([N, k + 1]),
-phase 1 writes the gradient. No [N, V] temporary anywhere: every element goes through the
-kernels' own maths.
+all-reduce, one collective instead of two); JSD, TVD, the skew KLs and AB add phase 1 (the
+slice's partial sums with the global statistics) and one SUM all-reduce of two; phase 2
+writes the slice's gradient. Sparse: phase 0 (the slice's max, sum, mass off the support,
+owned support ids and their logits), one all-gather of 4 + k floats a row (6 + k with the
+hard term), the divergence over the k + 1 coarse classes in PyTorch ([N, k + 1]), phase 1
+writes the gradient. No [N, V] temporary anywhere: every element goes through the kernels'
+own maths.
 
 AKL adds its head threshold's search (31 bisection steps of one all-reduce of a float a row)
 and one pass for both KLs and the head's and tail's gaps before the gradient (the C++ phases
@@ -288,16 +287,20 @@ def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, sha
             sparse_vp_phase(p, s, ids, shard.offset, vld, lab, rec, zsup, sup, g, float(t),
                             float((sc_grad if p == 1 else sc).hard_weight))
 
-    reduce = _reducer(shard.group, dt)
     phase(0)
-    m_loc = rec[:, 0].clone()
-    m = reduce(m_loc[:, None], dist.ReduceOp.MAX)[:, 0]
+    # One all-gather of each rank's record and support logits (the bytes of a MAX and a SUM
+    # all-reduce, one collective), the sums moved to the global max here (as the dense path).
+    fields = [0, 1, 2, 3, 4, 5] if hard else [0, 1, 2, 3]
+    table = all_gather(torch.cat([rec[:, fields], zsup], 1).to(dt).contiguous(),
+                       shard.group).to(torch.float64)
+    m_loc = table[:, :, 0]
+    m = m_loc.amax(0)
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     f = _moved(m_loc, m)
-    cols = [rec[:, 1] * f, rec[:, 2] * f, rec[:, 3]]
+    cols = [table[:, :, 1] * f, table[:, :, 2] * f, table[:, :, 3]]
     if hard:
-        cols += [rec[:, 4] * _moved(m_loc, m, t), rec[:, 5]]
-    sums = reduce(torch.cat([torch.stack(cols, 1), zsup], 1), dist.ReduceOp.SUM)
+        cols += [table[:, :, 4] * _moved(m_loc, m, t), table[:, :, 5]]
+    sums = torch.cat([torch.stack(cols, -1), table[:, :, len(fields):]], -1).sum(0)
     s_all, s_rest, n_sup = sums[:, 0], sums[:, 1], sums[:, 2]
     log_s = torch.log(s_all)
     div, h, lq_sup, has_rest = coarse_divergence(idx, tlp, sums[:, -k:].to(dt), m.to(dt),
