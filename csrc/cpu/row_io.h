@@ -50,38 +50,7 @@ inline void load_transformed(const void* row, int dtype, int64_t n, Acc scale, A
   }
 }
 
-// row[j] = in[j] converted to dtype, for j < n.
-template <typename Acc>
-inline void store_row(const Acc* in, int64_t n, int dtype, void* row) {
-  switch (static_cast<DType>(dtype)) {
-    case DType::F32: {
-      float* p = static_cast<float*>(row);
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) p[j] = float(in[j]);
-      break;
-    }
-    case DType::BF16: {
-      uint16_t* p = static_cast<uint16_t*>(row);
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) p[j] = float_to_bf16(float(in[j]));
-      break;
-    }
-    case DType::F16: {
-      uint16_t* p = static_cast<uint16_t*>(row);
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) p[j] = float_to_half(float(in[j]));
-      break;
-    }
-    case DType::F64: {
-      double* p = static_cast<double*>(row);
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) p[j] = double(in[j]);
-      break;
-    }
-  }
-}
-
-// row[j] = (in[j] * a) * b converted to dtype, for j < n: store_row of the twice-scaled
+// row[j] = (in[j] * a) * b converted to dtype, for j < n: the twice-scaled
 // values in one pass (each product rounded to Acc as two separate passes would round it).
 template <typename Acc>
 inline void store_scaled_row(const Acc* in, int64_t n, Acc a, Acc b, int dtype, void* row) {
@@ -111,6 +80,12 @@ inline void store_scaled_row(const Acc* in, int64_t n, Acc a, Acc b, int dtype, 
       break;
     }
   }
+}
+
+// row[j] = in[j] converted to dtype, for j < n (the products by 1 are exact and fold away).
+template <typename Acc>
+inline void store_row(const Acc* in, int64_t n, int dtype, void* row) {
+  store_scaled_row(in, n, Acc(1), Acc(1), dtype, row);
 }
 
 inline int64_t dtype_size(int dtype) {
