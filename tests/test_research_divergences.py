@@ -129,6 +129,62 @@ def test_limits(seed, backend):
     assert torch.isfinite(loss("akl", akl_head_mass=1e-9)).all()
 
 
+def _akl_rows(dev, dtype, spread: float) -> list[torch.Tensor]:
+    """Teacher rows whose head boundary is easy to get wrong: a peak far above zero (a short
+    threshold search over 16-bit logits, its top two logits neighbours), logits across zero,
+    ties in groups, a masked vocabulary, a flat row of small logits."""
+    x = logits(5, 4099, device=dev, spread=spread)  # > 4096: the CPU kernel's histogram
+    x[0, :4] += 14.0
+    x[0, :2] = torch.tensor([16.0, 15.9375])  # neighbours in bf16: the top's key is the last
+    x[2] = (x[2] * 2).round() / 2
+    x[3, ::4] = -math.inf
+    x[4] *= 0.01
+    return list(x.to(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_akl_head_boundary(seed, backend, dtype, temperature):
+    """Wherever the head mass falls between two cumulative masses of the teacher's sorted
+    distinct probabilities, the head is exactly the ids above it: each case moves a group of
+    ids with a sizeable |p - q| across the boundary (checked: the loss with the neighbouring
+    head differs by > 20x the tolerance), on bf16/fp16 teachers (the kernels' search over
+    16-bit logits) and fp32 ones (over p)."""
+    dev = device_for(backend)
+
+    def ref(x64, t, divergence, **kw):
+        return reference.kd_loss(x64, t.double(), divergence=divergence, reduction="none", **kw)
+
+    cases = 0
+    for t in _akl_rows(dev, dtype, 2.0 * temperature):
+        t = t[None]
+        s = logits(1, t.shape[1], device=dev, spread=2.0 * temperature)
+        s[t == -math.inf] = -math.inf
+        p = torch.softmax(t.double() / temperature, -1)[0]
+        vals, inverse = torch.unique(p, sorted=True, return_inverse=True)
+        vals = vals.flip(0)
+        group = torch.zeros_like(vals).index_add_(0, vals.numel() - 1 - inverse, p)
+        cum = torch.cumsum(group, 0)
+        tried = 0
+        for j in range(vals.numel() - 1):
+            # (p of neighbouring groups at least 1e-5 apart: fp32 p may tie closer ones)
+            if group[j] < 3e-4 or group[j + 1] < 3e-4 or vals[j + 1] > vals[j] * (1 - 1e-5) \
+                    or tried == 4:
+                continue
+            head_mass = float((cum[j - 1] if j else 0.0) + cum[j]) / 2
+            here = ref(s.double(), t, "akl", akl_head_mass=head_mass, temperature=temperature)
+            there = ref(s.double(), t, "akl", akl_head_mass=float(cum[j] + cum[j + 1]) / 2,
+                        temperature=temperature)
+            if rel_err(there, here, 0.1) < 20 * 2e-5:
+                continue
+            tried += 1
+            compare(backend, s, t, "akl", oracle=ref, akl_head_mass=head_mass,
+                    temperature=temperature)
+        cases += tried
+    assert cases >= 6  # (a flat row may offer none: no single id moves its weight enough)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", RESEARCH)
 def test_masked_vocabulary_and_extremes(seed, backend, divergence):

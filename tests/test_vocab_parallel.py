@@ -249,6 +249,18 @@ def test_dense_loss_and_gradient_equal_the_unsharded_ones(seed, world, dtype, ex
         assert not bad, f"rank {rank}: {bad}"
 
 
+@INTERPRETED
+def test_triton_phases_bf16_akl_search_over_the_teacher_logits(seed):
+    """bf16 rows through the interpreted Triton phases: AKL's head search runs over the
+    teacher's own logits there (head_threshold_key16; with softcap or TAID over p), against
+    the one-device op on the whole row."""
+    for rank, errs in enumerate(run_ranks(_dense_case, 2, SPLITS[2], seed, torch.bfloat16,
+                                          False, "triton", "cpu", ["akl", "forward_kl"],
+                                          timeout=600)):
+        bad = _check_bf16(errs)
+        assert not bad, f"rank {rank}: {bad}"
+
+
 def _lean_case(rank, world, seed, dtype):
     """{case: whether loss and gradient are bitwise equal} with the C++ phases' lean path
     (in-place reads of exact rows, the stash, the one-pass gradient) and without, dense and
@@ -348,6 +360,79 @@ def test_sparse_loss_every_tail_and_divergence_equals_the_unsharded_one(seed, wo
 GPU_DIVERGENCES = ["forward_kl", "jsd", "akl"]
 GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (the kernels are compiled "
                               "here, run on a GPU)")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_mass", [1e-6, 0.5, 0.9, 0.9995, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_head_threshold_key16_is_the_sorted_one(seed, dtype, head_mass, temperature):
+    """head.head_threshold_key16 (the search over a 16-bit teacher's own logits) against the
+    head read off the sorted row: x >= tau holds the same ids as p >= the sorted
+    threshold, in at most 16 steps."""
+    from distill_ops.distributed.head import head_threshold_key16
+
+    v = 3001
+    x = torch.randn(5, v) * 2.0
+    x[0, :3] += 12.0
+    x[1] *= 0.01
+    x[2] = x[2].round()
+    x[3, ::3] = -torch.inf
+    x[4, :2] = torch.tensor([16.0, 15.9375])
+    x = x.to(dtype).float()
+    z = x.double() / temperature
+    p = torch.softmax(z, -1)
+    m_t = z.max(-1).values
+    log_st = torch.logsumexp(z - m_t[:, None], -1)
+    calls = []
+
+    def mass(tau):
+        calls.append(1)
+        return torch.where(x >= tau[:, None], p, 0.0).sum(1)
+
+    tau = head_threshold_key16(mass, head_mass, m_t, log_st, 1.0 / temperature, v,
+                               dtype == torch.bfloat16)
+    for r in range(p.shape[0]):
+        ps = torch.sort(p[r], descending=True).values
+        before = torch.cumsum(ps, 0) - ps
+        m = max(int((before < head_mass).sum()), 1)
+        want = p[r] >= ps[m - 1] if head_mass < 1.0 else torch.ones(v, dtype=torch.bool)
+        assert torch.equal(x[r] >= tau[r], want), (r, tau[r].item())
+    assert len(calls) <= 16, len(calls)
+
+
+@pytest.mark.parametrize("head_mass", [1e-6, 0.3, 0.5, 0.9, 0.999, 0.9995, 1.0])
+def test_head_threshold_is_the_sorted_one_in_its_bounded_steps(seed, head_mass):
+    """head.head_threshold (the vocab-parallel AKL search) against the threshold read off the
+    sorted row, on peaked, flat, tied and masked rows: the same tau, found in
+    ceil(log2(range)) steps, fewer than the unbounded search's 31 where the bound applies."""
+    from distill_ops.distributed.head import head_threshold
+
+    v = 3001
+    z = torch.randn(5, v, dtype=torch.float64) * 2.0
+    z[0, :3] += 12.0
+    z[1] *= 0.01
+    z[2] = z[2].round()
+    z[3, ::3] = -torch.inf
+    p = torch.softmax(z, -1).float()
+    log_st = torch.logsumexp(z - z.max(-1, keepdim=True).values, -1)
+    calls = []
+
+    def mass(tau):
+        calls.append(1)
+        return torch.where(p >= tau[:, None], p, 0.0).sum(1, dtype=torch.float64)
+
+    tau = head_threshold(mass, head_mass, log_st, v)
+    for r in range(p.shape[0]):
+        ps = torch.sort(p[r], descending=True).values
+        before = torch.cumsum(ps.double(), 0) - ps.double()
+        m = max(int((before < head_mass).sum()), 1)
+        want = 0.0 if head_mass >= 1.0 else ps[m - 1].item()
+        assert tau[r].item() == want, (r, tau[r].item(), want)
+    if head_mass >= 1.0:
+        assert not calls
+    elif head_mass <= 0.999:
+        assert len(calls) <= 28, len(calls)
+
 
 
 @GPU_ONLY

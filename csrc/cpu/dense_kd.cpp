@@ -7,6 +7,8 @@
 // on scratch that stays in L2 for V up to ~128k.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -19,18 +21,11 @@ namespace {
 
 // Computes the divergence of one row and leaves in d[j] its gradient w.r.t. z_s[j].
 // es/et hold exp(z - max) of student/teacher; et is overwritten by d.
-// AKL's head threshold: the largest tau with sum_{p_j >= tau} p_j >= head_mass, i.e. the
-// smallest probability of the head (the teacher's most probable ids up to that cumulative
-// mass, its top-1 always, ties at the boundary all in). Found by selection, not a sort: a
-// three-way partition around a pivot keeps the side that holds the boundary (expected O(n)).
+// The largest tau among [lo, hi) with sum_{v >= tau} v >= need (the smallest value of the
+// head; ties at the boundary all in): a three-way partition around a pivot keeps the side
+// that holds the boundary (expected O(n)). 0 where even the whole range falls short.
 template <typename Acc>
-Acc akl_threshold(const Acc* et, Acc inv_s, int64_t n, Acc head_mass, std::vector<Acc>& buf) {
-  if (head_mass >= Acc(1)) return Acc(0);  // the whole vocabulary, whatever its sum rounds to
-  buf.resize(size_t(n));
-  for (int64_t j = 0; j < n; ++j) buf[size_t(j)] = et[j] * inv_s;
-  Acc* lo = buf.data();
-  Acc* hi = lo + n;
-  double need = double(head_mass);
+Acc select_head(Acc* lo, Acc* hi, double need) {
   Acc tau = Acc(0);
   while (lo < hi) {
     const Acc pivot = std::max(std::min(lo[0], hi[-1]), std::min(std::max(lo[0], hi[-1]),
@@ -53,6 +48,62 @@ Acc akl_threshold(const Acc* et, Acc inv_s, int64_t n, Acc head_mass, std::vecto
     }
   }
   return tau;
+}
+
+// p's bin in AKL's mass histogram: the top bits of its fp32 pattern (p >= 0 orders as its
+// bits, and rounding a double p to fp32 keeps that order), 1/8 of a binade a bin.
+constexpr int kHeadBinShift = 20;
+constexpr int kHeadBins = 1 << (31 - kHeadBinShift);
+
+template <typename Acc>
+inline int head_bin(Acc p) {
+  uint32_t bits;
+  const float f = float(p);
+  std::memcpy(&bits, &f, sizeof bits);
+  return int((bits & 0x7FFFFFFFu) >> kHeadBinShift);
+}
+
+// AKL's head threshold: the largest tau with sum_{p_j >= tau} p_j >= head_mass, i.e. the
+// smallest probability of the head (the teacher's most probable ids up to that cumulative
+// mass, its top-1 always, ties at the boundary all in). Found by selection, not a sort: one
+// pass sums p into a histogram of its bits, the bins above the boundary's are the head for
+// certain, and select_head runs over that one bin's values alone (a row shorter than the
+// histogram goes to select_head whole).
+// AKL's scratch, one per thread: the boundary bin's values and the mass histogram.
+template <typename Acc>
+struct HeadScratch {
+  std::vector<Acc> values;
+  std::vector<double> bins;
+};
+
+template <typename Acc>
+Acc akl_threshold(const Acc* et, Acc inv_s, int64_t n, Acc head_mass, HeadScratch<Acc>& scr) {
+  if (head_mass >= Acc(1)) return Acc(0);  // the whole vocabulary, whatever its sum rounds to
+  double need = double(head_mass);
+  std::vector<Acc>& buf = scr.values;
+  if (n < 2 * kHeadBins) {
+    buf.resize(size_t(n));
+    for (int64_t j = 0; j < n; ++j) buf[size_t(j)] = et[j] * inv_s;
+    return select_head(buf.data(), buf.data() + n, need);
+  }
+  std::vector<double>& bins = scr.bins;
+  bins.assign(size_t(kHeadBins), 0.0);
+  for (int64_t j = 0; j < n; ++j) {
+    const Acc p = et[j] * inv_s;
+    bins[size_t(head_bin(p))] += double(p);
+  }
+  int b = kHeadBins - 1;
+  for (; b >= 0; --b) {
+    if (bins[size_t(b)] >= need) break;
+    need -= bins[size_t(b)];
+  }
+  if (b < 0) return Acc(0);  // the whole row falls short (its sum rounds below head_mass)
+  buf.clear();
+  for (int64_t j = 0; j < n; ++j) {
+    const Acc p = et[j] * inv_s;
+    if (head_bin(p) == b) buf.push_back(p);
+  }
+  return select_head(buf.data(), buf.data() + buf.size(), need);
 }
 
 // (sum of the terms, sum of h) of an element-separable divergence whose `term(lp, lq, p, q,
@@ -80,9 +131,9 @@ std::pair<double, double> separable_sums(int64_t n, const Acc* zs, const Acc* zt
 template <typename Acc>
 Acc research_row(Divergence div, Acc prm, Acc prm2, const Acc* zs, const Acc* zt,
                  const Acc* es, Acc* et, RowStats<Acc> s, RowStats<Acc> t, int64_t n,
-                 std::vector<Acc>& buf) {
+                 HeadScratch<Acc>& scr) {
   if (div == Divergence::AKL) {
-    const Acc tau = akl_threshold(et, t.inv_s, n, prm, buf);
+    const Acc tau = akl_threshold(et, t.inv_s, n, prm, scr);
     double fkl = 0, rkl = 0, g_head = 0, g_tail = 0;
     for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
       const int64_t j1 = std::min(n, j0 + kSumBlock);
@@ -149,10 +200,10 @@ Acc research_row(Divergence div, Acc prm, Acc prm2, const Acc* zs, const Acc* zt
 template <typename Acc>
 Acc divergence_row(Divergence div, Acc beta, Acc prm2, const Acc* zs, const Acc* zt,
                    const Acc* es, Acc* et, RowStats<Acc> s, RowStats<Acc> t, int64_t n,
-                   bool want_grad, std::vector<Acc>& buf) {
+                   bool want_grad, HeadScratch<Acc>& scr) {
   Acc loss = 0;
   if (int(div) >= int(Divergence::SkewKL))
-    return research_row(div, beta, prm2, zs, zt, es, et, s, t, n, buf);
+    return research_row(div, beta, prm2, zs, zt, es, et, s, t, n, scr);
   switch (div) {
     case Divergence::ForwardKL: {
       loss = Acc(blocked_sum(n, [&](int64_t j0, int64_t j1) {
@@ -267,7 +318,7 @@ void dense_kd_impl(RowView student, RowView teacher, const uint8_t* valid, const
     Acc* zt = zs + vocab;
     Acc* es = zt + vocab;
     Acc* et = es + vocab;
-    std::vector<Acc> select_buf;
+    HeadScratch<Acc> head_scratch;
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < n_rows; ++r) {
@@ -288,7 +339,7 @@ void dense_kd_impl(RowView student, RowView teacher, const uint8_t* valid, const
         const RowStats<Acc> t = softmax_stats(zt, vocab, et);
         const bool want_grad = grow != nullptr;
         row_loss = soft_c * divergence_row(div, beta, prm2, zs, zt, es, et, s, t, vocab,
-                                             want_grad, select_buf);
+                                             want_grad, head_scratch);
         // A NaN or +inf logit makes its side's sum NaN: the row's loss is NaN whatever the
         // divergence's 0 * log 0 guards would hide (the op layer then makes its gradient
         // row NaN too).

@@ -13,9 +13,10 @@ hard term), the divergence over the k + 1 coarse classes in PyTorch ([N, k + 1])
 writes the gradient. No [N, V] temporary anywhere: every element goes through the kernels'
 own maths.
 
-AKL adds its head threshold's search (31 bisection steps of one all-reduce of a float a row)
-and one pass for both KLs and the head's and tail's gaps before the gradient (the C++ phases
-first turn their stash into p, so that the search reads one fp32 stream and no exponential).
+AKL adds its head threshold's search (head.py: ~28 bisection steps at V = 128256, each one
+all-reduce of a float a row) and one pass for both KLs and the head's and tail's gaps before
+the gradient (the C++ phases first turn their stash into p, so that the search reads one fp32
+stream and no exponential).
 
 Which kernel runs (`choose_kernel`): `auto` takes the C++ kernel for CPU tensors and the
 Triton one for CUDA tensors; float64 runs in PyTorch row chunks (vocab_parallel.py), as does
@@ -37,6 +38,7 @@ from ..dispatch import resolve_backend
 from ..validation import check_kernel_dtype
 from .coarse import coarse_divergence, sparse_grad_terms
 from .comm import all_gather, all_reduce
+from .head import head_threshold, head_threshold_key16
 
 FORWARD_KL, REVERSE_KL, JSD, TVD, AKL = 0, 1, 2, 3, 7
 # The C++ phases' shortcuts (dense_vp.cpp and sparse_vp.cpp, "lean"), bitwise equal on one
@@ -166,7 +168,9 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
     elif sc.divergence == AKL:  # the global head threshold, then both KLs and the gaps
         if stash:  # the stashed exp(z_t - m_slice) to p (dense_vp.cpp, phase 5)
             phase(5)
-        rec[:, 7] = _akl_threshold(phase, rec, sc.beta, reduce)
+        key16 = t.dtype if kernel == "triton" and t.dtype in (torch.bfloat16, torch.float16) \
+            and not sc.teacher_softcap and sc.interp == 1.0 else None
+        rec[:, 7] = _akl_threshold(phase, rec, sc, shard.total, key16, reduce)
         phase(4)
         part = reduce(rec[:, [5, 6, 7, 4]], dist.ReduceOp.SUM)
         fkl, rkl, g_head, g_tail = part.unbind(1)
@@ -228,25 +232,25 @@ def _global_sums(rec: Tensor, divergence: int, temperature: float, kl: bool, gro
     return ms, mt, sums
 
 
-def _akl_threshold(phase, rec: Tensor, head_mass: float, reduce) -> Tensor:
-    """AKL's head threshold per row over the whole vocabulary: the largest tau with
-    sum_{p_j >= tau} p_j >= head_mass, bisected over tau's fp32 bits (p >= 0 orders as its
-    bits) in [0, 1 + 1 ulp): 31 steps of the kernel's phase 3 (the slice's mass at p >= tau,
-    tau in field 7), each one all-reduce of a float a row. A head mass of 1 is the whole
-    vocabulary, whatever its sum rounds to: tau = 0, no search."""
-    n, dev = rec.shape[0], rec.device
-    if head_mass >= 1.0:
-        return torch.zeros(n, dtype=torch.float64, device=dev)
-    lo = torch.zeros(n, dtype=torch.int64, device=dev)
-    hi = torch.full((n,), 0x3F800001, dtype=torch.int64, device=dev)
-    for _ in range(31):
-        mid = (lo + hi) // 2
-        rec[:, 7] = mid.to(torch.int32).view(torch.float32).to(torch.float64)
+def _akl_threshold(phase, rec: Tensor, sc, vocab: int, key16: torch.dtype | None,
+                   reduce) -> Tensor:
+    """AKL's head threshold per row over the whole vocabulary (head.py): each bisection step
+    is the kernel's phase 3 (the slice's mass at p >= tau, tau in field 7; at x >= tau over
+    the teacher's own logits where `key16` names its 16-bit dtype: the Triton phases without
+    softcap or TAID) and one all-reduce of a float a row."""
+
+    def mass(tau: Tensor) -> Tensor:
+        rec[:, 7] = tau.to(torch.float64)
         phase(3)
-        ok = reduce(rec[:, 5:6], dist.ReduceOp.SUM)[:, 0] >= head_mass
-        lo = torch.where(ok, mid, lo)
-        hi = torch.where(ok, hi, mid)
-    return lo.to(torch.int32).view(torch.float32).to(torch.float64)
+        return reduce(rec[:, 5:6], dist.ReduceOp.SUM)[:, 0]
+
+    if key16 is not None:
+        tau = head_threshold_key16(mass, sc.beta, rec[:, 2], rec[:, 3],
+                                   sc.teacher_scale / sc.temperature, vocab,
+                                   key16 == torch.bfloat16)
+    else:
+        tau = head_threshold(mass, sc.beta, rec[:, 3], vocab)
+    return tau.to(torch.float64)
 
 
 def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, shard, dt,

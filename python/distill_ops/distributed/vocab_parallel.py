@@ -44,6 +44,7 @@ from ..validation import divergence_options
 from . import kernel_rows
 from .coarse import coarse_divergence, sparse_grad_terms
 from .comm import VocabShard, all_gather, all_reduce
+from .head import head_threshold
 from .kernel_rows import local_label
 
 FORWARD_KL, REVERSE_KL, JSD, TVD, SKEW_KL, AKL = 0, 1, 2, 3, 4, 7
@@ -195,7 +196,7 @@ def _dense_chunk(xs, xt, valid, labels, sc, shard, dt, want_grad):
         if want_grad:
             d = torch.where(q > 0, q * ((lq - lp) - div[:, None]), zero)
     elif sc.divergence >= SKEW_KL:
-        div, d = _research_chunk(sc, lp, lq, p, q, g, want_grad)
+        div, d = _research_chunk(sc, lp, lq, p, q, log_st, shard.total, g, want_grad)
     else:
         if sc.divergence == JSD:
             beta = sc.beta
@@ -238,13 +239,13 @@ def _dense_chunk(xs, xt, valid, labels, sc, shard, dt, want_grad):
     return loss, gx
 
 
-def _research_chunk(sc, lp: Tensor, lq: Tensor, p: Tensor, q: Tensor, group, want_grad: bool
-                    ) -> tuple[Tensor, Tensor | None]:
+def _research_chunk(sc, lp: Tensor, lq: Tensor, p: Tensor, q: Tensor, log_st: Tensor,
+                    vocab: int, group, want_grad: bool) -> tuple[Tensor, Tensor | None]:
     """The research divergences of a chunk from its global log-probabilities: (div [c], the
     gradient w.r.t. z_s of this rank's slice, or None)."""
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     if sc.divergence == AKL:
-        head = p.float() >= _akl_threshold(p, sc.beta, group)[:, None]
+        head = p.float() >= _akl_threshold(p, sc.beta, log_st, vocab, group)[:, None]
         gap = (p - q).abs()
         part = all_reduce(torch.stack([
             torch.where(p > 0, p * (lp - lq), zero).sum(1),
@@ -273,25 +274,17 @@ def _research_chunk(sc, lp: Tensor, lq: Tensor, p: Tensor, q: Tensor, group, wan
     return part[:, 0], (h - q * part[:, 1:2]) if want_grad else None
 
 
-def _akl_threshold(p: Tensor, head_mass: float, group) -> Tensor:
-    """AKL's head threshold per row over the whole (sharded) vocabulary: the largest tau with
-    sum_{p_j >= tau} p_j >= head_mass, by bisection on the fp32 bit pattern of tau (31 steps,
-    each one all-reduce of a float a row): exactly the smallest probability of the head."""
-    c = p.shape[0]
-    if head_mass >= 1.0:  # the whole vocabulary, whatever its sum rounds to: no search
-        return torch.zeros(c, dtype=torch.float32, device=p.device)
+def _akl_threshold(p: Tensor, head_mass: float, log_st: Tensor, vocab: int, group) -> Tensor:
+    """AKL's head threshold per row over the whole (sharded) vocabulary (head.py): exactly
+    the smallest probability of the head; each bisection step one all-reduce of a float a
+    row."""
     pf = p.float()
-    lo = torch.zeros(c, dtype=torch.int64, device=p.device)
-    hi = torch.full((c,), 0x3F800001, dtype=torch.int64, device=p.device)  # just above 1.0
-    for _ in range(31):
-        mid = (lo + hi) // 2
-        tau = mid.to(torch.int32).view(torch.float32)
-        mass = all_reduce(torch.where(pf >= tau[:, None], pf, 0.0).sum(1, dtype=torch.float64),
+
+    def mass(tau: Tensor) -> Tensor:
+        return all_reduce(torch.where(pf >= tau[:, None], pf, 0.0).sum(1, dtype=torch.float64),
                           dist.ReduceOp.SUM, group)
-        ok = mass >= head_mass
-        lo = torch.where(ok, mid, lo)
-        hi = torch.where(ok, hi, mid)
-    return lo.to(torch.int32).view(torch.float32)
+
+    return head_threshold(mass, head_mass, log_st, vocab)
 
 
 def _transform_grad(z: Tensor, scale: float, cap: float | None, t: float) -> Tensor | float:

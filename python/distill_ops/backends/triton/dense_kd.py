@@ -43,6 +43,7 @@ import triton.language as tl
 
 from ..extension import fused_outputs
 from . import tuning
+from .akl import akl_sums, akl_threshold
 from .elementwise import (
     AB,
     AKL,
@@ -50,7 +51,6 @@ from .elementwise import (
     JSD,
     LN2,
     MIX_FLOOR,
-    NEG_INF,
     REVERSE_KL,
     SKEW_KL,
     SKEW_REVERSE_KL,
@@ -58,71 +58,13 @@ from .elementwise import (
     _exp,
     _fast_log2,
     research_terms,
-    taid_logit,
 )
-
-# AKL's threshold search: bisection over the fp32 bit patterns in [0, 1.0 + 1 ulp).
-AKL_STEPS: tl.constexpr = tl.constexpr(31)
-ONE_PLUS_ULP_BITS: tl.constexpr = tl.constexpr(0x3F800001)
+from .rows import _load_z, _load_zt, _log_probs, cast_rne, transform_grad
 
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 # Pass 1's group width: one thread's vector of bf16 logits (16 bytes).
 G: tl.constexpr = tl.constexpr(8)
 
-
-@triton.jit
-def _tanh(y):
-    # tanh through exp: exact limits at +-inf; a short odd series near 0 avoids the
-    # cancellation of 1 - 2 / (e^{2y} + 1).
-    big = 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
-    y2 = y * y
-    small = y * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0)))
-    return tl.where(tl.abs(y) < 0.0625, small, big)
-
-
-@triton.jit
-def transform_logits(x, scale, cap, inv_t, HAS_CAP: tl.constexpr):
-    """z = f(x) / T; f(x) = cap * tanh(scale * x / cap) or scale * x; -inf stays -inf."""
-    x = x.to(tl.float32)
-    if HAS_CAP:
-        z = tl.where(x == NEG_INF, x, cap * _tanh(x * (scale / cap)) * inv_t)
-    else:
-        z = x * (scale * inv_t)
-    return z
-
-
-@triton.jit
-def transform_grad(z, scale, cap, temperature, HAS_CAP: tl.constexpr):
-    """f'(x) written through z = f(x) / T (0 at a masked -inf logit under a softcap)."""
-    if HAS_CAP:
-        th = z * (temperature / cap)
-        g = tl.where(z == NEG_INF, 0.0, scale * (1.0 - th * th))
-    else:
-        g = tl.zeros_like(z) + scale
-    return g
-
-
-@triton.jit
-def cast_rne(x, dtype: tl.constexpr):
-    """x (fp32) in `dtype`, rounded to nearest even. GPUs convert to bf16 that way natively;
-    spelling it out keeps the interpreter (which truncates) and the GPU bit-identical. An
-    fp64 `x` is a compile error under every Triton: it means a constant promoted the maths."""
-    tl.static_assert(x.dtype == tl.float32, "cast_rne takes fp32: an fp64 value leaked in")
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        up = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        out = up.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        out = tl.where(x != x, x.to(tl.bfloat16), out)
-    else:
-        out = x.to(dtype)
-    return out
-
-
-@triton.jit
-def _load_z(row_ptr, cols, n, scale, cap, inv_t, HAS_CAP: tl.constexpr):
-    """z = f(x) / T of the columns < n of one row (-inf elsewhere)."""
-    x = tl.load(row_ptr + cols, mask=cols < n, other=NEG_INF)
-    return transform_logits(x, scale, cap, inv_t, HAS_CAP)
 
 
 @triton.jit
@@ -165,40 +107,6 @@ def _row_weights(m):
     """Weights e^(m - max m) that fold the groups' sums into one row sum, and the maximum."""
     m_row = tl.max(m, 0)
     return m_row, tl.where(m == m_row, 1.0, _exp(m - m_row))
-
-
-@triton.jit
-def _load_zt(t_row, cols, n, scale_t, cap_t, inv_t, zs, interp, HAS_CAP_T: tl.constexpr,
-             HAS_INTERP: tl.constexpr):
-    """The teacher side's z: f(x_t) / T, moved toward the student's zs under TAID."""
-    zt = _load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T)
-    if HAS_INTERP:
-        zt = taid_logit(zs, zt, interp)
-    return zt
-
-
-@triton.jit
-def _log_probs(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_s,
-               log_ss, M_t, log_st, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
-               HAS_INTERP: tl.constexpr):
-    """(z_s, log q, log p) of the columns < n, once the row statistics are known."""
-    zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
-    zt = _load_zt(t_row, cols, n, scale_t, cap_t, inv_t, zs, interp, HAS_CAP_T, HAS_INTERP)
-    return zs, (zs - M_s) - log_ss, (zt - M_t) - log_st
-
-
-@triton.jit
-def _akl_p(s_row, t_row, cols, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_t, log_st,
-           HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr, HAS_INTERP: tl.constexpr):
-    """The teacher's p as AKL's threshold search and its head/tail split both read it (one
-    expression, so they agree bit for bit). It is the loss passes' own p: z = f(x) / T first,
-    rounded as PyTorch rounds it, then shifted by the maximum; a shortcut through one FMA of
-    the raw logit lost 0.1% of p at logits of 1e4 (the constant's rounding times x)."""
-    zt = _load_z(t_row, cols, n, scale_t, cap_t, inv_t, HAS_CAP_T)
-    if HAS_INTERP:
-        zs = _load_z(s_row, cols, n, scale_s, cap_s, inv_t, HAS_CAP_S)
-        zt = taid_logit(zs, zt, interp)
-    return _exp((zt - M_t) - log_st)
 
 
 @triton.jit
@@ -294,47 +202,6 @@ def loss_sums(s_row, t_row, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_
             acc_a += term
             acc_b += h
     return tl.sum(acc_a, 0), tl.sum(acc_b, 0)
-
-
-@triton.jit
-def akl_head_mass(s_row, t_row, n, tau, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_t,
-                  log_st, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
-                  HAS_INTERP: tl.constexpr, BLOCK: tl.constexpr):
-    """One step of AKL's threshold search: sum_j p_j over p_j >= tau, columns < n (one read
-    of the teacher row)."""
-    offs = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, n, BLOCK):
-        p = _akl_p(s_row, t_row, start + offs, n, scale_s, cap_s, scale_t, cap_t, inv_t,
-                   interp, M_t, log_st, HAS_CAP_S, HAS_CAP_T, HAS_INTERP)
-        acc += tl.where(p >= tau, p, 0.0)
-    return tl.sum(acc, 0)
-
-
-@triton.jit
-def akl_sums(s_row, t_row, n, tau, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_s,
-             log_ss, M_t, log_st, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
-             HAS_INTERP: tl.constexpr, BLOCK: tl.constexpr):
-    """AKL's pass with its threshold tau: (forward KL, reverse KL, sum |p - q| over the head
-    p >= tau, over the tail) of the columns < n. p is _akl_p's expression, so the head test
-    agrees with the search's bit for bit."""
-    offs = tl.arange(0, BLOCK)
-    acc_f = tl.zeros([BLOCK], tl.float32)
-    acc_r = tl.zeros([BLOCK], tl.float32)
-    acc_h = tl.zeros([BLOCK], tl.float32)
-    acc_t = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, n, BLOCK):
-        _zs, lq, lp = _log_probs(s_row, t_row, start + offs, n, scale_s, cap_s, scale_t, cap_t,
-                                 inv_t, interp, M_s, log_ss, M_t, log_st, HAS_CAP_S, HAS_CAP_T,
-                                 HAS_INTERP)
-        q = _exp(lq)
-        p = _exp(lp)
-        acc_f += tl.where(p > 0, p * (lp - lq), 0.0)
-        acc_r += tl.where(q > 0, q * (lq - lp), 0.0)
-        gap = tl.abs(p - q)
-        acc_h += tl.where(p >= tau, gap, 0.0)
-        acc_t += tl.where(p >= tau, 0.0, gap)
-    return tl.sum(acc_f, 0), tl.sum(acc_r, 0), tl.sum(acc_h, 0), tl.sum(acc_t, 0)
 
 
 @triton.jit
@@ -447,25 +314,16 @@ def dense_kd_kernel(
         div, sum_qg = combine_sums(a, b, beta, DIVERGENCE)
     akl_w = 0.0
     if DIVERGENCE == AKL:
-        # The head threshold: the largest tau with sum_{p_j >= tau} p_j >= head mass (beta),
-        # bisected over tau's fp32 bits (p >= 0 orders as its bits); one read of the teacher
-        # row a step, which the previous step left in cache.
-        lo = tl.zeros([], tl.int32)
-        hi = tl.zeros([], tl.int32) + ONE_PLUS_ULP_BITS
-        for _step in range(AKL_STEPS):
-            mid = lo + (hi - lo) // 2
-            tau = mid.to(tl.float32, bitcast=True)
-            ok = akl_head_mass(s_row, t_row, n, tau, scale_s, cap_s, scale_t, cap_t, inv_t,
-                               interp, M_t, log_st, HAS_CAP_S, HAS_CAP_T, HAS_INTERP,
-                               BLOCK) >= beta
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid)
-        # A head mass of 1 is the whole vocabulary, whatever the rounding of its sum.
-        tau = tl.where(beta >= 1.0, 0.0, lo.to(tl.float32, bitcast=True))
-        # Pass 2: both KLs and the head's and tail's sum |p - q|.
+        # The head threshold (akl.py), then pass 2: both KLs and the head's and tail's
+        # sum |p - q|. A 16-bit teacher with neither softcap nor TAID is searched over its
+        # own logits' 2^16 values.
+        KEY16 = (t_ptr.dtype.element_ty.primitive_bitwidth == 16) and (not HAS_CAP_T) \
+            and (not HAS_INTERP)
+        tau = akl_threshold(s_row, t_row, n, beta, scale_s, cap_s, scale_t, cap_t, inv_t,
+                            interp, M_t, log_st, HAS_CAP_S, HAS_CAP_T, HAS_INTERP, KEY16, BLOCK)
         fkl, rkl, g_head, g_tail = akl_sums(s_row, t_row, n, tau, scale_s, cap_s, scale_t,
                                             cap_t, inv_t, interp, M_s, log_ss, M_t, log_st,
-                                            HAS_CAP_S, HAS_CAP_T, HAS_INTERP, BLOCK)
+                                            HAS_CAP_S, HAS_CAP_T, HAS_INTERP, KEY16, BLOCK)
         total = g_head + g_tail
         akl_w = tl.where(total > 0, g_head / tl.where(total > 0, total, 1.0), 0.5)
         sum_qg = rkl

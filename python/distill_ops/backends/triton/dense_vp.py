@@ -12,9 +12,11 @@ the same row record as the C++ CPU kernel (csrc/cpu/dense_vp.cpp; fp64, 8 fields
 - phase 2: with the global divergence and sum_j h_j too, dL/dx of the slice in the student's
   dtype (dense_kd's `soft_grad` and `store_grad`);
 - AKL: phase 3, one step of the bisection for its head threshold tau (field 7): the slice's
-  teacher mass at p >= tau (31 steps, one all-reduce of a float a row each, as the one-device
-  kernel's 31 reads of the teacher row); phase 4 with the global tau: both KLs and the head's
-  and tail's sum |p - q| (fields 5, 6, 7, 4); phase 2 reads the head weight from field 7.
+  teacher mass at p >= tau, or, for a 16-bit teacher without softcap or TAID, at x >= tau
+  over its own logits (distributed/head.py: at most 16 steps, ~28 over p at V = 128256; one
+  all-reduce of a float a row each, as the one-device kernel's reads of the row); phase 4
+  with the global tau: both KLs and the head's and tail's sum |p - q| (fields 5, 6, 7, 4);
+  phase 2 reads the head weight from field 7.
 
 Bytes per logit: the fused kernel on one device reads s and t twice (statistics, gradient)
 and writes g; the vocab-parallel form does the same for the KLs and adds one read of s and t
@@ -27,11 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .akl import akl_head_mass, akl_sums
 from .dense_kd import (
     _device_ctx,
-    _log_probs,
-    akl_head_mass,
-    akl_sums,
     launch_config,
     loss_sums,
     row_statistics,
@@ -39,6 +39,7 @@ from .dense_kd import (
     store_grad,
 )
 from .elementwise import AKL, NEG_INF
+from .rows import _log_probs
 
 # The record: 8 fp64 fields a row, csrc/cpu/dense_vp.cpp's VpField: phase 0 writes M_s, S_s,
 # M_t, S_t, S_1, z_y, C; phase 1 reads global M_s, log S_s, M_t, log S_t and writes A, B into
@@ -90,6 +91,9 @@ def dense_vp_kernel(
         M_t = tl.load(f + 2).to(tl.float32)
         log_st = tl.load(f + 3).to(tl.float32)
         offs = tl.arange(0, BLOCK)
+        # AKL's head over a 16-bit teacher's own logits (akl.py; distributed/head.py).
+        KEY16 = (t_ptr.dtype.element_ty.primitive_bitwidth == 16) and (not HAS_CAP_T) \
+            and (not HAS_INTERP)
         if PHASE == 1:
             a, b = loss_sums(s_row, t_row, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp,
                              M_s, log_ss, M_t, log_st, beta, param2, DIVERGENCE, HAS_CAP_S,
@@ -97,17 +101,18 @@ def dense_vp_kernel(
             tl.store(f + 5, a.to(tl.float64))
             tl.store(f + 6, b.to(tl.float64))
         elif PHASE == 3:
-            # AKL's threshold search, one bisection step: the slice's teacher mass at p >= tau.
+            # AKL's threshold search, one bisection step: the slice's teacher mass at p >= tau
+            # (x >= tau with KEY16).
             mass = akl_head_mass(s_row, t_row, n, tl.load(f + 7).to(tl.float32), scale_s,
                                  cap_s, scale_t, cap_t, inv_t, interp, M_t, log_st, HAS_CAP_S,
-                                 HAS_CAP_T, HAS_INTERP, BLOCK)
+                                 HAS_CAP_T, HAS_INTERP, KEY16, BLOCK)
             tl.store(f + 5, mass.to(tl.float64))
         elif PHASE == 4:
             # AKL with the global threshold: both KLs and the head's and tail's sum |p - q|.
             fkl, rkl, g_head, g_tail = akl_sums(s_row, t_row, n, tl.load(f + 7).to(tl.float32),
                                                 scale_s, cap_s, scale_t, cap_t, inv_t, interp,
                                                 M_s, log_ss, M_t, log_st, HAS_CAP_S, HAS_CAP_T,
-                                                HAS_INTERP, BLOCK)
+                                                HAS_INTERP, KEY16, BLOCK)
             tl.store(f + 5, fkl.to(tl.float64))
             tl.store(f + 6, rkl.to(tl.float64))
             tl.store(f + 7, g_head.to(tl.float64))

@@ -200,8 +200,8 @@ DEFAULT_SPECS = (
      ((4, 0), (4, 0), (4, 2))),
     ("dense_kd[div=6,bf16,opts=1][aligned]", _PLAIN, "dense AB + grad",
      ((4, 0), (4, 0), (4, 2))),
-    # AKL: statistics, the threshold search's inner loop (the teacher row, once per each of
-    # its 31 steps), both KLs, gradient.
+    # AKL: statistics, the threshold search's inner loop (the teacher row, once per step:
+    # at most 16 for this bf16 teacher, akl.py), both KLs, gradient.
     ("dense_kd[div=7,bf16,opts=1][aligned]", _PLAIN, "dense AKL + grad",
      ((4, 0), (2, 0), (2, 0), (4, 0), (4, 2))),
     ("dense_kd[div=0,bf16,opts=1][aligned]", {**_PLAIN, "HAS_INTERP": True},
@@ -386,7 +386,8 @@ def cuda_model(binary: str, kernel: str, div: int, cc: int = 90, dtype: str = "B
     the portable kernel reads both rows, the gradient pass writes one; the cluster kernel
     reads each logit once), issue and MUFU (the sum over its streaming loops), the
     prediction (the largest: the model assumes they overlap), and the 3-transfer floor. AKL
-    is left out (its search reads the teacher row 31 more times)."""
+    is left out (its search reads the teacher row up to 16 more times; its number of steps
+    depends on the row)."""
     if div == 7:
         raise ValueError("cuda_model: AKL's threshold search is outside the model")
     wide = [lp for lp in cuda_loops(binary, kernel, cc)

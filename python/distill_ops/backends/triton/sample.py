@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .dense_kd import NEG_INF, _device_ctx
+from .dense_kd import _device_ctx
+from .elementwise import NEG_INF
 
 MAX_DRAWS = 1024  # more draws than this per row take torch's path
 

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..extension import fused_outputs
 from . import tuning
-from .dense_kd import _device_ctx, cast_rne
+from .dense_kd import _device_ctx
 from .elementwise import (
     AB,
     AKL,
@@ -38,6 +38,7 @@ from .elementwise import (
     research_terms,
     taid_logit,
 )
+from .rows import cast_rne
 
 BUCKET: tl.constexpr = tl.constexpr(0)
 RENORM: tl.constexpr = tl.constexpr(1)

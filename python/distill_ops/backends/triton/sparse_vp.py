@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .dense_kd import _device_ctx, cast_rne
+from .dense_kd import _device_ctx
 from .elementwise import NEG_INF
+from .rows import cast_rne
 
 FIELDS = 8  # m, sum, rest, owned, sum at T = 1, z at the label; in: m, off, -, -, log S1
 

@@ -25,13 +25,13 @@ import triton.language as tl
 
 from .dense_kd import (
     FLT_MAX,
-    NEG_INF,
     G,
     _device_ctx,
     _group_online,
     _row_weights,
-    transform_logits,
 )
+from .elementwise import NEG_INF
+from .rows import transform_logits
 
 LOW32: tl.constexpr = tl.constexpr(0xFFFFFFFF)
 INT64_MIN: tl.constexpr = tl.constexpr(-(2**63))
