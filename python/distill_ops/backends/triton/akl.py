@@ -155,7 +155,8 @@ def akl_sums(s_row, t_row, n, tau, scale_s, cap_s, scale_t, cap_t, inv_t, interp
              HAS_INTERP: tl.constexpr, KEY16: tl.constexpr, BLOCK: tl.constexpr):
     """AKL's pass with its threshold tau: (forward KL, reverse KL, sum |p - q| over the head
     (order value >= tau), over the tail) of the columns < n. The order value is the search's
-    own expression (z_t, or p from _akl_order's formula), so both agree bit for bit."""
+    own (the logit x itself, or p by _akl_order's formula), so both agree bit for bit; the
+    tail's gap is the total's less the head's (the weight needs only those two)."""
     offs = tl.arange(0, BLOCK)
     acc_f = tl.zeros([BLOCK], tl.float32)
     acc_r = tl.zeros([BLOCK], tl.float32)
