@@ -93,7 +93,7 @@ def akl_head_mass(s_row, t_row, n, tau, scale_s, cap_s, scale_t, cap_t, inv_t, i
                   log_st, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
                   HAS_INTERP: tl.constexpr, KEY16: tl.constexpr, BLOCK: tl.constexpr):
     """One step of the threshold search: sum_j p_j over the columns < n whose order value
-    (p, or z_t when KEY16) is >= tau; one read of the teacher row."""
+    (p, or the logit x when KEY16) is >= tau; one read of the teacher row."""
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
