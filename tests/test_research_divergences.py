@@ -186,6 +186,40 @@ def test_akl_head_boundary(seed, backend, dtype, temperature):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_mass", [1e-9, 0.6, 1.0])
+def test_akl_half_teacher_edges(seed, backend, dtype, head_mass):
+    """AKL with a 16-bit teacher (the kernels' search over its own logits) on the rows that
+    bound that search: one finite logit, logits of +-1e3 and +-6e4 (near fp16's top), a
+    teacher masked where the student is, an ignored row, the hard term; against float64."""
+    dev = device_for(backend)
+    v = 613
+    s, t = logits(6, v, device=dev, spread=2.0), logits(6, v, device=dev, spread=2.0)
+    s[0, 1:] = t[0, 1:] = -math.inf  # one id left
+    t[1] *= 500.0
+    t[2] = t[2] * 3e4 / t[2].abs().max()
+    banned = torch.rand(v, device=dev) < 0.3
+    s[3, banned] = t[3, banned] = -math.inf
+    t = t.to(dtype)
+    labels = torch.randint(0, v, (6,), device=dev)
+    labels[0] = 0
+    labels[3] = int(torch.nonzero(~banned)[0])
+    mask = torch.ones(6, dtype=torch.bool, device=dev)
+    mask[4] = False
+    kw = dict(divergence="akl", akl_head_mass=head_mass, temperature=1.5, labels=labels,
+              hard_weight=0.2, mask=mask, reduction="none")
+    x = s.detach().clone().requires_grad_()
+    loss = distill_ops.kd_loss(x, t, backend=backend, **kw)
+    loss.sum().backward()
+    x64 = s.detach().double().requires_grad_()
+    ref = reference.kd_loss(x64, t.double(), **kw)
+    ref.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+    assert rel_err(loss, ref, 0.1) <= 2e-5, rel_err(loss, ref, 0.1)
+    assert rel_err(x.grad, x64.grad) <= 1e-4, rel_err(x.grad, x64.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", RESEARCH)
 def test_masked_vocabulary_and_extremes(seed, backend, divergence):
     """-inf on both sides (and, where the divergence stays finite, on the teacher's alone),
