@@ -9,8 +9,13 @@
 //     (the loss, and sum_j h_j where the gradient needs it);
 //   2 (gradient): with the global sums too, d loss / d x of the slice, in the student's dtype.
 //   AKL: 3 (one bisection step of its global head threshold tau: the slice's teacher mass at
-//     p >= tau; 31 steps), 4 (both KLs and the head's and tail's sum |p - q| at the global
-//     tau), then 2 with the head's weight; stashing, 5 (the stash to p) before 3.
+//     p >= tau; ~28 steps, distributed/head.py), 4 (both KLs and the head's and tail's sum
+//     |p - q| at the global tau), then 2 with the head's weight; stashing, 5 (the stash to p)
+//     before 3, and after a few steps 6 (gather the stash's values inside the search's range
+//     [lo, hi) into a candidate buffer, passed in the student's place; their count to field
+//     4, the mass at p >= hi to field 0) and 7 (a step from the candidates alone: the mass
+//     at p >= tau is field 0's plus theirs) instead of 3: a handful of values a row, not the
+//     row. The Python layer puts fields 0 and 4 back afterwards.
 // Lean phases (`lean`; on one process bitwise equal to the plain ones, AKL to an fp32 rounding
 // of p): rows whose z is exact
 // are read where they lie (below, "in place"), and, stashing, a stashed phase 2 without the
@@ -23,7 +28,7 @@
 // instead of computing the divergence's terms again (JSD: an exponential and a logarithm
 // less a logit, AB: its whole element). AKL stashes the teacher's exp(z_t - m_slice)
 // instead (m_slice in field 6), which phase 5 turns into p with the global statistics: its
-// 31 bisection steps (phase 3) then read the stash alone, and phases 4 and 2 take p from it.
+// bisection steps (phase 3) then read the stash alone, and phases 4 and 2 take p from it.
 // The per-element maths is kd_math.h's, as in dense_kd.cpp.
 #include <algorithm>
 #include <cmath>
@@ -50,6 +55,8 @@ enum VpField : int {
   kTau = 7,                            // AKL: tau (phases 3, 4 in), head weight (phase 2 in)
   kMsSlice = 7,                        // stashing: the slice's student max (phase 0 out)
   kMtSlice = 6,                        // AKL stashing: the slice's teacher max (phase 0 out)
+  kLo = 6, kCount = 4, kBase = 0,      // AKL stashing, phases 6 / 7: the candidates' range,
+                                       // count and the mass above them
   // TVD stashing (phase 1 out): -1 where the stash holds sign(q - p) / 2; else it holds q
   // signed by q - p (a lean phase 2 reads q and the sign from it, no exponential), and the
   // field counts the ids with q == p > 0 (sign 0, which that cannot carry: then phase 2
@@ -78,7 +85,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
   constexpr bool kl = div == Divergence::ForwardKL || div == Divergence::ReverseKL;
   constexpr bool akl = div == Divergence::AKL;
   // AKL stashes p: phase 3 reads the stash alone, as does phase 5, which rescales it.
-  const bool no_rows = kStash && akl && (phase == 3 || phase == 5);
+  const bool no_rows = kStash && akl && (phase == 3 || phase >= 5);
   // Phase 2 with a stash: the KLs and AKL need both rows (z_s only for the hard term or the
   // softcap in forward KL's case), the others z_s alone (q, and h from the stash).
   const bool load_s = !no_rows && (!kStash || div != Divergence::ForwardKL || hard ||
@@ -121,8 +128,10 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
           const double ninf = -std::numeric_limits<double>::infinity();
           f[kMs] = f[kMt] = ninf;
           f[kSs] = f[kSt] = f[kS1] = f[kZy] = f[kCross] = 0.0;
-        } else if (phase == 1 || phase == 3) {
+        } else if (phase == 1 || phase == 3 || phase == 7) {
           f[kA] = f[kB] = 0.0;
+        } else if (phase == 6) {
+          f[kCount] = f[kBase] = 0.0;
         } else if (phase == 4) {
           f[kA] = f[kB] = f[kTau] = f[kS1] = 0.0;
         }
@@ -237,6 +246,33 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
           const Acc cp = Acc(std::exp(f[kMtSlice] - f[kMt] - f[kSt]));
 #pragma omp simd
           for (int64_t j = 0; j < width; ++j) stash[j] *= cp;
+          continue;
+        }
+        if (kStash && phase == 6) {  // the candidates: values of p in [lo, hi)
+          const Acc lo = Acc(f[kLo]), hi = Acc(f[kTau]);
+          Acc* cand = const_cast<Acc*>(static_cast<const Acc*>(student.ptr)) +
+                      r * student.row_stride;
+          int64_t c = 0;
+          f[kBase] = blocked_sum(width, [&](int64_t j0, int64_t j1) {
+            Acc part = 0;
+            for (int64_t j = j0; j < j1; ++j) {  // mostly below lo: a predictable branch
+              const Acc p = stash[j];
+              if (p >= hi) part += p;
+              else if (p >= lo) cand[c++] = p;
+            }
+            return part;
+          });
+          f[kCount] = double(c);
+          continue;
+        }
+        if (kStash && phase == 7) {  // a bisection step over the candidates alone
+          const Acc tau = Acc(f[kTau]);
+          const Acc* cand = static_cast<const Acc*>(student.ptr) + r * student.row_stride;
+          const int64_t c = int64_t(f[kCount]);
+          Acc part = 0;
+#pragma omp simd reduction(+ : part)
+          for (int64_t j = 0; j < c; ++j) part += cand[j] >= tau ? cand[j] : Acc(0);
+          f[kA] = f[kBase] + double(part);
           continue;
         }
         if (phase == 3) {  // one bisection step: the slice's teacher mass at p >= tau

@@ -32,15 +32,27 @@ def _bits(x: Tensor) -> Tensor:
     return x.to(torch.float32).view(torch.int32).to(torch.int64)
 
 
+# narrow(tau_lo, tau_hi) -> the mass function for the search's remaining steps.
+Narrow = Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]]
+# Steps over the whole row before a `narrow` hook takes over: p's range is then 1/64 of
+# what it was (~1/8 of a binade at V = 32000), a few hundred values a row of 16000.
+NARROW_AFTER = 6
+
+
 def _bisect(mass: Callable[[Tensor], Tensor], head_mass: float, lo: Tensor, hi: Tensor,
-            tau_of: Callable[[Tensor], Tensor]) -> Tensor:
+            tau_of: Callable[[Tensor], Tensor], narrow: Narrow | None = None) -> Tensor:
     """The largest key in [lo, hi) per row whose tau_of(key) passes (mass >= head_mass), lo
     passing and hi failing by construction. The number of steps is set once from the widest
     row's range (one host sync), the same on every rank; a settled row (hi = lo + 1) asks
-    about lo again and keeps it."""
+    about lo again and keeps it. After NARROW_AFTER steps `narrow(tau_of(lo), tau_of(hi))`
+    returns the mass function for the rest: every later tau lies in [lo, hi), so values
+    below lo never count and values at or above hi always do."""
     lo = torch.minimum(lo, hi - 1)  # no statistics to bound by (an empty row)
     widest = int((hi - lo).max()) if lo.numel() else 1  # host-sync-ok: the steps, once
-    for _ in range(math.ceil(math.log2(max(widest, 1)))):
+    steps = math.ceil(math.log2(max(widest, 1)))
+    for step in range(steps):
+        if narrow is not None and step == NARROW_AFTER:
+            mass = narrow(tau_of(lo), tau_of(hi))
         mid = (lo + hi) // 2
         ok = mass(tau_of(mid)) >= head_mass
         lo = torch.where(ok, mid, lo)
@@ -53,11 +65,11 @@ def _p_of(bits: Tensor) -> Tensor:
 
 
 def head_threshold(mass: Callable[[Tensor], Tensor], head_mass: float, log_st: Tensor,
-                   vocab: int) -> Tensor:
+                   vocab: int, narrow: Narrow | None = None) -> Tensor:
     """tau [n] fp32 over p for rows whose teacher log-sum log S_t (centred on the row
     maximum, so max p = 1 / S_t) is `log_st` [n]: `mass(tau)` returns every row's global mass
     at p >= tau [n] (each call one collective). A head mass of 1 is the whole vocabulary,
-    whatever the rounding of its sum: tau = 0, no search."""
+    whatever the rounding of its sum: tau = 0, no search. `narrow`: see _bisect."""
     n, dev = log_st.shape[0], log_st.device
     if head_mass >= 1.0:
         return torch.zeros(n, dtype=torch.float32, device=dev)
@@ -66,7 +78,7 @@ def head_threshold(mass: Callable[[Tensor], Tensor], head_mass: float, log_st: T
     lo = torch.zeros_like(hi)
     if head_mass <= BOUNDED_HEAD_MASS:
         lo = lo + _bits(torch.tensor((1.0 - head_mass) / (2.0 * max(vocab, 1)), device=dev))
-    return _bisect(mass, head_mass, lo, hi, _p_of)
+    return _bisect(mass, head_mass, lo, hi, _p_of, narrow)
 
 
 def _key16(x: Tensor, bf16: bool) -> Tensor:

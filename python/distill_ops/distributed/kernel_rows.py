@@ -135,9 +135,11 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
         # row chunks): dense_vp.cpp, "lean phases".
         stash = LEAN and g_local is not None and g_local.dtype == torch.float32
 
-        def phase(k: int, g: Tensor | None = None) -> None:
+        def phase(k: int, g: Tensor | None = None, cand: Tensor | None = None) -> None:
             g = g_local if stash else g
-            native().dense_vp_cpu(k, ptr(s), dtype_code(s), s.stride(0), ptr(t), dtype_code(t),
+            s_in = s if cand is None else cand  # phases 6 and 7: the candidates' buffer
+            native().dense_vp_cpu(k, ptr(s_in), dtype_code(s_in), s_in.stride(0), ptr(t),
+                                  dtype_code(t),
                                   t.stride(0), ptr(valid), ptr(lab), ptr(rec),
                                   ptr(g) if g is not None else 0,
                                   dtype_code(g) if g is not None else 0, n, lim,
@@ -170,7 +172,9 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
             phase(5)
         key16 = t.dtype if kernel == "triton" and t.dtype in (torch.bfloat16, torch.float16) \
             and not sc.teacher_softcap and sc.interp == 1.0 else None
-        rec[:, 7] = _akl_threshold(phase, rec, sc, shard.total, key16, reduce)
+        rec[:, 7] = _akl_threshold(phase, rec, sc, shard.total, key16, reduce,
+                                   g_local if stash else None)
+        rec[:, 0] = ms  # phases 6 and 7 kept the mass above their range there
         phase(4)
         part = reduce(rec[:, [5, 6, 7, 4]], dist.ReduceOp.SUM)
         fkl, rkl, g_head, g_tail = part.unbind(1)
@@ -233,23 +237,38 @@ def _global_sums(rec: Tensor, divergence: int, temperature: float, kl: bool, gro
 
 
 def _akl_threshold(phase, rec: Tensor, sc, vocab: int, key16: torch.dtype | None,
-                   reduce) -> Tensor:
+                   reduce, stash: Tensor | None = None) -> Tensor:
     """AKL's head threshold per row over the whole vocabulary (head.py): each bisection step
     is the kernel's phase 3 (the slice's mass at p >= tau, tau in field 7; at x >= tau over
     the teacher's own logits where `key16` names its 16-bit dtype: the Triton phases without
-    softcap or TAID) and one all-reduce of a float a row."""
+    softcap or TAID) and one all-reduce of a float a row. Where the C++ phases hold p in
+    the gradient buffer (`stash`), the steps after head.NARROW_AFTER read only the values
+    still inside the search's range, gathered once (phases 6 and 7), not the row; the
+    caller puts fields 0 and 4 back."""
 
     def mass(tau: Tensor) -> Tensor:
         rec[:, 7] = tau.to(torch.float64)
         phase(3)
         return reduce(rec[:, 5:6], dist.ReduceOp.SUM)[:, 0]
 
+    def narrow(lo: Tensor, hi: Tensor):
+        cand = torch.empty_like(stash)  # pages a row's few candidates never touch stay unmapped
+        rec[:, 6], rec[:, 7] = lo.to(torch.float64), hi.to(torch.float64)
+        phase(6, cand=cand)
+
+        def candidates(tau: Tensor) -> Tensor:
+            rec[:, 7] = tau.to(torch.float64)
+            phase(7, cand=cand)
+            return reduce(rec[:, 5:6], dist.ReduceOp.SUM)[:, 0]
+        return candidates
+
     if key16 is not None:
         tau = head_threshold_key16(mass, sc.beta, rec[:, 2], rec[:, 3],
                                    sc.teacher_scale / sc.temperature, vocab,
                                    key16 == torch.bfloat16)
     else:
-        tau = head_threshold(mass, sc.beta, rec[:, 3], vocab)
+        tau = head_threshold(mass, sc.beta, rec[:, 3], vocab,
+                             None if stash is None else narrow)
     return tau.to(torch.float64)
 
 
