@@ -129,11 +129,12 @@ def test_limits(seed, backend):
     assert torch.isfinite(loss("akl", akl_head_mass=1e-9)).all()
 
 
-def _akl_rows(dev, dtype, spread: float) -> list[torch.Tensor]:
+def _akl_rows(dev, dtype, spread: float, v: int) -> list[torch.Tensor]:
     """Teacher rows whose head boundary is easy to get wrong: a peak far above zero (a short
     threshold search over 16-bit logits, its top two logits neighbours), logits across zero,
     ties in groups, a masked vocabulary, a flat row of small logits."""
-    x = logits(5, 4099, device=dev, spread=spread)  # > 4096: the CPU kernel's histogram
+    x = logits(5, v, device=dev, spread=spread)
+    x[0] = x[0] * 0.25  # a narrow bulk far below the peak, whatever the spread
     x[0, :4] += 14.0
     x[0, :2] = torch.tensor([16.0, 15.9375])  # neighbours in bf16: the top's key is the last
     x[2] = (x[2] * 2).round() / 2
@@ -156,8 +157,9 @@ def test_akl_head_boundary(seed, backend, dtype, temperature):
     def ref(x64, t, divergence, **kw):
         return reference.kd_loss(x64, t.double(), divergence=divergence, reduction="none", **kw)
 
-    cases = 0
-    for t in _akl_rows(dev, dtype, 2.0 * temperature):
+    cases = []
+    v = 4099 if backend == "cpu" else 777  # > 4096: the CPU kernel's histogram path
+    for t in _akl_rows(dev, dtype, 2.0 * temperature, v):
         t = t[None]
         s = logits(1, t.shape[1], device=dev, spread=2.0 * temperature)
         s[t == -math.inf] = -math.inf
@@ -181,8 +183,10 @@ def test_akl_head_boundary(seed, backend, dtype, temperature):
             tried += 1
             compare(backend, s, t, "akl", oracle=ref, akl_head_mass=head_mass,
                     temperature=temperature)
-        cases += tried
-    assert cases >= 6  # (a flat row may offer none: no single id moves its weight enough)
+        cases.append(tried)
+    # The peaked row always offers its top-1 boundary; a flat row may offer none (no single
+    # id moves its weight enough), and how many the others offer depends on the draw.
+    assert cases[0] > 0 and sum(cases) >= 3, cases
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
