@@ -19,8 +19,6 @@
 namespace distill_ops::cpu {
 namespace {
 
-// Computes the divergence of one row and leaves in d[j] its gradient w.r.t. z_s[j].
-// es/et hold exp(z - max) of student/teacher; et is overwritten by d.
 // The largest tau among [lo, hi) with sum_{v >= tau} v >= need (the smallest value of the
 // head; ties at the boundary all in): a three-way partition around a pivot keeps the side
 // that holds the boundary (expected O(n)). 0 where even the whole range falls short.
@@ -63,12 +61,6 @@ inline int head_bin(Acc p) {
   return int((bits & 0x7FFFFFFFu) >> kHeadBinShift);
 }
 
-// AKL's head threshold: the largest tau with sum_{p_j >= tau} p_j >= head_mass, i.e. the
-// smallest probability of the head (the teacher's most probable ids up to that cumulative
-// mass, its top-1 always, ties at the boundary all in). Found by selection, not a sort: one
-// pass sums p into a histogram of its bits, the bins above the boundary's are the head for
-// certain, and select_head runs over that one bin's values alone (a row shorter than the
-// histogram goes to select_head whole).
 // AKL's scratch, one per thread: the boundary bin's values and the mass histogram.
 template <typename Acc>
 struct HeadScratch {
@@ -76,6 +68,12 @@ struct HeadScratch {
   std::vector<double> bins;
 };
 
+// AKL's head threshold: the largest tau with sum_{p_j >= tau} p_j >= head_mass, i.e. the
+// smallest probability of the head (the teacher's most probable ids up to that cumulative
+// mass, its top-1 always, ties at the boundary all in). Found by selection, not a sort: one
+// pass sums p into a histogram of its bits, the bins above the boundary's are the head for
+// certain, and select_head runs over that one bin's values alone (a row shorter than the
+// histogram goes to select_head whole).
 template <typename Acc>
 Acc akl_threshold(const Acc* et, Acc inv_s, int64_t n, Acc head_mass, HeadScratch<Acc>& scr) {
   if (head_mass >= Acc(1)) return Acc(0);  // the whole vocabulary, whatever its sum rounds to
@@ -197,6 +195,8 @@ Acc research_row(Divergence div, Acc prm, Acc prm2, const Acc* zs, const Acc* zt
   return Acc(sums.first);
 }
 
+// Computes the divergence of one row and leaves in d[j] its gradient w.r.t. z_s[j].
+// es/et hold exp(z - max) of student/teacher; et is overwritten by d.
 template <typename Acc>
 Acc divergence_row(Divergence div, Acc beta, Acc prm2, const Acc* zs, const Acc* zt,
                    const Acc* es, Acc* et, RowStats<Acc> s, RowStats<Acc> t, int64_t n,
