@@ -102,6 +102,43 @@ def test_half_inputs(seed, backend, divergence, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ab", [(0.5, 0.5), (1.0, 0.25), (1.0, 0.2499), (0.25, 1.0),
+                                (0.2499, 1.0), (0.1, 0.3)], ids=str)
+def test_ab_both_loss_forms(seed, backend, ab):
+    """AB's loss pass has two forms in the Triton kernels (elementwise.ab_fast_terms where
+    each parameter is at least a quarter of the other, ab_terms elsewhere): both sides of
+    that line, on rows whose r = (a + b) (log q - log p) spans the series' edge |r| = 1/2
+    (row 0), a student within 1e-3 of its teacher (row 1: a loss of 1e-7 to 1e-5 from the
+    series alone), and -inf on the teacher's side alone, the student's alone and both
+    (row 2). Per row against the float64 reference, relative to each row's own loss: row 1
+    to 2e-4, as log q - log p carries each log-probability's rounding (~eps |log p|, 3e-5
+    of such a loss on every backend, the careful form's too)."""
+    dev = device_for(backend)
+    a, b = ab
+    t = logits(3, 1001, device=dev, spread=2.0)
+    s = t.clone()
+    s[0] += torch.randn(1001, device=dev) * (0.4 / (a + b))
+    s[1] += torch.randn(1001, device=dev) * 1e-3
+    s[2] += torch.randn(1001, device=dev)
+    t[2, :30] = -math.inf
+    s[2, 30:60] = -math.inf
+    t[2, 60:90] = -math.inf
+    s[2, 60:90] = -math.inf
+    x = s.detach().clone().requires_grad_()
+    loss = distill_ops.kd_loss(x, t, divergence="ab", ab_alpha=a, ab_beta=b,
+                               reduction="none", backend=backend)
+    loss.sum().backward()
+    x64 = s.detach().double().requires_grad_()
+    ref = reference.kd_loss(x64, t.double(), divergence="ab", ab_alpha=a, ab_beta=b,
+                            reduction="none")
+    ref.sum().backward()
+    assert 1e-9 < ref[1].item() < 1e-4, ref  # the near row is near
+    for i, tol in enumerate((1e-5, 2e-4, 1e-5)):
+        assert rel_err(loss[i], ref[i], 1e-30) <= tol, (i, rel_err(loss[i], ref[i], 1e-30))
+    assert rel_err(x.grad, x64.grad) <= 5e-5, rel_err(x.grad, x64.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_limits(seed, backend):
     """skew 0 is the plain KL; AB tends to forward KL as b -> 0 at a = 1 and to reverse KL as
     a -> 0 at b = 1; TAID at t = 1 is the plain teacher and at t = 0 the student itself."""

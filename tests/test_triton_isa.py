@@ -20,17 +20,24 @@ pytest.importorskip("triton")
 
 
 # The research divergences' loops, as a multiple of their memory time they may take (the
-# static model's issue or MUFU time; bench/results/isa-2026-12-02.md has the tables). The
-# skew KLs' loss pass needs 4 MUFU a logit (p, q, the mixture's lg2 and q / m): 1.03x of its
-# bytes (issue 1.04x under Triton 3.9, 1.07x under 3.6). AB's stable element (three
-# exponentials and two short series, so that it keeps its accuracy as either parameter
-# tends to 0) issues 92 instructions a logit in its loss pass: 2.9x, compute-bound (114 and
-# 3.6x before its divisions by the parameters became scalar reciprocals). AKL's
-# threshold-search loop issues 14 instructions a logit for its 2 bytes under Triton 3.9
-# (0.92x), 16 under 3.6 (1.04x); its search reads a bf16 teacher row at most 16 more times
-# (akl.py). A ceiling here stops them growing unnoticed.
+# static model's issue or MUFU time; bench/results/isa-2026-12-02.md and
+# isa-2026-12-03-ab.md have the tables). The skew KLs' loss pass needs 4 MUFU a logit (p, q,
+# the mixture's lg2 and q / m): 1.03x of its bytes (issue 1.04x under Triton 3.9, 1.07x
+# under 3.6). AB's loss pass has two forms (elementwise.ab_fast picks one a row): where each
+# parameter is at least a quarter of the other, one series and three exponentials issue 46
+# instructions a logit (1.43x, 1.47x under 3.6); elsewhere the form that stays exact as a
+# parameter tends to 0 (two series around the smaller weight) issues 92 (2.9x). Its
+# gradient pass issues 42 (0.90x). AKL's threshold-search loop issues 14 instructions a logit
+# for its 2 bytes under Triton 3.9 (0.92x), 16 under 3.6 (1.04x); its search reads a bf16
+# teacher row at most 16 more times (akl.py). A ceiling here stops them growing unnoticed:
+# per kernel, or per (kernel, loop).
 RESEARCH_CEILING = {"dense skew KL + grad": 1.1, "dense skew reverse KL + grad": 1.1,
-                    "dense AB + grad": 3.1, "dense AKL + grad": 1.05}
+                    ("dense AB + grad", 2): 1.5, ("dense AB + grad", 3): 3.0,
+                    "dense AB + grad": 1.0, "dense AKL + grad": 1.05}
+
+
+def _ceiling(r: dict) -> float:
+    return RESEARCH_CEILING.get((r["kernel"], r["loop"]), RESEARCH_CEILING.get(r["kernel"], 1.0))
 
 
 def _records(extra_path: str | None) -> list[dict]:
@@ -52,10 +59,10 @@ def test_row_kernel_loops_are_not_compute_bound(which):
     sparse = [r for r in records if r["kernel"].startswith("sparse")]
     assert len(dense) == 12, records  # 2 loops for the KLs (and TAID's), 3 for JSD and TVD
     assert len(sparse) == 3, records  # maximum, sum, gradient
-    assert len(research) == 14, records  # 3 loops each for the skews and AB, 5 for AKL
+    assert len(research) == 15, records  # 3 loops for each skew, 4 for AB, 5 for AKL
     for r in dense + sparse + research:
         assert r["wide_loads"], r  # 16-byte loads: 8 bf16 logits per instruction
-        ceiling = RESEARCH_CEILING.get(r["kernel"], 1.0)
+        ceiling = _ceiling(r)
         assert r["issue_ms"] <= ceiling * r["memory_ms"], r
         assert r["mufu_ms"] <= ceiling * r["memory_ms"], r
     for r in dense:

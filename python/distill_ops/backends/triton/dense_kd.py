@@ -57,6 +57,8 @@ from .elementwise import (
     TVD,
     _exp,
     _fast_log2,
+    ab_fast,
+    ab_fast_terms,
     research_terms,
 )
 from .rows import _load_z, _load_zt, _log_probs, cast_rne, transform_grad
@@ -171,13 +173,10 @@ def row_statistics(s_row, t_row, n, label, temperature, scale_s, cap_s, scale_t,
 
 
 @triton.jit
-def loss_sums(s_row, t_row, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_s, log_ss,
-              M_t, log_st, beta, param2, DIVERGENCE: tl.constexpr, HAS_CAP_S: tl.constexpr,
-              HAS_CAP_T: tl.constexpr, HAS_INTERP: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass 2 of the divergences whose loss needs the normalised distributions: (A, B) over
-    the columns < n. JSD: A = sum p log(p/m), B = sum q log(q/m); TVD: A = sum |q - p|,
-    B = sum q sign(q - p) / 2; skew KLs and AB: A = sum of the loss terms, B = sum_j h_j
-    (h = dL/dlog q). `combine_sums` turns them into the divergence and the gradient's sum."""
+def _loss_loop(s_row, t_row, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_s, log_ss,
+               M_t, log_st, beta, param2, DIVERGENCE: tl.constexpr, HAS_CAP_S: tl.constexpr,
+               HAS_CAP_T: tl.constexpr, HAS_INTERP: tl.constexpr, AB_FAST: tl.constexpr,
+               BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     acc_a = tl.zeros([BLOCK], tl.float32)
     acc_b = tl.zeros([BLOCK], tl.float32)
@@ -197,11 +196,44 @@ def loss_sums(s_row, t_row, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_
                 acc_a += tl.abs(q - p)
                 acc_b += q * tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
         else:
-            term, h = research_terms(lp, lq, _exp(lp), _exp(lq), beta, param2, True,
-                                     DIVERGENCE)
+            if AB_FAST:
+                term, h = ab_fast_terms(lp, lq, beta, param2)
+            else:
+                term, h = research_terms(lp, lq, _exp(lp), _exp(lq), beta, param2, True,
+                                         DIVERGENCE)
             acc_a += term
             acc_b += h
-    return tl.sum(acc_a, 0), tl.sum(acc_b, 0)
+    a_sum = tl.sum(acc_a, 0)
+    b_sum = tl.sum(acc_b, 0)
+    if AB_FAST:  # ab_fast_terms' sums are a b A and a B
+        a_sum = a_sum * (1.0 / (beta * param2))
+        b_sum = b_sum * (1.0 / beta)
+    return a_sum, b_sum
+
+
+@triton.jit
+def loss_sums(s_row, t_row, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp, M_s, log_ss,
+              M_t, log_st, beta, param2, DIVERGENCE: tl.constexpr, HAS_CAP_S: tl.constexpr,
+              HAS_CAP_T: tl.constexpr, HAS_INTERP: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2 of the divergences whose loss needs the normalised distributions: (A, B) over
+    the columns < n. JSD: A = sum p log(p/m), B = sum q log(q/m); TVD: A = sum |q - p|,
+    B = sum q sign(q - p) / 2; skew KLs and AB: A = sum of the loss terms, B = sum_j h_j
+    (h = dL/dlog q). `combine_sums` turns them into the divergence and the gradient's sum.
+    AB branches once on its parameters (elementwise.ab_fast) between two loops."""
+    if DIVERGENCE == AB:
+        if ab_fast(beta, param2):
+            a, b = _loss_loop(s_row, t_row, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp,
+                              M_s, log_ss, M_t, log_st, beta, param2, DIVERGENCE, HAS_CAP_S,
+                              HAS_CAP_T, HAS_INTERP, True, BLOCK)
+        else:
+            a, b = _loss_loop(s_row, t_row, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp,
+                              M_s, log_ss, M_t, log_st, beta, param2, DIVERGENCE, HAS_CAP_S,
+                              HAS_CAP_T, HAS_INTERP, False, BLOCK)
+    else:
+        a, b = _loss_loop(s_row, t_row, n, scale_s, cap_s, scale_t, cap_t, inv_t, interp,
+                          M_s, log_ss, M_t, log_st, beta, param2, DIVERGENCE, HAS_CAP_S,
+                          HAS_CAP_T, HAS_INTERP, False, BLOCK)
+    return a, b
 
 
 @triton.jit

@@ -198,8 +198,10 @@ DEFAULT_SPECS = (
      ((4, 0), (4, 0), (4, 2))),
     ("dense_kd[div=5,bf16,opts=1][aligned]", _PLAIN, "dense skew reverse KL + grad",
      ((4, 0), (4, 0), (4, 2))),
+    # AB: statistics, the loss pass's two forms (elementwise.ab_fast picks one a row: the
+    # one-series form, then the form for parameters far apart), gradient.
     ("dense_kd[div=6,bf16,opts=1][aligned]", _PLAIN, "dense AB + grad",
-     ((4, 0), (4, 0), (4, 2))),
+     ((4, 0), (4, 0), (4, 0), (4, 2))),
     # AKL: statistics, the threshold search's inner loop (the teacher row, once per step:
     # at most 16 for this bf16 teacher, akl.py), both KLs, gradient.
     ("dense_kd[div=7,bf16,opts=1][aligned]", _PLAIN, "dense AKL + grad",
