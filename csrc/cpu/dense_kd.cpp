@@ -184,10 +184,17 @@ Acc research_row(Divergence div, Acc prm, Acc prm2, const Acc* zs, const Acc* zt
       });
       break;
     default:
-      sums = separable_sums(n, zs, zt, es, et, s, t, [&](Acc lp, Acc lq, Acc, Acc, Acc& h) {
-        h = ab_dlogq(lp, lq, prm, prm2);
-        return ab_loss(lp, lq, prm, prm2);
-      });
+      if (ab_fast(prm, prm2)) {
+        const ABFast<Acc> k = ab_fast_consts(prm, prm2);
+        sums = separable_sums(n, zs, zt, es, et, s, t, [&](Acc lp, Acc lq, Acc, Acc, Acc& h) {
+          return ab_fast_loss(lp, lq, k, h);
+        });
+      } else {
+        sums = separable_sums(n, zs, zt, es, et, s, t, [&](Acc lp, Acc lq, Acc, Acc, Acc& h) {
+          h = ab_dlogq(lp, lq, prm, prm2);
+          return ab_loss(lp, lq, prm, prm2);
+        });
+      }
   }
   const Acc sh = Acc(sums.second);
 #pragma omp simd

@@ -318,51 +318,64 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
       }
       if (phase == 1) {
         double sum_a = 0, sum_b = 0, ties = 0;
-        for (int64_t j0 = 0; j0 < width; j0 += kSumBlock) {
-          const int64_t j1 = std::min(width, j0 + kSumBlock);
-          Acc a = 0, b = 0, c = 0;
+        // AB's one-series form where ab_fast admits the parameters: a second instantiation of
+        // the loop (a branch inside it would not vectorise as two loops do).
+        const bool ab_one_series = div == Divergence::AB && ab_fast(beta, prm2);
+        const ABFast<Acc> abk = ab_one_series ? ab_fast_consts(beta, prm2) : ABFast<Acc>{};
+        auto sums = [=, &sum_a, &sum_b, &ties](auto one_series) {
+          for (int64_t j0 = 0; j0 < width; j0 += kSumBlock) {
+            const int64_t j1 = std::min(width, j0 + kSumBlock);
+            Acc a = 0, b = 0, c = 0;
 #pragma omp simd reduction(+ : a, b, c)
-          for (int64_t j = j0; j < j1; ++j) {
-            const Acc lq = lq_of(j), lp = lp_of(j), p = p_of(j);
-            const Acc q = kStash ? stash[j] * cq : q_of(j);
-            Acc ta = 0, tb = 0;
-            if constexpr (div == Divergence::ForwardKL) {
-              ta = xlogratio(p, lp, lq);
-            } else if constexpr (div == Divergence::ReverseKL) {
-              ta = xlogratio(q, lq, lp);
-            } else if constexpr (div == Divergence::JSD) {
-              const Acc lm = jsd_log_mixture(lp, lq, log_b, log_1mb);
-              ta = xlogratio(p, lp, lm);
-              tb = xlogratio(q, lq, lm);
-              if constexpr (kStash) {  // phase 2's d = q (h - sum_h)
-                stash[j] = q > Acc(0) ? (Acc(1) - beta) * (lq - lm) : Acc(0);
+            for (int64_t j = j0; j < j1; ++j) {
+              const Acc lq = lq_of(j), lp = lp_of(j), p = p_of(j);
+              const Acc q = kStash ? stash[j] * cq : q_of(j);
+              Acc ta = 0, tb = 0;
+              if constexpr (div == Divergence::ForwardKL) {
+                ta = xlogratio(p, lp, lq);
+              } else if constexpr (div == Divergence::ReverseKL) {
+                ta = xlogratio(q, lq, lp);
+              } else if constexpr (div == Divergence::JSD) {
+                const Acc lm = jsd_log_mixture(lp, lq, log_b, log_1mb);
+                ta = xlogratio(p, lp, lm);
+                tb = xlogratio(q, lq, lm);
+                if constexpr (kStash) {  // phase 2's d = q (h - sum_h)
+                  stash[j] = q > Acc(0) ? (Acc(1) - beta) * (lq - lm) : Acc(0);
+                }
+              } else if constexpr (div == Divergence::TVD) {
+                ta = std::abs(q - p);
+                tb = q * tvd_sign(q, p);
+                if constexpr (kStash) {  // d = q (h - sum_h): see kTvdStash
+                  stash[j] = tvd_lean ? (q > p ? q : -q) : tvd_sign(q, p);
+                  c += q == p && q > Acc(0) ? Acc(1) : Acc(0);
+                }
+              } else if constexpr (div == Divergence::SkewKL) {
+                ta = skew_kl_term(lp, lq, p, beta, log_b, log_1mb, tb);
+              } else if constexpr (div == Divergence::SkewReverseKL) {
+                ta = skew_reverse_kl_term(lp, lq, q, beta, log_b, log_1mb, tb);
+                tb -= q;  // its "+ q" centres to 0 (q sums to one over the whole row)
+              } else if constexpr (decltype(one_series)::value) {  // AB
+                ta = ab_fast_loss(lp, lq, abk, tb);
+              } else {
+                ta = ab_loss(lp, lq, beta, prm2);
+                tb = ab_dlogq(lp, lq, beta, prm2);
               }
-            } else if constexpr (div == Divergence::TVD) {
-              ta = std::abs(q - p);
-              tb = q * tvd_sign(q, p);
-              if constexpr (kStash) {  // d = q (h - sum_h): see kTvdStash
-                stash[j] = tvd_lean ? (q > p ? q : -q) : tvd_sign(q, p);
-                c += q == p && q > Acc(0) ? Acc(1) : Acc(0);
-              }
-            } else if constexpr (div == Divergence::SkewKL) {
-              ta = skew_kl_term(lp, lq, p, beta, log_b, log_1mb, tb);
-            } else if constexpr (div == Divergence::SkewReverseKL) {
-              ta = skew_reverse_kl_term(lp, lq, q, beta, log_b, log_1mb, tb);
-              tb -= q;  // its "+ q" centres to 0 (q sums to one over the whole row)
-            } else {  // AB
-              ta = ab_loss(lp, lq, beta, prm2);
-              tb = ab_dlogq(lp, lq, beta, prm2);
+              // The skew KLs and AB: phase 2's d = h - q sum_h, h the sum's own term.
+              constexpr bool h_is_tb = div == Divergence::SkewKL ||
+                                       div == Divergence::SkewReverseKL || div == Divergence::AB;
+              if constexpr (kStash && h_is_tb) stash[j] = tb;
+              a += ta;
+              b += tb;
             }
-            // The skew KLs and AB: phase 2's d = h - q sum_h, h the sum's own term.
-            constexpr bool h_is_tb = div == Divergence::SkewKL ||
-                                     div == Divergence::SkewReverseKL || div == Divergence::AB;
-            if constexpr (kStash && h_is_tb) stash[j] = tb;
-            a += ta;
-            b += tb;
+            sum_a += double(a);
+            sum_b += double(b);
+            ties += double(c);
           }
-          sum_a += double(a);
-          sum_b += double(b);
-          ties += double(c);
+        };
+        if (ab_one_series) {
+          if constexpr (div == Divergence::AB) sums(std::true_type{});
+        } else {
+          sums(std::false_type{});
         }
         f[kA] = sum_a;
         f[kB] = sum_b;

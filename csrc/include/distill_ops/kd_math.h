@@ -342,6 +342,61 @@ DOPS_HD Acc ab_dlogq(Acc lp, Acc lq, Acc a, Acc b) {
   return qinf ? Acc(0) : (pinf ? wq / a : h);
 }
 
+// AB's element and h in one, for the parameters ab_fast admits (each at least a quarter of
+// the other: w = b / s in [1/5, 4/5]; a kernel decides once a row or launch). The element is
+// U F(r) / (a b) with U = p^s, r = s (log q - log p), F(r) = (1 - w) + w e^r - e^(w r) =
+// w r^2 (psi(r) - w psi(w r)), psi(x) = (e^x - 1 - x) / x^2: one series in r for |r| < 1/2,
+// its coefficients w (1 - w^(n+1)) / (n+2)! in ABFast (float: to r^7, truncation < 1.2e-8 of
+// the sum, which is at least 0.074 w there; double: to r^15), the direct form beyond, where
+// F >= w (1 - w) / 11 bounds the cancellation by ~110 ulp. Three exponentials serve the
+// element and h; -inf needs no select (exp_acc(-inf) = 0 gives the one-sided limits w W and
+// (1 - w) U; r and a d are then +-inf or NaN, which take the direct forms). The Triton
+// kernels' ab_fast_terms; ab_loss is the form for every a, b.
+template <typename Acc>
+struct ABFast {
+  static constexpr int kLast = sizeof(Acc) == 4 ? 7 : 15;
+  Acc a, b, s, w, inv_a, inv_ab;
+  Acc c[kLast + 1];
+};
+
+template <typename Acc>
+DOPS_HD bool ab_fast(Acc a, Acc b) {
+  return Acc(4) * b >= a && Acc(4) * a >= b;
+}
+
+template <typename Acc>
+DOPS_HD ABFast<Acc> ab_fast_consts(Acc a, Acc b) {
+  ABFast<Acc> k{};
+  k.a = a;
+  k.b = b;
+  k.s = a + b;
+  k.w = b / k.s;
+  k.inv_a = Acc(1) / a;
+  k.inv_ab = Acc(1) / (a * b);
+  const double w = double(b) / (double(a) + double(b));
+  double wp = w, fact = 2.0;  // w^(n+2) and (n+2)! as n steps
+  for (int n = 0; n <= ABFast<Acc>::kLast; ++n) {
+    wp *= w;
+    k.c[n] = Acc((w - wp) / fact);
+    fact *= double(n + 3);
+  }
+  return k;
+}
+
+template <typename Acc>
+DOPS_HD Acc ab_fast_loss(Acc lp, Acc lq, const ABFast<Acc>& k, Acc& h) {
+  const Acc d = lq - lp, x = k.a * d, r = k.s * d;
+  const Acc up = exp_acc(k.s * lp), wq = exp_acc(k.s * lq), g = exp_acc(k.a * lp + k.b * lq);
+  const bool small_x = x < Acc(0.5) && x > Acc(-0.5);
+  h = small_x ? g * d * exprel_small(small_x ? x : Acc(0)) : (wq - g) * k.inv_a;
+  const bool small_r = r < Acc(0.5) && r > Acc(-0.5);
+  const Acc rs = small_r ? r : Acc(0);
+  Acc poly = k.c[ABFast<Acc>::kLast];
+  for (int n = ABFast<Acc>::kLast - 1; n >= 0; --n) poly = poly * rs + k.c[n];
+  const Acc f = small_r ? up * (rs * rs) * poly : (Acc(1) - k.w) * up + (k.w * wq - g);
+  return f * k.inv_ab;
+}
+
 // Skew KL: KL(p || m), m = skew p + (1 - skew) q; log_s = log(skew), log_1ms = log(1 - skew).
 // Returns the term, h through `h`.
 template <typename Acc>
