@@ -452,8 +452,16 @@ def _check_bf16(errs: dict) -> dict:
     """bf16: losses within 1e-5 of the one-device op's (fp32 maths on the same inputs),
     gradients within 1e-2 (norm-wise): each side rounds its gradient to bf16 (2^-9) and again
     when backward scales it by grad_output; 6.5e-3 seen through the interpreter (the sharded
-    one 4.8e-3 from float64, the one-device one 2.2e-3)."""
-    return {k: e for k, e in errs.items() if e[0] > (1e-5 if k.endswith("loss") else 1e-2)}
+    one 4.8e-3 from float64, the one-device one 2.2e-3). AKL's losses within 1e-4: its
+    head/tail split is discontinuous at the threshold (_check), and bf16 logits under TAID
+    make near-ties there (seed 1890263875: two ids of row 1 whose p differ by 1e-14 of
+    themselves, the float64 head holding one, an fp32 computation both: 7.2e-5)."""
+    def bar(k: str) -> float:
+        if not k.endswith("loss"):
+            return 1e-2
+        return 1e-4 if k.startswith("akl/") else 1e-5
+
+    return {k: e for k, e in errs.items() if e[0] > bar(k)}
 
 
 @GPU_ONLY
