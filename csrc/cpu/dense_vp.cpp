@@ -11,7 +11,8 @@
 //   AKL: 3 (one bisection step of its global head threshold tau: the slice's teacher mass at
 //     p >= tau; ~28 steps, distributed/head.py), 4 (both KLs and the head's and tail's sum
 //     |p - q| at the global tau), then 2 with the head's weight; stashing, 5 (the stash to p)
-//     before 3, and after a few steps 6 (gather the stash's values inside the search's range
+//     before 3, or 8 (5 and the first step of 3 in one pass over the stash), and after a few
+//     steps 6 (gather the stash's values inside the search's range
 //     [lo, hi) into a candidate buffer, passed in the student's place; their count to field
 //     4, the mass at p >= hi to field 0) and 7 (a step from the candidates alone: the mass
 //     at p >= tau is field 0's plus theirs) instead of 3: a handful of values a row, not the
@@ -162,7 +163,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
           const double ninf = -std::numeric_limits<double>::infinity();
           f[kMs] = f[kMt] = ninf;
           f[kSs] = f[kSt] = f[kS1] = f[kZy] = f[kCross] = 0.0;
-        } else if (phase == 1 || phase == 3 || phase == 7) {
+        } else if (phase == 1 || phase == 3 || phase == 7 || phase == 8) {
           f[kA] = f[kB] = 0.0;
         } else if (phase == 6) {
           f[kCount] = f[kBase] = 0.0;
@@ -285,6 +286,20 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
           const Acc cp = Acc(std::exp(f[kMtSlice] - f[kMt] - f[kSt]));
 #pragma omp simd
           for (int64_t j = 0; j < width; ++j) stash[j] *= cp;
+          continue;
+        }
+        if (kStash && phase == 8) {  // phase 5, and phase 3's step in the same pass
+          const Acc cp = Acc(std::exp(f[kMtSlice] - f[kMt] - f[kSt])), tau = Acc(f[kTau]);
+          f[kA] = blocked_sum(width, [&](int64_t j0, int64_t j1) {
+            Acc part = 0;
+#pragma omp simd reduction(+ : part)
+            for (int64_t j = j0; j < j1; ++j) {
+              const Acc p = stash[j] * cp;
+              stash[j] = p;
+              part += p >= tau ? p : Acc(0);
+            }
+            return part;
+          });
           continue;
         }
         if (kStash && phase == 6) {  // the candidates: values of p in [lo, hi)

@@ -168,8 +168,6 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
             else sums[:, 4] / sums[:, 0] - log_ss + log_st
         sum_h = torch.zeros_like(div)
     elif sc.divergence == AKL:  # the global head threshold, then both KLs and the gaps
-        if stash:  # the stashed exp(z_t - m_slice) to p (dense_vp.cpp, phase 5)
-            phase(5)
         key16 = t.dtype if kernel == "triton" and t.dtype in (torch.bfloat16, torch.float16) \
             and not sc.teacher_softcap and sc.interp == 1.0 else None
         rec[:, 7] = _akl_threshold(phase, rec, sc, shard.total, key16, reduce,
@@ -244,11 +242,16 @@ def _akl_threshold(phase, rec: Tensor, sc, vocab: int, key16: torch.dtype | None
     softcap or TAID) and one all-reduce of a float a row. Where the C++ phases hold p in
     the gradient buffer (`stash`), the steps after head.NARROW_AFTER read only the values
     still inside the search's range, gathered once (phases 6 and 7), not the row; the
-    caller puts fields 0 and 4 back."""
+    caller puts fields 0 and 4 back. The stash holds exp(z_t - m_slice) until the first
+    step, which turns it into p in the same pass (phase 8; phase 5 alone where no step
+    runs)."""
+    scaled = stash is None
 
     def mass(tau: Tensor) -> Tensor:
+        nonlocal scaled
         rec[:, 7] = tau.to(torch.float64)
-        phase(3)
+        phase(3 if scaled else 8)
+        scaled = True
         return reduce(rec[:, 5:6], dist.ReduceOp.SUM)[:, 0]
 
     def narrow(lo: Tensor, hi: Tensor):
@@ -269,6 +272,8 @@ def _akl_threshold(phase, rec: Tensor, sc, vocab: int, key16: torch.dtype | None
     else:
         tau = head_threshold(mass, sc.beta, rec[:, 3], vocab,
                              None if stash is None else narrow)
+    if not scaled:  # no step ran (a head mass of 1): the stash to p alone
+        phase(5)
     return tau.to(torch.float64)
 
 
