@@ -170,16 +170,23 @@ def ab_terms(lp, lq, a, b, WANT_LOSS: tl.constexpr):
 
 
 @triton.jit
-def ab_ah(lp, lq, a, b):
-    """a h = q^b (q^a - p^a) = p^a q^b expm1(a d), d = log q - log p: the series of
-    expm1(x) / x for |x| < 1/2, the difference of two exponentials beyond. -inf needs no
+def _ab_h_parts(lp, lq, a, b):
+    """(d, W, G, a h) with d = log q - log p, W = q^s, G = p^a q^b and a h = q^b (q^a - p^a)
+    = G expm1(a d): the series of expm1(x) / x for |x| < 1/2, W - G beyond. -inf needs no
     select: p = 0 makes d = +inf and G = 0, so a h = W; q = 0 makes W = G = 0 (d = -inf or
     NaN never takes the series)."""
     d = lq - lp
     wq = tl.exp2(lq * ((a + b) * LOG2E))
     g = tl.exp2(lp * (a * LOG2E) + lq * (b * LOG2E))
     x = a * d
-    return tl.where(tl.abs(x) < 0.5, (g * x) * _exprel_small(x), wq - g)
+    return d, wq, g, tl.where(tl.abs(x) < 0.5, (g * x) * _exprel_small(x), wq - g)
+
+
+@triton.jit
+def ab_ah(lp, lq, a, b):
+    """a h = q^b (q^a - p^a), AB's dL/dlog q times a (`_ab_h_parts`)."""
+    _d, _wq, _g, ah = _ab_h_parts(lp, lq, a, b)
+    return ah
 
 
 @triton.jit
@@ -193,12 +200,8 @@ def ab_fast_terms(lp, lq, a, b):
     NaN, which takes the direct form."""
     s = a + b
     w = b * (1.0 / s)
-    d = lq - lp
+    d, wq, g, ah = _ab_h_parts(lp, lq, a, b)
     up = tl.exp2(lp * (s * LOG2E))
-    wq = tl.exp2(lq * (s * LOG2E))
-    g = tl.exp2(lp * (a * LOG2E) + lq * (b * LOG2E))
-    x = a * d
-    ah = tl.where(tl.abs(x) < 0.5, (g * x) * _exprel_small(x), wq - g)
     r = s * d
     f = tl.where(tl.abs(r) < 0.5, (up * (r * r)) * _ab_series(r, w),
                  (1.0 - w) * up + (w * wq - g))
