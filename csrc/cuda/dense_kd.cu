@@ -33,7 +33,7 @@ constexpr int kThreads = 512;
 
 // One row per block, instantiated per (student dtype, teacher dtype, divergence, general):
 // GENERAL is a softcap, TAID or the hard term on this launch (dense_is_general).
-// Two blocks an SM (64 registers a thread) but for AKL, whose 31-step search over groups of
+// Two blocks an SM (64 registers a thread) but for AKL, whose threshold search over groups of
 // both rows needs more registers than that: one block an SM (128).
 template <class TS, class TT, int DIV, bool GENERAL>
 __global__ void __launch_bounds__(kThreads, DIV == 7 ? 1 : 2) dense_kd_kernel(DenseArgs a) {
@@ -74,11 +74,13 @@ __global__ void __launch_bounds__(kThreads, DIV == 7 ? 1 : 2) dense_kd_kernel(De
   }
   if constexpr (static_cast<Divergence>(DIV) == Divergence::AKL) {
     // The head threshold (the largest tau with sum_{p >= tau} p >= head mass): bisection over
-    // tau's fp32 bits, one read of the rows a step; then both KLs and the head's and tail's
-    // sum |p - q| in one more pass.
+    // tau's fp32 bits between the row statistics' bounds (akl_search_range; lo and hi the
+    // same in every thread, so the loop is uniform), one read of the rows a step; then both
+    // KLs and the head's and tail's sum |p - q| in one more pass.
     __shared__ float sm_float[32];
-    int lo = 0, hi = 0x3F800001;  // [0, 1.0 + 1 ulp)
-    for (int step = 0; step < 31; ++step) {
+    const AklRange range = akl_search_range(a.beta, r.log_st, n);
+    int lo = range.lo, hi = range.hi;
+    while (hi - lo > 1) {
       const int mid = lo + (hi - lo) / 2;
       const float tau = __int_as_float(mid);
       float mass = 0.0f;

@@ -379,6 +379,25 @@ DOPS_DEV float dense_p(const DenseRow& r, Scales k, float zt) {
   return fast_exp2((fmaf(zt, k.t, -r.mt) - r.log_st) * kLog2E);
 }
 
+// AKL's bisection range over tau's fp32 bits: [lo, hi), lo passing (mass >= head mass) and
+// hi failing, bounded by the row statistics as backends/triton/akl.py bounds its search:
+// tau <= max p = 1 / S_t (2^-7 above it for the rounding of exp), tau > (1 - m) / n (half
+// that for the fp32 sums) unless m > 1 - 2^-10; a head mass of 1 searches nothing (tau = 0).
+// ~27 steps at n = 128256, m = 1/2, not 31.
+struct AklRange {
+  int lo, hi;
+};
+
+DOPS_DEV AklRange akl_search_range(float head_mass, float log_st, int64_t n) {
+  const float top = fminf(fast_exp2(-log_st * kLog2E) * 1.0078125f, 1.0f);
+  const int top_bits = int(float_to_bits(top)) + 2;
+  const int hi = top_bits < 0x3F800001 ? top_bits : 0x3F800001;  // [0, 1.0 + 1 ulp) at most
+  const float low_p = (1.0f - head_mass) / (2.0f * float(n > 0 ? n : 1));
+  int lo = head_mass <= 1.0f - 0x1p-10f ? int(float_to_bits(low_p)) : 0;
+  lo = head_mass >= 1.0f || lo > hi - 1 ? hi - 1 : lo;
+  return {lo, hi};
+}
+
 // AKL's pieces of one element at threshold tau: (forward KL, reverse KL) and (|p - q| in the
 // head, in the tail).
 DOPS_DEV void akl_push(Sum2& kl, Sum2& gap, const DenseRow& r, Scales k,

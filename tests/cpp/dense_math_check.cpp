@@ -82,8 +82,9 @@ void run_row(const DenseArgs& a, const float* xs, const float* xt, long label) {
     dense_finish_second<DIV>(r, a, block_reduce_host(acc, add2, Sum2{0.0f, 0.0f}));
   }
   if constexpr (static_cast<Divergence>(DIV) == Divergence::AKL) {
-    int lo = 0, hi = 0x3F800001;
-    for (int step = 0; step < 31; ++step) {
+    const AklRange range = akl_search_range(a.beta, r.log_st, n);
+    int lo = range.lo, hi = range.hi;
+    while (hi - lo > 1) {
       const int mid = lo + (hi - lo) / 2;
       const float tau = bits_to_float(uint32_t(mid));
       std::vector<float> mass(kThreads, 0.0f);
