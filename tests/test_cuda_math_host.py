@@ -27,8 +27,14 @@ def driver(tmp_path_factory) -> Path:
     return build_host_driver(tmp_path_factory.mktemp("dense_math"), "dense_math_check.cpp")
 
 
+# AB's parameters for the test below (None: params()'s).
+AB_PARAMS: list[tuple[float, float] | None] = [None]
+
+
 def params(divergence: str) -> tuple[float, float]:
     """(beta, param2) as the op layer passes them to the kernels."""
+    if divergence == "ab" and AB_PARAMS[0] is not None:
+        return AB_PARAMS[0]
     return {"jsd": (0.3, 0.0), "skew_kl": (0.1, 0.0), "skew_reverse_kl": (0.2, 0.0),
             "ab": (0.7, 0.4), "akl": (0.5, 0.0)}.get(divergence, (0.5, 0.0))
 
@@ -108,6 +114,33 @@ def test_general_path_one_option_at_a_time(seed, driver, cap, interp, hard_weigh
     for divergence in ("forward_kl", "jsd"):
         got = run(driver, xs, xt, divergence, vec=8, general=True, **kw)
         check(got, want(xs, xt, divergence, **kw))
+
+
+@pytest.mark.parametrize("ab", [(0.5, 0.5), (1.0, 0.25), (1.0, 0.2499), (0.2, 0.9),
+                                (0.05, 1.0)], ids=str)
+def test_ab_both_loss_forms(seed, driver, ab):
+    """AB's loss pass takes kd_math.h's one-series form where each parameter is at least a
+    quarter of the other, the two-series form elsewhere (dense_second_sums): both sides of
+    that line, rows whose scaled log-ratio spans the series' edge, a student within 1e-3 of
+    its teacher (its loss to 2e-4 of itself: log q - log p carries each side's rounding) and
+    -inf on either side."""
+    xt = logits(3, 1001) * 1.5
+    xs = xt.clone()
+    xs[0] += torch.randn(1001) * (0.4 / sum(ab))
+    xs[1] += torch.randn(1001) * 1e-3
+    xs[2] += torch.randn(1001)
+    xt[2, :30] = float("-inf")
+    xs[2, 30:60] = float("-inf")
+    xs[2, 60:90] = xt[2, 60:90] = float("-inf")
+    AB_PARAMS[0] = ab
+    try:
+        (loss, grad), (ref_loss, ref_grad) = run(driver, xs, xt, "ab", vec=8), \
+            want(xs, xt, "ab")
+    finally:
+        AB_PARAMS[0] = None
+    for i, tol in enumerate((1e-5, 2e-4, 1e-5)):
+        assert abs(loss[i] - ref_loss[i]) <= tol * ref_loss[i].abs(), (i, loss[i], ref_loss[i])
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "akl"])

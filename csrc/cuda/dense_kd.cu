@@ -64,12 +64,7 @@ __global__ void __launch_bounds__(kThreads, DIV == 7 ? 1 : 2) dense_kd_kernel(De
 
   // Pass 2 (JSD, TVD, the research divergences): the sums that need the final statistics.
   if constexpr (DivTraits<DIV>::kSecond) {
-    Sum2 acc{0.0f, 0.0f};
-    walk([&](const auto& zs, const auto& zt, int64_t) {
-#pragma unroll
-      for (int i = 0; i < int(sizeof(zs) / sizeof(float)); ++i)
-        dense_push_second<DIV>(acc, a, r, k, zs[i], zt[i]);
-    });
+    const Sum2 acc = dense_second_sums<DIV>(a, r, k, walk);
     dense_finish_second<DIV>(r, a, block_reduce(acc, AddSum2{}, Sum2{0.0f, 0.0f}, sm_sum));
   }
   if constexpr (static_cast<Divergence>(DIV) == Divergence::AKL) {

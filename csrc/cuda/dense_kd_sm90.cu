@@ -141,12 +141,7 @@ __global__ void __launch_bounds__(kThreads, kClusterMinBlocks<DIV>) dense_kd_clu
   DenseRow r = dense_row<DIV>(a, all);
 
   if constexpr (DivTraits<DIV>::kSecond) {
-    Sum2 acc{0.0f, 0.0f};
-    walk([&](const auto& zs, const auto& zt, int64_t) {
-#pragma unroll
-      for (int i = 0; i < int(sizeof(zs) / sizeof(float)); ++i)
-        dense_push_second<DIV>(acc, a, r, k, zs[i], zt[i]);
-    });
+    Sum2 acc = dense_second_sums<DIV>(a, r, k, walk);
     acc = block_reduce(acc, AddSum2{}, Sum2{0.0f, 0.0f}, sh.reduce_sum);
     if (threadIdx.x == 0) sh.second = acc;
     cluster.sync();

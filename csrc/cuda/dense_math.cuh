@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "distill_ops/kd_math.h"
 #include "scalars.cuh"
@@ -217,6 +218,8 @@ struct DenseRow {
   float log_s1;                  // log-sum at T = 1 (hard term), relative to ms T
   bool found;                    // the label lies in [0, V)
   ABConsts ab;                   // AB's constants (AB only)
+  bool ab_one_series;            // AB: its loss pass takes kd_math.h's ab_fast_loss
+  ABFast<float> abf;             // ... with these constants
 };
 
 template <int DIV>
@@ -233,7 +236,11 @@ DOPS_DEV DenseRow dense_row(const DenseArgs& a, const DensePartial& st) {
   r.found = true;
   constexpr int kMode = DivTraits<DIV>::kMode;
   if constexpr (kMode != OnlineKLMode::kNone) r.dv = online_kl_value(st.kl, kMode);
-  if constexpr (static_cast<Divergence>(DIV) == Divergence::AB) r.ab = ab_consts(a.beta, a.param2);
+  if constexpr (static_cast<Divergence>(DIV) == Divergence::AB) {
+    r.ab = ab_consts(a.beta, a.param2);
+    r.ab_one_series = ab_fast(a.beta, a.param2);
+    if (r.ab_one_series) r.abf = ab_fast_consts(a.beta, a.param2);
+  }
   return r;
 }
 
@@ -332,7 +339,7 @@ DOPS_DEV float research_term(const DenseArgs& a, const DenseRow& r, float lp,
 
 // Sum2 of the second pass for one element: research (term, h), JSD (beta KL(p||m),
 // (1 - beta) KL(q||m) halves), TVD (|q - p|, q sign(q - p)).
-template <int DIV>
+template <int DIV, bool AB_ONE_SERIES = false>
 DOPS_DEV void dense_push_second(Sum2& acc, const DenseArgs& a,
                                                   const DenseRow& r, Scales k, float zs,
                                                   float zt) {
@@ -340,7 +347,11 @@ DOPS_DEV void dense_push_second(Sum2& acc, const DenseArgs& a,
   const float lq = fmaf(zs, k.s, -r.ms) - r.log_ss, lp = fmaf(zt, k.t, -r.mt) - r.log_st;
   if constexpr (kDiv == Divergence::AB) {  // its own exponentials: neither p nor q
     float h;
-    acc.x += ab_terms<true>(lp, lq, r.ab, h);
+    if constexpr (AB_ONE_SERIES) {
+      acc.x += ab_fast_loss(lp, lq, r.abf, h);
+    } else {
+      acc.x += ab_terms<true>(lp, lq, r.ab, h);
+    }
     acc.y += h;
     return;
   }
@@ -357,6 +368,31 @@ DOPS_DEV void dense_push_second(Sum2& acc, const DenseArgs& a,
     acc.x += fabsf(q - p);
     acc.y += q * tvd_sign(q, p);
   }
+}
+
+// The second pass's sums over the row through `walk` (the kernel's row walker): AB takes its
+// one-series form where ab_fast admits its parameters, as a second instantiation of the loop
+// (the branch is the row's, outside it).
+template <int DIV, class Walk>
+DOPS_DEV Sum2 dense_second_sums(const DenseArgs& a, const DenseRow& r, Scales k, Walk&& walk) {
+  Sum2 acc{0.0f, 0.0f};
+  auto run = [&](auto one_series) {
+    walk([&](const auto& zs, const auto& zt, int64_t) {
+#pragma unroll
+      for (int i = 0; i < int(sizeof(zs) / sizeof(float)); ++i)
+        dense_push_second<DIV, decltype(one_series)::value>(acc, a, r, k, zs[i], zt[i]);
+    });
+  };
+  if constexpr (static_cast<Divergence>(DIV) == Divergence::AB) {
+    if (r.ab_one_series) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
+  } else {
+    run(std::false_type{});
+  }
+  return acc;
 }
 
 template <int DIV>

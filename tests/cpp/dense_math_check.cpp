@@ -74,10 +74,14 @@ void run_row(const DenseArgs& a, const float* xs, const float* xt, long label) {
   auto add2 = [](Sum2 x, Sum2 y) { return Sum2{x.x + y.x, x.y + y.y}; };
   if constexpr (DivTraits<DIV>::kSecond) {
     std::vector<Sum2> acc(kThreads, Sum2{0.0f, 0.0f});
-    for (int tid = 0; tid < kThreads; ++tid)
+    for (int tid = 0; tid < kThreads; ++tid)  // dense_second_sums's choice of AB's form
       walk<GENERAL, VEC>(a, xs, xt, n, tid, [&](const auto& zs, const auto& zt, long) {
-        for (int i = 0; i < int(sizeof(zs) / sizeof(float)); ++i)
-          dense_push_second<DIV>(acc[tid], a, r, k, zs[i], zt[i]);
+        for (int i = 0; i < int(sizeof(zs) / sizeof(float)); ++i) {
+          if (static_cast<Divergence>(DIV) == Divergence::AB && r.ab_one_series)
+            dense_push_second<DIV, true>(acc[tid], a, r, k, zs[i], zt[i]);
+          else
+            dense_push_second<DIV>(acc[tid], a, r, k, zs[i], zt[i]);
+        }
       });
     dense_finish_second<DIV>(r, a, block_reduce_host(acc, add2, Sum2{0.0f, 0.0f}));
   }
