@@ -164,6 +164,7 @@ void dense_kd(const void* s, int s_dtype, int64_t s_stride, const void* t, int t
               grad_cols, vocab, float(p.temperature), float(p.beta), float(p.scale_s),
               float(p.cap_s), float(p.scale_t), float(p.cap_t), float(p.hard_weight),
               float(p.soft_coef), p.divergence, float(p.param2), float(p.interp)};
+  set_ab_series(a);
   if (variant != int(DenseVariant::Portable) &&
       dense_kd_cluster(a, n_rows, variant == int(DenseVariant::Cluster), stream)) {
     return;

@@ -40,7 +40,22 @@ struct DenseArgs {
   int divergence;
   float param2;  // AB's beta (beta holds the divergence's first parameter)
   float interp;  // TAID t (1: the plain teacher)
+  // AB's one-series form (set_ab_series): whether the loss pass takes it, w = b / (a + b),
+  // its series' coefficients. Kernel parameters live in the constant bank: the series'
+  // FMAs read them there, no registers.
+  bool ab_one_series;
+  float ab_w;
+  float ab_c[ABFast<float>::kLast + 1];
 };
+
+// Fills DenseArgs' AB fields from beta and param2 (host side, at launch).
+inline void set_ab_series(DenseArgs& a) {
+  a.ab_one_series = a.divergence == int(Divergence::AB) && ab_fast(a.beta, a.param2);
+  if (!a.ab_one_series) return;
+  const ABFast<float> k = ab_fast_consts(a.beta, a.param2);
+  a.ab_w = k.w;
+  for (int n = 0; n <= ABFast<float>::kLast; ++n) a.ab_c[n] = k.c[n];
+}
 
 // JSD's and the skew KLs' mixture is floored at 2^-100 before its log: a term below it
 // weighs < 1e-28 (as the Triton kernels).
@@ -218,8 +233,7 @@ struct DenseRow {
   float log_s1;                  // log-sum at T = 1 (hard term), relative to ms T
   bool found;                    // the label lies in [0, V)
   ABConsts ab;                   // AB's constants (AB only)
-  bool ab_one_series;            // AB: its loss pass takes kd_math.h's ab_fast_loss
-  ABFast<float> abf;             // ... with these constants
+  bool ab_one_series;            // AB: its loss pass takes ab_one_series_terms
 };
 
 template <int DIV>
@@ -238,8 +252,7 @@ DOPS_DEV DenseRow dense_row(const DenseArgs& a, const DensePartial& st) {
   if constexpr (kMode != OnlineKLMode::kNone) r.dv = online_kl_value(st.kl, kMode);
   if constexpr (static_cast<Divergence>(DIV) == Divergence::AB) {
     r.ab = ab_consts(a.beta, a.param2);
-    r.ab_one_series = ab_fast(a.beta, a.param2);
-    if (r.ab_one_series) r.abf = ab_fast_consts(a.beta, a.param2);
+    r.ab_one_series = a.ab_one_series;
   }
   return r;
 }
@@ -313,6 +326,28 @@ DOPS_DEV float ab_terms(float lp, float lq, const ABConsts& k, float& h) {
   }
 }
 
+// AB's one-series element for the parameters ab_fast admits (kd_math.h ab_fast_loss's maths,
+// as the Triton kernel's ab_fast_terms lays it out, its coefficients in DenseArgs): (a b
+// times the element, a h), which dense_finish_second scales once a row; log2(e) folded into the scalars, -inf by IEEE
+// arithmetic (ex2.approx(-inf) = 0: the one-sided limits; r and a d are then +-inf or NaN,
+// which take the direct forms), both series computed and pinned, as in ab_terms.
+DOPS_DEV Sum2 ab_one_series_terms(float lp, float lq, const DenseArgs& a, const ABConsts& k) {
+  const float d = lq - lp, sl = k.s * kLog2E, w = a.ab_w;
+  const float up = fast_exp2(lp * sl), wq = fast_exp2(lq * sl);
+  const float g = fast_exp2(fmaf(lp, k.a * kLog2E, lq * (k.b * kLog2E)));
+  const float x = k.a * d, r = k.s * d;
+  float series = exprel_to_x7(x);
+  constexpr int kLast = ABFast<float>::kLast;
+  float poly = a.ab_c[kLast];
+#pragma unroll
+  for (int n = kLast - 1; n >= 0; --n) poly = fmaf(poly, r, a.ab_c[n]);
+  keep_computed(series);
+  keep_computed(poly);
+  const float ah = fabsf(x) < 0.5f ? (g * x) * series : wq - g;
+  const float f = fabsf(r) < 0.5f ? (up * (r * r)) * poly : fmaf(1.0f - w, up, fmaf(w, wq, -g));
+  return Sum2{f, ah};
+}
+
 // The element-separable research divergences: the loss term (when WANT_LOSS) and h = dL/dlog q.
 // Skew KL: KL(p || m), m = skew p + (1 - skew) q, h = -(1 - skew) p q / m. Skew reverse KL:
 // KL(q || m), m = skew q + (1 - skew) p, h = q (log q - log m) - skew q^2 / m (its "+ q"
@@ -346,13 +381,15 @@ DOPS_DEV void dense_push_second(Sum2& acc, const DenseArgs& a,
   constexpr Divergence kDiv = static_cast<Divergence>(DIV);
   const float lq = fmaf(zs, k.s, -r.ms) - r.log_ss, lp = fmaf(zt, k.t, -r.mt) - r.log_st;
   if constexpr (kDiv == Divergence::AB) {  // its own exponentials: neither p nor q
-    float h;
-    if constexpr (AB_ONE_SERIES) {
-      acc.x += ab_fast_loss(lp, lq, r.abf, h);
+    if constexpr (AB_ONE_SERIES) {  // a b times the element and a h: scaled once a row
+      const Sum2 t = ab_one_series_terms(lp, lq, a, r.ab);
+      acc.x += t.x;
+      acc.y += t.y;
     } else {
+      float h;
       acc.x += ab_terms<true>(lp, lq, r.ab, h);
+      acc.y += h;
     }
-    acc.y += h;
     return;
   }
   const float q = fast_exp2(lq * kLog2E), p = fast_exp2(lp * kLog2E);
@@ -398,7 +435,11 @@ DOPS_DEV Sum2 dense_second_sums(const DenseArgs& a, const DenseRow& r, Scales k,
 template <int DIV>
 DOPS_DEV void dense_finish_second(DenseRow& r, const DenseArgs& a, Sum2 acc) {
   constexpr Divergence kDiv = static_cast<Divergence>(DIV);
-  if constexpr (DivTraits<DIV>::kResearch) {
+  if constexpr (kDiv == Divergence::AB) {
+    const bool one = r.ab_one_series;  // ab_one_series_terms' sums are a b A and a B
+    r.dv = one ? acc.x * r.ab.inv_ab : acc.x;
+    r.sum_qg = one ? acc.y * r.ab.inv_a : acc.y;
+  } else if constexpr (DivTraits<DIV>::kResearch) {
     r.dv = acc.x;
     r.sum_qg = acc.y;
   } else if constexpr (kDiv == Divergence::JSD) {

@@ -153,6 +153,7 @@ int main() {
     if (std::scanf("%f", p) != 1) return 2;
   a.divergence = div;
   a.vocab = vocab;
+  set_ab_series(a);
   std::vector<long> labels(static_cast<size_t>(rows));
   for (long& l : labels)
     if (std::scanf("%ld", &l) != 1) return 2;
