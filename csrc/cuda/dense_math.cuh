@@ -233,7 +233,6 @@ struct DenseRow {
   float log_s1;                  // log-sum at T = 1 (hard term), relative to ms T
   bool found;                    // the label lies in [0, V)
   ABConsts ab;                   // AB's constants (AB only)
-  bool ab_one_series;            // AB: its loss pass takes ab_one_series_terms
 };
 
 template <int DIV>
@@ -250,10 +249,7 @@ DOPS_DEV DenseRow dense_row(const DenseArgs& a, const DensePartial& st) {
   r.found = true;
   constexpr int kMode = DivTraits<DIV>::kMode;
   if constexpr (kMode != OnlineKLMode::kNone) r.dv = online_kl_value(st.kl, kMode);
-  if constexpr (static_cast<Divergence>(DIV) == Divergence::AB) {
-    r.ab = ab_consts(a.beta, a.param2);
-    r.ab_one_series = a.ab_one_series;
-  }
+  if constexpr (static_cast<Divergence>(DIV) == Divergence::AB) r.ab = ab_consts(a.beta, a.param2);
   return r;
 }
 
@@ -328,9 +324,10 @@ DOPS_DEV float ab_terms(float lp, float lq, const ABConsts& k, float& h) {
 
 // AB's one-series element for the parameters ab_fast admits (kd_math.h ab_fast_loss's maths,
 // as the Triton kernel's ab_fast_terms lays it out, its coefficients in DenseArgs): (a b
-// times the element, a h), which dense_finish_second scales once a row; log2(e) folded into the scalars, -inf by IEEE
-// arithmetic (ex2.approx(-inf) = 0: the one-sided limits; r and a d are then +-inf or NaN,
-// which take the direct forms), both series computed and pinned, as in ab_terms.
+// times the element, a h), which dense_finish_second scales once a row; log2(e) folded
+// into the scalars, -inf by IEEE arithmetic (ex2.approx(-inf) = 0: the one-sided limits;
+// r and a d are then +-inf or NaN, which take the direct forms), both series computed and
+// pinned, as in ab_terms.
 DOPS_DEV Sum2 ab_one_series_terms(float lp, float lq, const DenseArgs& a, const ABConsts& k) {
   const float d = lq - lp, sl = k.s * kLog2E, w = a.ab_w;
   const float up = fast_exp2(lp * sl), wq = fast_exp2(lq * sl);
@@ -421,7 +418,7 @@ DOPS_DEV Sum2 dense_second_sums(const DenseArgs& a, const DenseRow& r, Scales k,
     });
   };
   if constexpr (static_cast<Divergence>(DIV) == Divergence::AB) {
-    if (r.ab_one_series) {
+    if (a.ab_one_series) {
       run(std::true_type{});
     } else {
       run(std::false_type{});
@@ -436,7 +433,7 @@ template <int DIV>
 DOPS_DEV void dense_finish_second(DenseRow& r, const DenseArgs& a, Sum2 acc) {
   constexpr Divergence kDiv = static_cast<Divergence>(DIV);
   if constexpr (kDiv == Divergence::AB) {
-    const bool one = r.ab_one_series;  // ab_one_series_terms' sums are a b A and a B
+    const bool one = a.ab_one_series;  // ab_one_series_terms' sums are a b A and a B
     r.dv = one ? acc.x * r.ab.inv_ab : acc.x;
     r.sum_qg = one ? acc.y * r.ab.inv_a : acc.y;
   } else if constexpr (DivTraits<DIV>::kResearch) {

@@ -77,7 +77,7 @@ void run_row(const DenseArgs& a, const float* xs, const float* xt, long label) {
     for (int tid = 0; tid < kThreads; ++tid)  // dense_second_sums's choice of AB's form
       walk<GENERAL, VEC>(a, xs, xt, n, tid, [&](const auto& zs, const auto& zt, long) {
         for (int i = 0; i < int(sizeof(zs) / sizeof(float)); ++i) {
-          if (static_cast<Divergence>(DIV) == Divergence::AB && r.ab_one_series)
+          if (static_cast<Divergence>(DIV) == Divergence::AB && a.ab_one_series)
             dense_push_second<DIV, true>(acc[tid], a, r, k, zs[i], zt[i]);
           else
             dense_push_second<DIV>(acc[tid], a, r, k, zs[i], zt[i]);

@@ -247,23 +247,21 @@ def _akl_threshold(phase, rec: Tensor, sc, vocab: int, key16: torch.dtype | None
     runs)."""
     scaled = stash is None
 
+    def step(k: int, tau: Tensor, **kw) -> Tensor:  # one bisection step: phase k, all-reduce
+        rec[:, 7] = tau.to(torch.float64)
+        phase(k, **kw)
+        return reduce(rec[:, 5:6], dist.ReduceOp.SUM)[:, 0]
+
     def mass(tau: Tensor) -> Tensor:
         nonlocal scaled
-        rec[:, 7] = tau.to(torch.float64)
-        phase(3 if scaled else 8)
-        scaled = True
-        return reduce(rec[:, 5:6], dist.ReduceOp.SUM)[:, 0]
+        k, scaled = (3 if scaled else 8), True
+        return step(k, tau)
 
     def narrow(lo: Tensor, hi: Tensor):
         cand = torch.empty_like(stash)  # pages a row's few candidates never touch stay unmapped
         rec[:, 6], rec[:, 7] = lo.to(torch.float64), hi.to(torch.float64)
         phase(6, cand=cand)
-
-        def candidates(tau: Tensor) -> Tensor:
-            rec[:, 7] = tau.to(torch.float64)
-            phase(7, cand=cand)
-            return reduce(rec[:, 5:6], dist.ReduceOp.SUM)[:, 0]
-        return candidates
+        return lambda tau: step(7, tau, cand=cand)
 
     if key16 is not None:
         tau = head_threshold_key16(mass, sc.beta, rec[:, 2], rec[:, 3],
