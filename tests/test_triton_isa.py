@@ -56,9 +56,10 @@ def test_row_kernel_loops_are_not_compute_bound(which):
     records = _records(None if which == "newest" else str(_install_triton36()))
     research = [r for r in records if r["kernel"] in RESEARCH_CEILING]
     dense = [r for r in records if r["kernel"].startswith("dense") and r not in research]
-    sparse = [r for r in records if r["kernel"].startswith("sparse")]
+    sparse = [r for r in records if r["kernel"].startswith("sparse") and not r["rare"]]
     assert len(dense) == 12, records  # 2 loops for the KLs (and TAID's), 3 for JSD and TVD
-    assert len(sparse) == 3, records  # maximum, sum, gradient
+    assert len(sparse) == 3, records  # maximum, sum, gradient (isa.RARE: the rest's own pass)
+    assert any(r["rare"] for r in records), records
     assert len(research) == 15, records  # 3 loops for each skew, 4 for AB, 5 for AKL
     for r in dense + sparse + research:
         assert r["wide_loads"], r  # 16-byte loads: 8 bf16 logits per instruction
@@ -72,7 +73,7 @@ def test_row_kernel_loops_are_not_compute_bound(which):
 
 def test_vocab_parallel_phases_issue_what_the_one_device_loops_do():
     """The vocab-parallel Triton phases (dense_vp.py, sparse_vp.py) are built from the
-    one-device kernels' pieces: each loop issues within one instruction a logit of the
+    one-device kernels' pieces: each loop issues within 1.25 instructions a logit of the
     one-device kernel's same loop, the same MUFU operations, with 16-byte loads (newest
     Triton; 2026-12-02: forward KL statistics 24.9 vs 24.4, gradient 25.0 vs 24.9)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -85,6 +86,8 @@ def test_vocab_parallel_phases_issue_what_the_one_device_loops_do():
     assert len(records) == 9, records
     for r in records:
         assert r["wide_loads"], r
-        assert r["instr"] <= r["one_device_instr"] + 1.0, r
+        # 1.25: the sparse phase 0's maximum loop (5.875 vs 4.75 since its rare rest pass
+        # was added, 2026-12-03: one instruction a group of 8 more; 5.75 before, at the bar).
+        assert r["instr"] <= r["one_device_instr"] + 1.25, r
         assert r["mufu"] <= r["one_device_mufu"] + 1e-9, r
 

@@ -69,6 +69,32 @@ Acc exp_shifted(const Acc* z, Acc m, int64_t n, Acc* e) {
   }));
 }
 
+// The sparse loss's rest class (the ids off the teacher's support) below this mass at the
+// row maximum is taken again at its own maximum: its largest term exp(z - m) would be near
+// or past underflow (2^-126 in fp32), a confident student's rest would read 0 (an infinite
+// loss, a NaN gradient in double). Above it the terms that matter are normal numbers.
+constexpr double kRestFloor = 0x1p-60;
+
+// The rest at its own maximum: {max_j z_off(j), sum_j exp(z_off(j) - max)} over j < n, with
+// z_off(j) = -inf for the ids not in it; {-inf, 0} where it holds nothing.
+template <typename Acc>
+struct RestMass {
+  Acc m, s;
+};
+
+template <typename Acc, typename ZOff>
+RestMass<Acc> rest_at_own_max(int64_t n, ZOff z_off) {
+  Acc m = -std::numeric_limits<Acc>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, z_off(j));
+  if (m == -std::numeric_limits<Acc>::infinity()) return {m, Acc(0)};
+  const double s = blocked_sum(n, [&](int64_t j0, int64_t j1) {
+    Acc part = 0;
+    for (int64_t j = j0; j < j1; ++j) part += exp_acc(z_off(j) - m);
+    return part;
+  });
+  return {m, Acc(s)};
+}
+
 template <typename Acc>
 struct RowStats {
   Acc m;      // max of z

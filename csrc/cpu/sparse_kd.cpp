@@ -198,7 +198,11 @@ void sparse_kd_impl(RowView student, const int64_t* indices, const void* tlp, in
             c.lq[size_t(i)] = id >= 0 ? (zs[id] - s.m) - s.log_s : kNegInf<Acc>;
           }
         }
-        Acc s_rest = 0;
+        // The rest's mass at the row maximum (s_rest); where that is below kRestFloor, at
+        // the rest's own maximum (rest.m > -inf, rest.s), its log mass relative to s.m
+        // either way in l_rest.
+        Acc s_rest = 0, l_rest = kNegInf<Acc>;
+        RestMass<Acc> rest{kNegInf<Acc>, Acc(0)};
         if (row_tail == Tail::Bucket) {
           for (int64_t i = 0; i < k; ++i) {
             const int64_t id = c.id[size_t(i)];
@@ -213,12 +217,23 @@ void sparse_kd_impl(RowView student, const int64_t* indices, const void* tlp, in
             for (int64_t j = j0; j < j1; ++j) part += es[j];
             return part;
           }));
-          for (int64_t i = 0; i < k; ++i)
+          for (int64_t i = k - 1; i >= 0; --i)  // backwards: a repeated id gets its first save
             if (c.id[size_t(i)] >= 0) es[c.id[size_t(i)]] = e_sup[size_t(i)];
+          if (s_rest >= Acc(kRestFloor)) {
+            l_rest = log_acc(s_rest);
+          } else {  // the same with the support's z at -inf, at the rest's own maximum
+            for (int64_t i = 0; i < k; ++i)
+              if (c.id[size_t(i)] >= 0) e_sup[size_t(i)] = zs[c.id[size_t(i)]];
+            for (int64_t i = 0; i < k; ++i)
+              if (c.id[size_t(i)] >= 0) zs[c.id[size_t(i)]] = kNegInf<Acc>;
+            rest = rest_at_own_max<Acc>(vocab, [&](int64_t j) { return zs[j]; });
+            for (int64_t i = 0; i < k; ++i)
+              if (c.id[size_t(i)] >= 0) zs[c.id[size_t(i)]] = e_sup[size_t(i)];
+            if (rest.s > Acc(0)) l_rest = (rest.m - s.m) + log_acc(rest.s);
+          }
         }
-        c.lq[size_t(k)] = row_tail == Tail::Bucket && s_rest > Acc(0)
-                              ? log_acc(s_rest) - s.log_s
-                              : kNegInf<Acc>;
+        const bool rare = rest.s > Acc(0);  // the rest taken at its own maximum
+        c.lq[size_t(k)] = l_rest - s.log_s;
         const int64_t n_cls = row_tail == Tail::Bucket ? k + 1 : k;
         if (interp != Acc(1)) {  // TAID over the classes: the target moves from the student
           for (int64_t i = 0; i < n_cls; ++i)
@@ -238,9 +253,14 @@ void sparse_kd_impl(RowView student, const int64_t* indices, const void* tlp, in
           // Off the support: dL/dz_j = q_j (g_rest - sum_qg) for bucket, -q_j sum_qg for
           // renorm/none, 0 for support; with q_j = es[j] / s and q_j / q_rest = es[j] / s_rest.
           Acc off = row_tail == Tail::Support ? Acc(0) : -sum_qg * s.inv_s;
-          if (row_tail == Tail::Bucket && s_rest > Acc(0)) off += c.qg[size_t(k)] / s_rest;
+          if (rare) {  // e_j at the rest's maximum: q_j = e_j exp(rest.m - m) / s
+            off = off * exp_acc(rest.m - s.m) + c.qg[size_t(k)] / rest.s;
+            for (int64_t j = 0; j < vocab; ++j) gz[j] = exp_acc(zs[j] - rest.m) * off;
+          } else {
+            if (row_tail == Tail::Bucket && s_rest > Acc(0)) off += c.qg[size_t(k)] / s_rest;
 #pragma omp simd
-          for (int64_t j = 0; j < vocab; ++j) gz[j] = es[j] * off;
+            for (int64_t j = 0; j < vocab; ++j) gz[j] = es[j] * off;
+          }
           // On the support: the class's own gradient (q_j is its q_hat).
           for (int64_t i = 0; i < k; ++i) {
             const int64_t id = c.id[size_t(i)];

@@ -27,7 +27,7 @@ namespace {
 enum SpField : int {
   kM = 0, kSum = 1, kRest = 2, kOwn = 3, kSum1 = 4, kZy = 5,  // phase 0 out
   kMSlice = 6,                                                   // phase 0 out, stashing
-  kOff = 1, kLogS1 = 4,                                          // phase 1 in (kM: global max)
+  kOff = 1, kBase = 2, kLogS1 = 4,                     // phase 1 in (kM: global max)
   kSpFields = 8,
 };
 
@@ -57,7 +57,10 @@ void sp_impl(int phase, RowView student, const int64_t* idx, int64_t k, int64_t 
       const int64_t* ids = idx + r * k;
       const bool ok = valid == nullptr || valid[r] != 0;
       const bool raw = ok && in_place;
-      if (load && !raw) {
+      // Phase 1's off-support e_j at a base other than the maximum (the rest's log-mass,
+      // distributed/coarse.py rest_shift): the stash underflowed there, the row is read.
+      const bool rebased = phase == 1 && ok && f[kBase] != f[kM];
+      if ((load || rebased) && !raw) {
         if (ok) {
           load_transformed(row_ptr(student.ptr, student.dtype, r * student.row_stride),
                            student.dtype, width, Acc(1), Acc(0), inv_t, z.data());
@@ -102,9 +105,15 @@ void sp_impl(int phase, RowView student, const int64_t* idx, int64_t k, int64_t 
         } else if (stash) {
           std::fill(stash_row, stash_row + width, Acc(0));
         }
+        if (rest < kRestFloor && !empty) {  // at the rest's own maximum, as a log-mass
+          const RestMass<Acc> rm = rest_at_own_max<Acc>(width, [&](int64_t j) {
+            return slot[size_t(j)] < 0 ? z_at(j) : -std::numeric_limits<Acc>::infinity();
+          });
+          if (rm.s > Acc(0)) rest = double(rm.m - m) + std::log(double(rm.s));  // < 0
+        }
         f[kM] = double(m);
         f[kSum] = sum;
-        f[kRest] = rest;
+        f[kRest] = rest;  // >= 0: a sum at m; < 0: the log-mass relative to m
         f[kOwn] = double(owned);
         if (stash) f[kMSlice] = double(m);  // -inf where empty: its stash of 0s rescales to 0
         f[kSum1] = hard && !empty ? blocked_sum(width, [&](int64_t j0, int64_t j1) {
@@ -125,14 +134,15 @@ void sp_impl(int phase, RowView student, const int64_t* idx, int64_t k, int64_t 
           zero_row(grow, grad_dtype, width);
         } else {
           const Acc m = Acc(f[kM]), off = Acc(f[kOff]), log_s1 = Acc(f[kLogS1]);
+          const Acc base = Acc(f[kBase]);
           Acc* gr = stash ? stash_row : g.data();  // the gradient, in place when stashing
-          if (stash) {  // exp(z - m) = exp(z - m_slice) exp(m_slice - m)
+          if (stash && !rebased) {  // exp(z - m) = exp(z - m_slice) exp(m_slice - m)
             const Acc oc = off * Acc(std::exp(f[kMSlice] - f[kM]));
 #pragma omp simd
             for (int64_t j = 0; j < width; ++j) gr[j] = oc * gr[j];
           } else {
 #pragma omp simd
-            for (int64_t j = 0; j < width; ++j) gr[j] = off * exp_acc(z_at(j) - m);
+            for (int64_t j = 0; j < width; ++j) gr[j] = off * exp_acc(z_at(j) - base);
           }
           const double* sg = sup_grad + r * k;
           for (int64_t i = 0; i < k; ++i) {

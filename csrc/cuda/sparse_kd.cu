@@ -27,6 +27,7 @@ namespace distill_ops::cuda {
 namespace {
 
 constexpr int kThreads = 512;
+constexpr float kRestFloor = 0x1p-60f;  // csrc/cpu/row_math.h's
 
 struct SparseArgs {
   const void* s;
@@ -153,7 +154,23 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(SparseArgs a) {
   if (st.m == -kFltMax) st.m = kNegInf;  // only masked logits: empty
   Online one{st.m == kNegInf ? kNegInf : st.m * a.temperature, a1, 0.0f};
   st = block_reduce(st, MergeOnline{}, online_empty(), red_online);
-  const float log_s = logf(st.a), inv_s = 1.0f / st.a, s_rest = st.c;
+  const float log_s = logf(st.a), inv_s = 1.0f / st.a;
+  // The rest's sum at the row maximum or, below kRestFloor (its terms near or past fp32's
+  // range there: a confident student), two more passes at its own maximum m_rest.
+  float s_rest = st.c, m_rest = st.m;
+  if (tail == Tail::Bucket && s_rest < kRestFloor) {
+    float mr = kNegInf;
+    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x)
+      if (!in_support(bits, j)) mr = fmaxf(mr, load_one<TS>(s_row, j) * inv_t);
+    mr = block_reduce(mr, MaxFloat{}, kNegInf, red_f);
+    if (mr != kNegInf) {
+      float sr = 0.0f;
+      for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x)
+        if (!in_support(bits, j)) sr += expf(load_one<TS>(s_row, j) * inv_t - mr);
+      s_rest = block_reduce(sr, AddFloat{}, 0.0f, red_f);
+      m_rest = mr;
+    }
+  }
 
   // Teacher classes, re-tempered by ratio = T_source / T.
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x)
@@ -183,7 +200,8 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(SparseArgs a) {
     lq[i] = tail == Tail::Support ? z : (id >= 0 ? (z - st.m) - log_s : kNegInf);
   }
   if (threadIdx.x == 0)
-    lq[k] = tail == Tail::Bucket && s_rest > 0.0f ? logf(s_rest) - log_s : kNegInf;
+    lq[k] = tail == Tail::Bucket && s_rest > 0.0f ? ((m_rest - st.m) + logf(s_rest)) - log_s
+                                                  : kNegInf;
   __syncthreads();
   if (tail == Tail::Support) {
     const float lse = block_logsumexp(lq, k, red_f);
@@ -284,15 +302,16 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(SparseArgs a) {
 
   // Gradient. Off the support: dL/dz_j = q_j (g_rest / q_rest - sum_qg) for bucket,
   // -q_j sum_qg for renorm / none, 0 for support, with q_j = e_j / s, q_j / q_rest =
-  // e_j / s_rest. On the support (second loop): the class's own gradient.
+  // e_j / s_rest, e_j = exp(z_j - m_rest) (m_rest = st.m but for a rest summed at its own
+  // maximum). On the support (second loop): the class's own gradient.
   const float coef = a.soft_coef * inv_t;
   float off = tail == Tail::Support ? 0.0f : -sum_qg * inv_s;
-  if (tail == Tail::Bucket && s_rest > 0.0f) off += qg[k] / s_rest;
+  if (tail == Tail::Bucket && s_rest > 0.0f) off = off * expf(m_rest - st.m) + qg[k] / s_rest;
   const HardTerm ht{hard, found, label, a.hard_weight, a.temperature, st.m, log_s1};
   // Every id first as off the support (16-byte stores of whole groups), then, after a
   // barrier, each support id's own gradient over it.
   const float off_coef = ids_ok ? off * coef : NAN;
-  const float base = st.m == kNegInf ? 0.0f : st.m;
+  const float base = st.m == kNegInf ? 0.0f : m_rest;
   const int64_t g_vec = (reinterpret_cast<uintptr_t>(g_row) & 15u) == 0 ? n_vec : 0;
   for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < g_vec; j0 += int64_t(blockDim.x) * VEC) {
     float x[VEC], g[VEC];

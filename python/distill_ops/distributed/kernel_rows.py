@@ -36,7 +36,7 @@ from ..backends.cpu import kd_params
 from ..backends.extension import dtype_code, has_native, native, ptr
 from ..dispatch import resolve_backend
 from ..validation import check_kernel_dtype
-from .coarse import coarse_divergence, sparse_grad_terms
+from .coarse import coarse_divergence, rest_log_mass, rest_shift, sparse_grad_terms
 from .comm import all_gather, all_reduce
 from .head import head_threshold, head_threshold_key16
 
@@ -323,28 +323,32 @@ def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, sha
     m = m_loc.amax(0)
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     f = _moved(m_loc, m)
-    cols = [table[:, :, 1] * f, table[:, :, 2] * f, table[:, :, 3]]
+    cols = [table[:, :, 1] * f, table[:, :, 3]]
     if hard:
         cols += [table[:, :, 4] * _moved(m_loc, m, t), table[:, :, 5]]
     sums = torch.cat([torch.stack(cols, -1), table[:, :, len(fields):]], -1).sum(0)
-    s_all, s_rest, n_sup = sums[:, 0], sums[:, 1], sums[:, 2]
+    s_all, n_sup = sums[:, 0], sums[:, 1]
+    l_rest = rest_log_mass(m_loc, table[:, :, 2], m)
     log_s = torch.log(s_all)
     div, h, lq_sup, has_rest = coarse_divergence(idx, tlp, sums[:, -k:].to(dt), m.to(dt),
-                                                  log_s.to(dt), s_rest.to(dt), n_sup.to(dt),
+                                                  log_s.to(dt), l_rest.to(dt), n_sup.to(dt),
                                                   divergence, tail, ratio, sc, shard, dt,
                                                   want_grad)
     loss = sc.soft_coef * div.to(torch.float64)
-    log_s1 = torch.log(sums[:, 3]) if hard else None
+    log_s1 = torch.log(sums[:, 2]) if hard else None
     if hard:
-        loss = loss + sc.hard_weight * ((m - sums[:, 4]) * t + log_s1)
+        loss = loss + sc.hard_weight * ((m - sums[:, 3]) * t + log_s1)
     if valid is not None:
         loss = torch.where(valid, loss, zero)
     if not want_grad:
         return loss.to(dt), None
-    off, sup_grad = sparse_grad_terms(h, lq_sup, s_all.to(dt), s_rest.to(dt), has_rest, tail)
+    shift = rest_shift(m, l_rest, has_rest, dt) if tail == "bucket" else torch.zeros_like(m)
+    off, sup_grad = sparse_grad_terms(h, lq_sup, s_all.to(dt), l_rest.to(dt), has_rest, tail,
+                                      shift)
     coef = sc_grad.soft_coef / t
     rec[:, 0] = m
     rec[:, 1] = 0.0 if off is None else coef * off.to(torch.float64)
+    rec[:, 2] = m + shift  # the off-support e_j's base
     if hard:
         rec[:, 4] = log_s1
     phase(1, (coef * sup_grad).to(torch.float64).contiguous(), grad)

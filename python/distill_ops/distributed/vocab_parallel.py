@@ -42,7 +42,7 @@ from ..reference import (
 )
 from ..validation import divergence_options
 from . import kernel_rows
-from .coarse import coarse_divergence, sparse_grad_terms
+from .coarse import LOG_REST_FLOOR, coarse_divergence, rest_shift, sparse_grad_terms
 from .comm import VocabShard, all_gather, all_reduce
 from .head import head_threshold
 from .kernel_rows import local_label
@@ -363,8 +363,22 @@ def _sparse_chunk(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, s
     s_all, s_rest, n_sup = sums[:, 0], sums[:, 1], sums[:, 2]
     z_sup = sums[:, -k:]
     log_s = torch.log(s_all)
+    l_rest = torch.log(s_rest)
+    rest_z = None
+    if tail == "bucket":
+        # A rest below the floor at m (its terms near or past underflow) again at its own
+        # maximum: two more collectives, only where some row needs them (every rank sees the
+        # same all-reduced sums, so every rank takes the branch).
+        rare = (s_rest < math.exp(LOG_REST_FLOOR)) & (n_sup < shard.total)
+        if bool(rare.any()):
+            rest_z = torch.where(on_sup, torch.full((), -math.inf, dtype=dt,
+                                                    device=z.device), z)
+            m_r = all_reduce(_row_max(rest_z)[:, None].contiguous(), dist.ReduceOp.MAX, g)[:, 0]
+            s_r = all_reduce(_exp_shifted(rest_z, m_r).sum(1)[:, None].contiguous(),
+                             dist.ReduceOp.SUM, g)[:, 0]
+            l_rest = torch.where(rare & (m_r > -math.inf), (m_r - m) + torch.log(s_r), l_rest)
 
-    div, h, lq_sup, has_rest = coarse_divergence(idx, tlp, z_sup, m, log_s, s_rest, n_sup,
+    div, h, lq_sup, has_rest = coarse_divergence(idx, tlp, z_sup, m, log_s, l_rest, n_sup,
                                                   divergence, tail, ratio, sc, shard, dt,
                                                   want_grad)
     loss = soft_coef * div
@@ -376,7 +390,10 @@ def _sparse_chunk(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, s
     if not want_grad:
         return loss, None
 
-    off, sup_grad = sparse_grad_terms(h, lq_sup, s_all, s_rest, has_rest, tail)
+    shift = rest_shift(m, l_rest, has_rest, dt) if tail == "bucket" else torch.zeros_like(m)
+    off, sup_grad = sparse_grad_terms(h, lq_sup, s_all, l_rest, has_rest, tail, shift)
+    if rest_z is not None:  # e_j at the base m + shift (rest_shift makes it a dt number)
+        e = _exp_shifted(z, (m.double() + shift).to(dt))
     dz = torch.zeros_like(z) if off is None else e * off[:, None]
     dz = torch.cat([dz, torch.zeros((c, 1), dtype=dt, device=z.device)], 1)
     dz.scatter_(1, lid, torch.where(own, sup_grad, zero))

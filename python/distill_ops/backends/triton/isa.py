@@ -125,6 +125,23 @@ class LoopReport:
     loads: float
     stores: float
     wide_loads: bool  # every global load of the loop is a 16-byte vector load
+    rare: bool = False  # on a path few rows take (RARE): reported, not held to the floor
+
+
+# In a spec's per-loop bytes, RARE once stands for the loops of a path few rows take (the
+# sparse kernels' rest summed again at its own maximum: a confident student's rows), as
+# many as the compiler makes, between the hot loops listed before and after it.
+RARE = "rare"
+
+
+def per_loop(entries: tuple, n_loops: int) -> list:
+    """`entries` (one per loop, RARE once for any number of rare loops) spread over the
+    n_loops found: each loop's entry, RARE for the rare ones, None past the list."""
+    if RARE not in entries:
+        return [entries[i] if i < len(entries) else None for i in range(n_loops)]
+    j = entries.index(RARE)
+    before, after = list(entries[:j]), list(entries[j + 1:])
+    return before + [RARE] * (n_loops - len(before) - len(after)) + after
 
 
 def load_bytes(op: str) -> int:
@@ -153,14 +170,15 @@ def report(spec, cc: int = 90, read_bytes: tuple[float, ...] = ()) -> list[LoopR
         ops = Counter(m.group(3) for m in _INSTR.finditer(sass))
         found = [Loop(0, 0, ops)]
     out = []
-    for i, lp in enumerate(found):
+    for lp, rb in zip(found, per_loop(tuple(read_bytes), len(found)), strict=True):
         per_iter = max(1.0, width / threads)
         loaded = sum(load_bytes(op) * n for op, n in lp.ops.items() if op.startswith("LDG"))
-        if i < len(read_bytes) and read_bytes[i] and loaded:
-            per_iter = loaded / read_bytes[i]
+        if rb not in (None, RARE) and rb and loaded:
+            per_iter = loaded / rb
         wide = all(".128" in op for op in lp.ops if op.startswith("LDG"))
         out.append(LoopReport(per_iter, lp.total / per_iter, lp.count("MUFU") / per_iter,
-                              lp.count("LDG") / per_iter, lp.count("STG") / per_iter, wide))
+                              lp.count("LDG") / per_iter, lp.count("STG") / per_iter, wide,
+                              rb == RARE))
     return out
 
 
@@ -209,8 +227,9 @@ DEFAULT_SPECS = (
     ("dense_kd[div=0,bf16,opts=1][aligned]", {**_PLAIN, "HAS_INTERP": True},
      "dense forward KL, TAID + grad", ((4, 0), (4, 2))),
     ("scale_rows[bf16][aligned]", {}, "backward scale (factor != 1)", ((2, 2),)),
+    # Sparse: maximum, sum, (the rest at its own maximum, RARE), gradient.
     ("sparse_kd[div=0,tail=0,bf16,opts=1][aligned]", _PLAIN, "sparse forward KL + grad",
-     ((2, 0), (2, 0), (2, 2))),
+     ((2, 0), (2, 0), RARE, (2, 2))),
 )
 
 
@@ -359,14 +378,16 @@ def measure(cc: int = 90, names: list[str] | None = None) -> list[dict]:
     wanted = DEFAULT_SPECS if names is None else [(n, {}, n, ()) for n in names]
     for name, const, what, loop_bytes in wanted:
         spec = spec_named(name, **const)
-        reads = tuple(r for r, _ in loop_bytes)
-        for i, lr in enumerate(report(spec, cc, reads)):
-            b = sum(loop_bytes[i]) if i < len(loop_bytes) else 0
+        reads = tuple(RARE if lb == RARE else lb[0] for lb in loop_bytes)
+        found = report(spec, cc, reads)
+        for i, (lr, lb) in enumerate(zip(found, per_loop(tuple(loop_bytes), len(found)),
+                                         strict=True)):
+            b = sum(lb) if lb not in (None, RARE) else 0
             bd = bounds(lr.instructions, lr.mufu, b * _SHAPE_LOGITS, _SHAPE_LOGITS)
             out.append({"kernel": what, "spec": name, "loop": i + 1, "per_iter": lr.per_iter,
                         "instr": lr.instructions, "mufu": lr.mufu, "ldg": lr.loads,
                         "stg": lr.stores, "wide_loads": lr.wide_loads, "bytes": b,
-                        **{f"{k}_ms": 1e3 * v for k, v in bd.items()}})
+                        "rare": lr.rare, **{f"{k}_ms": 1e3 * v for k, v in bd.items()}})
     return out
 
 
@@ -447,26 +468,28 @@ VP_PAIRS = (
      (3,), "AKL threshold step"),
     ("dense_vp[phase=4,div=7,bf16,opts=1]", (4,), "dense_kd[div=7,bf16,opts=1][aligned]",
      (4,), "AKL sums"),
-    ("sparse_vp[phase=0,bf16,opts=1]", (2, 2), "sparse_kd[div=0,tail=0,bf16,opts=1][aligned]",
-     (1, 2), "sparse maximum, sums"),
+    ("sparse_vp[phase=0,bf16,opts=1]", (2, 2, RARE),
+     "sparse_kd[div=0,tail=0,bf16,opts=1][aligned]", (1, 2), "sparse maximum, sums"),
     ("sparse_vp[phase=1,bf16,opts=1]", (2,), "sparse_kd[div=0,tail=0,bf16,opts=1][aligned]",
      (3,), "sparse gradient"),
 )
 _ONE_DEVICE_READS = {"dense_kd[div=0,bf16,opts=1][aligned]": (4, 4),
                      "dense_kd[div=2,bf16,opts=1][aligned]": (4, 4, 4),
                      "dense_kd[div=7,bf16,opts=1][aligned]": (4, 2, 2, 4, 4),
-                     "sparse_kd[div=0,tail=0,bf16,opts=1][aligned]": (2, 2, 2)}
+                     "sparse_kd[div=0,tail=0,bf16,opts=1][aligned]": (2, 2, RARE, 2)}
 
 
 def vocab_parallel_records(cc: int = 90) -> list[dict]:
     """Per loop of each vocab-parallel phase (compiled for aligned rows, as a GPU
     specialises them at run time): its per-logit instructions, MUFU and 16-byte loads, and
     the one-device kernel's same loop."""
-    one = {name: report(spec_named(name, **_PLAIN), cc, reads)
+    one = {name: [lr for lr in report(spec_named(name, **_PLAIN), cc, reads) if not lr.rare]
            for name, reads in _ONE_DEVICE_READS.items()}
     out = []
     for name, reads, ref, ref_loops, what in VP_PAIRS:
-        for i, lr in enumerate(report(spec_named(name, **_PLAIN).with_alignment(), cc, reads)):
+        hot = [lr for lr in report(spec_named(name, **_PLAIN).with_alignment(), cc, reads)
+               if not lr.rare]  # loops numbered without the rare path's
+        for i, lr in enumerate(hot):
             base = one[ref][ref_loops[i] - 1]
             out.append({"what": what, "phase": name, "loop": i + 1,
                         "instr": lr.instructions, "mufu": lr.mufu, "wide_loads": lr.wide_loads,

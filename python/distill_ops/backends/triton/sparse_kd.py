@@ -60,6 +60,60 @@ def _lse(x):
                                                                    tl.exp(x - m)), 0)))
 
 
+# The rest's mass, sum_all - sum_support in fp64, carries the rounding of sum_all (~2^-46 of
+# it at V = 128k): below REST_FLOOR of sum_all it is summed again over its own ids at its own
+# maximum (_rest_at_own_max; a confident student's rows, and the only way past fp32's range).
+REST_FLOOR: tl.constexpr = tl.constexpr(2.0 ** -24)
+
+
+@triton.jit
+def _rest_chunk(s_row, start, n, inv_t, sup_ptr, k, offset, z_min, n_in, repeats,
+                BLOCK: tl.constexpr):
+    """z = x / T of the columns start .. start + BLOCK that are off the support (-inf on it
+    and past n). The columns below every support id's z (z_min) are off it; a chunk with as
+    many columns at or above z_min as support ids in it (n_in; no id repeats) has no other;
+    any other chunk compares its columns with the k ids (sup_ptr: the row's; column =
+    id - offset)."""
+    cols = start + tl.arange(0, BLOCK)
+    z = tl.load(s_row + cols, mask=cols < n, other=NEG_INF).to(tl.float32) * inv_t
+    z = tl.where(cols < n, z, NEG_INF)
+    hi = z >= z_min
+    n_hi = tl.sum(hi.to(tl.int32), 0)
+    on = hi
+    if (n_hi != n_in) | repeats:
+        on = cols < 0
+        for i in range(0, k):
+            on = on | (cols == tl.load(sup_ptr + i) - offset)
+    return tl.where(on, NEG_INF, z)
+
+
+@triton.jit
+def _rest_at_own_max(s_row, n, inv_t, sup_ptr, k, offset, ids, own, z_sup,
+                     BLOCK: tl.constexpr):
+    """(m_r, sum exp(z - m_r)) over the columns 0 .. n off the support, m_r their maximum
+    (-inf, 0 where there are none): two more passes over the row, for the rows whose rest
+    the fp64 difference cannot resolve. ids [KP] (owned where `own`), their z_sup."""
+    z_min = tl.min(tl.where(own, z_sup, float("inf")), 0)
+    n_own = tl.sum(own.to(tl.int32), 0)
+    dup = tl.sum(tl.where(own[:, None] & own[None, :] & (ids[:, None] == ids[None, :]), 1, 0))
+    repeats = dup != n_own
+    m_lane = tl.full([BLOCK], NEG_INF, tl.float32)
+    for start in range(0, n, BLOCK):
+        n_in = tl.sum((own & (ids - offset >= start) & (ids - offset < start + BLOCK)).to(
+            tl.int32), 0)
+        z = _rest_chunk(s_row, start, n, inv_t, sup_ptr, k, offset, z_min, n_in, repeats, BLOCK)
+        m_lane = tl.maximum(m_lane, z)
+    m_r = tl.max(m_lane, 0)
+    m_safe = tl.where(m_r == NEG_INF, 0.0, m_r)
+    s_lane = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n, BLOCK):
+        n_in = tl.sum((own & (ids - offset >= start) & (ids - offset < start + BLOCK)).to(
+            tl.int32), 0)
+        z = _rest_chunk(s_row, start, n, inv_t, sup_ptr, k, offset, z_min, n_in, repeats, BLOCK)
+        s_lane += tl.exp(z - m_safe)
+    return m_r, tl.sum(s_lane, 0)
+
+
 @triton.jit
 def _class_terms(lp, lq, beta, param2, log_b, log_1mb, akl_w, DIVERGENCE: tl.constexpr):
     """Per-class (loss term, q_hat * dL/dq_hat) of the divergence; forward KL's is -p, finite
@@ -203,7 +257,13 @@ def sparse_kd_kernel(
     else:
         lq = tl.where(on, (z_sup - M) - log_s, NEG_INF)
     s_rest = (s_all - tl.sum(e_sup.to(tl.float64), 0)).to(tl.float32)
-    lq_rest = tl.where(has_rest & (s_rest > 0), tl.log(s_rest) - log_s, NEG_INF)
+    shift = tl.zeros([], tl.float32)  # the rest's sum s_rest is at M + shift
+    if TAIL == BUCKET:
+        if has_rest & (s_rest < REST_FLOOR * s_all.to(tl.float32)):
+            m_r, s_rest = _rest_at_own_max(s_row, n, inv_t, idx_ptr + row * k, k, 0, ids, on,
+                                           z_sup, BLOCK)
+            shift = tl.where(m_r == NEG_INF, 0.0, m_r - M)
+    lq_rest = tl.where(has_rest & (s_rest > 0), (shift + tl.log(s_rest)) - log_s, NEG_INF)
 
     if HAS_INTERP:  # TAID over the classes: the target moves from the student
         lp = tl.where(interp == 0.0, lq, taid_logit(lq, lp, interp))
@@ -252,17 +312,19 @@ def sparse_kd_kernel(
             rs = tl.load(row_scale_ptr)
             coef *= rs
             hard *= rs
-        # Off the support: dL/dz_j = e_j * off (q_j = e_j / s_all, q_j / q_rest = e_j / s_rest).
+        # Off the support: dL/dz_j = e_j * off, e_j = exp(z_j - M - shift) (q_j = e_j
+        # exp(shift) / s_all, q_j / q_rest = e_j / s_rest).
         off = 0.0
         if TAIL != SUPPORT:
             off = -sum_qg / s_all.to(tl.float32)
         if TAIL == BUCKET:
-            off += tl.where(s_rest > 0, qg_r / s_rest, 0.0)
+            off = off * tl.exp(shift) + tl.where(s_rest > 0, qg_r / s_rest, 0.0)
+        base = M + shift
         for start in range(0, vocab, BLOCK):
             cols = start + offs
             inb = cols < n
             z = tl.load(s_row + cols, mask=inb, other=NEG_INF).to(tl.float32) * inv_t
-            gz = coef * tl.exp(z - M) * off
+            gz = coef * tl.exp(z - base) * off
             if HAS_HARD:
                 sm1 = tl.exp((z - M) * temperature - log_s1)
                 gz += hard * (sm1 - tl.where(cols == label, 1.0, 0.0))

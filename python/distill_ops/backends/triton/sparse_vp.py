@@ -27,8 +27,9 @@ import triton.language as tl
 from .dense_kd import _device_ctx
 from .elementwise import NEG_INF
 from .rows import cast_rne
+from .sparse_kd import REST_FLOOR, _rest_at_own_max
 
-FIELDS = 8  # m, sum, rest, owned, sum at T = 1, z at the label; in: m, off, -, -, log S1
+FIELDS = 8  # m, sum, rest, owned, sum at T = 1, z at the label; in: m, off, base, -, log S1
 
 
 @triton.jit
@@ -83,7 +84,14 @@ def sparse_vp_kernel(
         e_sup = tl.where(own, tl.exp(z_sup - m_safe), 0.0)
         tl.store(f + 0, m.to(tl.float64))
         tl.store(f + 1, s_all)
-        tl.store(f + 2, s_all - tl.sum(e_sup.to(tl.float64), 0))
+        rest = s_all - tl.sum(e_sup.to(tl.float64), 0)
+        if (m != NEG_INF) & (rest < tl.minimum(REST_FLOOR * s_all, 0.5)):
+            # Below the floor, at the rest's own maximum, as its log-mass relative to m (< 0;
+            # distributed/coarse.py rest_log_mass reads either form)
+            m_r, r_sum = _rest_at_own_max(s_row, n, inv_t, idx_ptr + row * k, k, offset,
+                                          ids, own, z_sup, BLOCK)
+            rest = tl.where(r_sum > 0, ((m_r - m) + tl.log(r_sum)).to(tl.float64), 0.0)
+        tl.store(f + 2, rest)
         tl.store(f + 3, tl.sum(tl.where(own, 1.0, 0.0), 0).to(tl.float64))
         tl.store(f + 4, tl.sum(s1_lane, 0).to(tl.float64))
         tl.store(f + 5, tl.sum(zy_lane, 0).to(tl.float64))
@@ -91,6 +99,7 @@ def sparse_vp_kernel(
                  mask=slots < k)
     else:
         m = tl.load(f + 0).to(tl.float32)
+        base = tl.load(f + 2).to(tl.float32)  # the off-support e_j's: m, or the rest's mass
         off = tl.load(f + 1).to(tl.float32)
         log_s1 = tl.load(f + 4).to(tl.float32)
         g_row = grad_ptr + row * width
@@ -98,7 +107,7 @@ def sparse_vp_kernel(
             cols = start + offs
             inb = cols < n
             z = tl.load(s_row + cols, mask=inb, other=NEG_INF).to(tl.float32) * inv_t
-            gz = off * tl.exp(z - m)
+            gz = off * tl.exp(z - base)
             if HAS_HARD:
                 gz += hard_weight * (tl.exp((z - m) * temperature - log_s1)
                                      - tl.where(cols == label, 1.0, 0.0))
