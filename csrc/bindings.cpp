@@ -185,6 +185,20 @@ void sparse_kd_cuda(uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t id
                                as_ptr<void>(stream));
 }
 
+void sparse_vp_cuda(int phase, uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t idx_ptr,
+                    int64_t k, int64_t offset, uintptr_t valid_ptr, uintptr_t labels_ptr,
+                    uintptr_t rec_ptr, uintptr_t zsup_ptr, uintptr_t sup_grad_ptr,
+                    uintptr_t grad_ptr, int64_t n_rows, int64_t width, double temperature,
+                    double hard_weight, uintptr_t stream) {
+  distill_ops::cuda::sparse_vp(phase, as_ptr<const void>(s_ptr), s_dtype, s_stride,
+                               as_ptr<const int64_t>(idx_ptr), k, offset,
+                               as_ptr<const uint8_t>(valid_ptr),
+                               as_ptr<const int64_t>(labels_ptr), as_ptr<double>(rec_ptr),
+                               as_ptr<double>(zsup_ptr), as_ptr<const double>(sup_grad_ptr),
+                               as_ptr<void>(grad_ptr), n_rows, width, temperature, hard_weight,
+                               as_ptr<void>(stream));
+}
+
 void topk_logprobs_cuda(uintptr_t x_ptr, int x_dtype, int64_t x_stride, int64_t n_rows,
                         int64_t vocab, int64_t k, double scale, double softcap,
                         double temperature, uintptr_t idx_ptr, uintptr_t lp_ptr,
@@ -274,6 +288,8 @@ PYBIND11_MODULE(_C, m) {
         "grad[r, :] *= scale[r] in place (CUDA, caller's stream).");
   m.def("sparse_kd_cuda", &sparse_kd_cuda, py::call_guard<py::gil_scoped_release>(),
         "Fused sparse KD loss and student gradient, per row (CUDA, caller's stream).");
+  m.def("sparse_vp_cuda", &sparse_vp_cuda, py::call_guard<py::gil_scoped_release>(),
+        "One phase of the vocab-parallel sparse KD loss on a slice (CUDA, caller's stream).");
   m.def("topk_logprobs_cuda", &topk_logprobs_cuda, py::call_guard<py::gil_scoped_release>(),
         "Fused log-softmax normaliser and top-k per row (CUDA, caller's stream).");
   m.attr("cuda_topk_max") = distill_ops::cuda::kTopKMax;

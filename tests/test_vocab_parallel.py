@@ -489,9 +489,10 @@ def _check_bf16(errs: dict) -> dict:
 
 
 @GPU_ONLY
+@pytest.mark.parametrize("backend", ["auto", "cuda"])  # the Triton phases, the CUDA C++ ones
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_triton_phases_on_a_gpu_sparse(seed, dtype):
-    for rank, errs in enumerate(run_ranks(_sparse_case, 4, SPLITS[4], seed, dtype, "auto",
+def test_triton_phases_on_a_gpu_sparse(seed, dtype, backend):
+    for rank, errs in enumerate(run_ranks(_sparse_case, 4, SPLITS[4], seed, dtype, backend,
                                           "cuda", GPU_DIVERGENCES[:2], timeout=600,
                                           spawn=True)):
         bad = _check(errs, dtype) if dtype == torch.float32 else _check_bf16(errs)
@@ -510,6 +511,8 @@ def test_the_vocab_parallel_kernel_follows_the_backend():
     else:
         dev = torch.device("cuda")
         assert choose_kernel("auto", dev, 2, student_logits=x32.to(dev)) == "triton"
+        assert choose_kernel("auto", dev, None, student_logits=x32.to(dev)) == "triton"
+        assert choose_kernel("cuda", dev, None, student_logits=x32.to(dev)) == "cuda"
     assert choose_kernel("torch", cpu, 0, student_logits=x32) == "torch"
     assert choose_kernel("auto", cpu, 7, student_logits=x32) == "cpu"  # AKL's phases too
     assert choose_kernel("auto", cpu, 0, student_logits=x64) == "torch"  # float64: row chunks
@@ -517,8 +520,10 @@ def test_the_vocab_parallel_kernel_follows_the_backend():
         with pytest.raises(TypeError, match="backend='triton' takes fp32/bf16/fp16 "
                                             "student_logits"):
             choose_kernel("triton", cpu, 0, student_logits=x64)
-    with pytest.raises(ValueError, match="backend='cuda' has no vocab-parallel kernel"):
+    with pytest.raises(ValueError, match="backend='cuda' has no dense vocab-parallel kernel"):
         choose_kernel("cuda", cpu, 0, student_logits=x32)
+    with pytest.raises(ValueError, match="cuda"):  # the sparse phases, on CPU tensors
+        choose_kernel("cuda", cpu, None, student_logits=x32)
 
 
 def _topk_case(rank, world, widths, seed):

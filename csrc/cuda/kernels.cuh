@@ -30,6 +30,16 @@ void sparse_kd(const void* s, int s_dtype, int64_t s_stride, const int64_t* indi
                const int64_t* labels, float* loss, void* grad, int64_t n_rows, int64_t vocab,
                const SparseParams& params, void* stream);
 
+// One phase of the vocab-parallel sparse KD loss on a slice [n_rows, width] of the student
+// (see cpu::sparse_vp; global ids offset .. offset + width): 0 writes the record rec
+// [n_rows, 8] and z at the owned support zsup [n_rows, k] (fp64), 1 the gradient [n_rows,
+// width] in the student's dtype from rec and sup_grad [n_rows, k] (fp64). labels: each row's
+// label column in the slice, -1 elsewhere (nullptr without a hard term).
+void sparse_vp(int phase, const void* s, int s_dtype, int64_t s_stride, const int64_t* indices,
+               int64_t k, int64_t offset, const uint8_t* valid, const int64_t* labels,
+               double* rec, double* zsup, const double* sup_grad, void* grad, int64_t n_rows,
+               int64_t width, double temperature, double hard_weight, void* stream);
+
 // The largest k a CUDA top-k launch takes.
 constexpr int64_t kTopKMax = 8192;
 

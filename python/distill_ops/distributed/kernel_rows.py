@@ -49,15 +49,17 @@ LEAN = True
 
 def choose_kernel(backend: str, device: torch.device, divergence: int | None,
                   **tensors: Tensor) -> str:
-    """The kernel of a vocab-parallel loss: "cpu" (C++), "triton", or "torch" (PyTorch row
-    chunks). `auto` picks the fused kernel of the tensors' device; an explicit backend that
-    cannot run there is the single-device ops' ValueError / TypeError; "cuda" has no
-    vocab-parallel kernel of its own (a ValueError pointing at triton)."""
+    """The kernel of a vocab-parallel loss: "cpu" (C++), "triton", "cuda" (the CUDA C++
+    sparse phases: backend="cuda", sparse losses only; `auto` takes Triton's until a GPU has
+    measured them), or "torch" (PyTorch row chunks). `auto` picks the fused kernel of the
+    tensors' device; an explicit backend that cannot run there is the single-device ops'
+    ValueError / TypeError; the dense loss has no CUDA C++ vocab-parallel kernel (a
+    ValueError pointing at triton). `divergence` is None for the sparse loss."""
     if backend == "torch":
         return "torch"
-    if backend == "cuda":
-        raise ValueError("backend='cuda' has no vocab-parallel kernel (process_group=): use "
-                         "backend='auto' or 'triton' (the Triton kernels), or 'torch'")
+    if backend == "cuda" and divergence is not None:
+        raise ValueError("backend='cuda' has no dense vocab-parallel kernel (process_group=): "
+                         "use backend='auto' or 'triton' (the Triton kernels), or 'torch'")
     chosen = resolve_backend(backend, device)
     if backend != "auto":
         check_kernel_dtype(chosen, **tensors)
@@ -65,6 +67,8 @@ def choose_kernel(backend: str, device: torch.device, divergence: int | None,
         return "torch"
     if chosen == "cpu":
         return "cpu" if has_native() else "torch"
+    if backend == "cuda":
+        return "cuda"
     if chosen in ("triton", "cuda"):
         try:
             import triton  # noqa: F401
@@ -277,8 +281,8 @@ def _akl_threshold(phase, rec: Tensor, sc, vocab: int, key16: torch.dtype | None
 
 def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, shard, dt,
                 want_grad, kernel, grad_scale: float = 1.0):
-    """vocab_parallel.sparse_rows through `kernel` ("cpu" or "triton"); the gradient times
-    `grad_scale` (folded into the gradient phase's coefficients)."""
+    """vocab_parallel.sparse_rows through `kernel` ("cpu", "triton" or "cuda"); the gradient
+    times `grad_scale` (folded into the gradient phase's coefficients)."""
     sc_grad = _grad_scalars(sc, grad_scale)
     n, width = xs.shape
     dev = xs.device
@@ -306,6 +310,15 @@ def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, sha
                                    dtype_code(g) if g is not None else 0, n, width, float(t),
                                    float((sc_grad if p == 1 else sc).hard_weight), LEAN,
                                    torch.get_num_threads())
+    elif kernel == "cuda":
+        from ..backends.cuda import _stream
+
+        def phase(p: int, sup: Tensor | None = None, g: Tensor | None = None) -> None:
+            native().sparse_vp_cuda(p, ptr(s), dtype_code(s), s.stride(0), ptr(ids), k,
+                                    shard.offset, ptr(vld), ptr(lab), ptr(rec), ptr(zsup),
+                                    ptr(sup) if sup is not None else 0,
+                                    ptr(g) if g is not None else 0, n, width, float(t),
+                                    float((sc_grad if p == 1 else sc).hard_weight), _stream(s))
     else:
         from ..backends.triton.sparse_vp import sparse_vp_phase
 
