@@ -185,6 +185,17 @@ void sparse_kd_cuda(uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t id
                                as_ptr<void>(stream));
 }
 
+void dense_vp_cuda(int phase, uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t t_ptr,
+                   int t_dtype, int64_t t_stride, uintptr_t valid_ptr, uintptr_t labels_ptr,
+                   uintptr_t rec_ptr, uintptr_t grad_ptr, int64_t g_stride, int64_t n_rows,
+                   int64_t width, const KDParams& params, uintptr_t stream) {
+  distill_ops::cuda::dense_vp(phase, as_ptr<const void>(s_ptr), s_dtype, s_stride,
+                              as_ptr<const void>(t_ptr), t_dtype, t_stride,
+                              as_ptr<const uint8_t>(valid_ptr), as_ptr<const int64_t>(labels_ptr),
+                              as_ptr<double>(rec_ptr), as_ptr<void>(grad_ptr), g_stride, n_rows,
+                              width, params, as_ptr<void>(stream));
+}
+
 void sparse_vp_cuda(int phase, uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t idx_ptr,
                     int64_t k, int64_t offset, uintptr_t valid_ptr, uintptr_t labels_ptr,
                     uintptr_t rec_ptr, uintptr_t zsup_ptr, uintptr_t sup_grad_ptr,
@@ -288,6 +299,8 @@ PYBIND11_MODULE(_C, m) {
         "grad[r, :] *= scale[r] in place (CUDA, caller's stream).");
   m.def("sparse_kd_cuda", &sparse_kd_cuda, py::call_guard<py::gil_scoped_release>(),
         "Fused sparse KD loss and student gradient, per row (CUDA, caller's stream).");
+  m.def("dense_vp_cuda", &dense_vp_cuda, py::call_guard<py::gil_scoped_release>(),
+        "One phase of the vocab-parallel dense KD loss on a slice (CUDA, caller's stream).");
   m.def("sparse_vp_cuda", &sparse_vp_cuda, py::call_guard<py::gil_scoped_release>(),
         "One phase of the vocab-parallel sparse KD loss on a slice (CUDA, caller's stream).");
   m.def("topk_logprobs_cuda", &topk_logprobs_cuda, py::call_guard<py::gil_scoped_release>(),

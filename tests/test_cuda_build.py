@@ -13,7 +13,8 @@ from distill_ops.backends.extension import has_native, native
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ["dense_kd_kernel", "dense_kd_cluster_kernel", "sparse_kd_kernel", "topk_kernel",
-           "scale_rows_kernel", "sparse_vp_stats_kernel", "sparse_vp_grad_kernel"]
+           "scale_rows_kernel", "sparse_vp_stats_kernel", "sparse_vp_grad_kernel",
+           "dense_vp_kernel"]
 
 
 def _report() -> Path | None:

@@ -460,12 +460,13 @@ def test_head_threshold_is_the_sorted_one_in_its_bounded_steps(seed, head_mass):
 
 
 @GPU_ONLY
+@pytest.mark.parametrize("backend", ["auto", "cuda"])  # the Triton phases, the CUDA C++ ones
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_triton_phases_on_a_gpu_dense(seed, dtype):
-    """The Triton phases on CUDA tensors: 4 ranks (gloo) sharing the GPU, uneven, 1-wide and
-    empty slices, against the one-device op on the whole row."""
+def test_triton_phases_on_a_gpu_dense(seed, dtype, backend):
+    """The Triton (auto) or CUDA C++ phases on CUDA tensors: 4 ranks (gloo) sharing the GPU,
+    uneven, 1-wide and empty slices, against the one-device op on the whole row."""
     for rank, errs in enumerate(run_ranks(_dense_case, 4, SPLITS[4], seed, dtype, False,
-                                          "auto", "cuda", GPU_DIVERGENCES,
+                                          backend, "cuda", GPU_DIVERGENCES,
                                           ("hard", "softcap"), timeout=600,
                                           spawn=True)):
         bad = _check(errs, dtype) if dtype == torch.float32 else _check_bf16(errs)
@@ -513,6 +514,7 @@ def test_the_vocab_parallel_kernel_follows_the_backend():
         assert choose_kernel("auto", dev, 2, student_logits=x32.to(dev)) == "triton"
         assert choose_kernel("auto", dev, None, student_logits=x32.to(dev)) == "triton"
         assert choose_kernel("cuda", dev, None, student_logits=x32.to(dev)) == "cuda"
+        assert choose_kernel("cuda", dev, 7, student_logits=x32.to(dev)) == "cuda"
     assert choose_kernel("torch", cpu, 0, student_logits=x32) == "torch"
     assert choose_kernel("auto", cpu, 7, student_logits=x32) == "cpu"  # AKL's phases too
     assert choose_kernel("auto", cpu, 0, student_logits=x64) == "torch"  # float64: row chunks
@@ -520,10 +522,9 @@ def test_the_vocab_parallel_kernel_follows_the_backend():
         with pytest.raises(TypeError, match="backend='triton' takes fp32/bf16/fp16 "
                                             "student_logits"):
             choose_kernel("triton", cpu, 0, student_logits=x64)
-    with pytest.raises(ValueError, match="backend='cuda' has no dense vocab-parallel kernel"):
-        choose_kernel("cuda", cpu, 0, student_logits=x32)
-    with pytest.raises(ValueError, match="cuda"):  # the sparse phases, on CPU tensors
-        choose_kernel("cuda", cpu, None, student_logits=x32)
+    for div in (0, 7, None):  # the CUDA C++ phases (dense, AKL, sparse) on CPU tensors
+        with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+            choose_kernel("cuda", cpu, div, student_logits=x32)
 
 
 def _topk_case(rank, world, widths, seed):

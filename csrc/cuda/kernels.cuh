@@ -30,6 +30,15 @@ void sparse_kd(const void* s, int s_dtype, int64_t s_stride, const int64_t* indi
                const int64_t* labels, float* loss, void* grad, int64_t n_rows, int64_t vocab,
                const SparseParams& params, void* stream);
 
+// One phase (0-4) of the vocab-parallel dense KD loss on slices [n_rows, width] of student
+// and teacher (see cpu::dense_vp and backends/triton/dense_vp.py): the record rec
+// [n_rows, 8] (fp64) in and out, phase 2 writes the gradient (row stride g_stride, the
+// student's dtype). labels: each row's label column in the slice, -1 elsewhere.
+void dense_vp(int phase, const void* s, int s_dtype, int64_t s_stride, const void* t,
+              int t_dtype, int64_t t_stride, const uint8_t* valid, const int64_t* labels,
+              double* rec, void* grad, int64_t g_stride, int64_t n_rows, int64_t width,
+              const KDParams& params, void* stream);
+
 // One phase of the vocab-parallel sparse KD loss on a slice [n_rows, width] of the student
 // (see cpu::sparse_vp; global ids offset .. offset + width): 0 writes the record rec
 // [n_rows, 8] and z at the owned support zsup [n_rows, k] (fp64), 1 the gradient [n_rows,

@@ -50,16 +50,12 @@ LEAN = True
 def choose_kernel(backend: str, device: torch.device, divergence: int | None,
                   **tensors: Tensor) -> str:
     """The kernel of a vocab-parallel loss: "cpu" (C++), "triton", "cuda" (the CUDA C++
-    sparse phases: backend="cuda", sparse losses only; `auto` takes Triton's until a GPU has
-    measured them), or "torch" (PyTorch row chunks). `auto` picks the fused kernel of the
-    tensors' device; an explicit backend that cannot run there is the single-device ops'
-    ValueError / TypeError; the dense loss has no CUDA C++ vocab-parallel kernel (a
-    ValueError pointing at triton). `divergence` is None for the sparse loss."""
+    phases: backend="cuda"; `auto` takes Triton's until a GPU has measured them), or
+    "torch" (PyTorch row chunks). `auto` picks the fused kernel of the tensors' device; an
+    explicit backend that cannot run there is the single-device ops' ValueError /
+    TypeError. `divergence` is None for the sparse loss."""
     if backend == "torch":
         return "torch"
-    if backend == "cuda" and divergence is not None:
-        raise ValueError("backend='cuda' has no dense vocab-parallel kernel (process_group=): "
-                         "use backend='auto' or 'triton' (the Triton kernels), or 'torch'")
     chosen = resolve_backend(backend, device)
     if backend != "auto":
         check_kernel_dtype(chosen, **tensors)
@@ -119,9 +115,9 @@ def _grad_scalars(sc, grad_scale: float):
 def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | None, sc,
                shard, lim: int, dt: torch.dtype, want_grad: bool, kernel: str,
                grad_scale: float = 1.0) -> tuple[Tensor, Tensor | None]:
-    """vocab_parallel.dense_rows through `kernel` ("cpu" or "triton"): per-row loss [N] and
-    the gradient of this rank's slice (zeros past column `lim`, the ids that count) times
-    `grad_scale`, which the gradient phase folds into its coefficients."""
+    """vocab_parallel.dense_rows through `kernel` ("cpu", "triton" or "cuda"): per-row loss
+    [N] and the gradient of this rank's slice (zeros past column `lim`, the ids that count)
+    times `grad_scale`, which the gradient phase folds into its coefficients."""
     sc_grad = _grad_scalars(sc, grad_scale)
     n, dev = xs.shape[0], xs.device
     s, t = xs[:, :lim], xt[:, :lim]
@@ -149,6 +145,16 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
                                   dtype_code(g) if g is not None else 0, n, lim,
                                   params_grad if k == 2 else params, LEAN,
                                   torch.get_num_threads())
+    elif kernel == "cuda":
+        from ..backends.cuda import _stream
+
+        stash = False
+
+        def phase(k: int, g: Tensor | None = None) -> None:
+            native().dense_vp_cuda(k, ptr(s), dtype_code(s), s.stride(0), ptr(t), dtype_code(t),
+                                   t.stride(0), ptr(valid), ptr(lab), ptr(rec), ptr(g),
+                                   g.stride(0) if g is not None else 0, n, lim,
+                                   kd_params(sc_grad if k == 2 else sc), _stream(s))
     else:
         from ..backends.triton.dense_vp import dense_vp_phase
 
