@@ -100,6 +100,12 @@ if [ "$(left)" -gt 100 ]; then
   timeout 80 distill-ops bench --world 2 --divergence forward_kl jsd akl --reps 5 \
     --no-progress --out "$WORK/world2" > "$WORK/world2.log" 2>&1
   world_rc=$?
+  if [ "$(left)" -gt 100 ]; then
+    log "vocab-parallel through the CUDA C++ phases (DISTILL_OPS_BACKEND=cuda), the same run"
+    DISTILL_OPS_BACKEND=cuda timeout 80 distill-ops bench --world 2 \
+      --divergence forward_kl jsd akl --reps 5 --no-progress --out "$WORK/world2-cuda" \
+      > "$WORK/world2-cuda.log" 2>&1 || world_rc="$world_rc/cuda:$?"
+  fi
 else
   world_rc=skipped
 fi
@@ -131,6 +137,8 @@ fi
   # auto_backends.json's dense_cuda_variant records the faster).
   grep -E "^\| dense \|.*distill_ops\[cuda:" "$OUT/bench.md" 2>/dev/null | cut -c1-160
   grep -E "^\| (dense|sparse|topk) \|" "$WORK"/world2/*.md 2>/dev/null | cut -c1-200
+  grep -E "^\| (dense|sparse) \|" "$WORK"/world2-cuda/*.md 2>/dev/null | sed 's/^/cuda /' \
+    | cut -c1-200
   grep -E "^\| (ce|dense|sampled) \|" "$WORK/demo/demo.md" 2>/dev/null
 } > "$OUT/summary.txt"
 tar -C "$WORK" -czf "$OUT/results.tar.gz" . 2>/dev/null

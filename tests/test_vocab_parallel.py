@@ -500,7 +500,7 @@ def test_triton_phases_on_a_gpu_sparse(seed, dtype, backend):
         assert not bad, f"rank {rank}: {bad}"
 
 
-def test_the_vocab_parallel_kernel_follows_the_backend():
+def test_the_vocab_parallel_kernel_follows_the_backend(monkeypatch):
     from distill_ops.distributed.kernel_rows import choose_kernel
 
     cpu = torch.device("cpu")
@@ -525,6 +525,12 @@ def test_the_vocab_parallel_kernel_follows_the_backend():
     for div in (0, 7, None):  # the CUDA C++ phases (dense, AKL, sparse) on CPU tensors
         with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
             choose_kernel("cuda", cpu, div, student_logits=x32)
+    monkeypatch.setenv("DISTILL_OPS_BACKEND", "cuda")  # overrides auto, as for one device
+    if ON_GPU:
+        assert choose_kernel("auto", dev, 0, student_logits=x32.to(dev)) == "cuda"
+    else:
+        with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+            choose_kernel("auto", cpu, 0, student_logits=x32)
 
 
 def _topk_case(rank, world, widths, seed):

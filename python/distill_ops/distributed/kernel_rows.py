@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -51,11 +52,13 @@ def choose_kernel(backend: str, device: torch.device, divergence: int | None,
                   **tensors: Tensor) -> str:
     """The kernel of a vocab-parallel loss: "cpu" (C++), "triton", "cuda" (the CUDA C++
     phases: backend="cuda"; `auto` takes Triton's until a GPU has measured them), or
-    "torch" (PyTorch row chunks). `auto` picks the fused kernel of the tensors' device; an
-    explicit backend that cannot run there is the single-device ops' ValueError /
-    TypeError. `divergence` is None for the sparse loss."""
+    "torch" (PyTorch row chunks). `auto` picks the fused kernel of the tensors' device
+    (DISTILL_OPS_BACKEND overrides it as for the one-device ops); an explicit backend that
+    cannot run there is the single-device ops' ValueError / TypeError. `divergence` is None
+    for the sparse loss."""
     if backend == "torch":
         return "torch"
+    wanted = backend if backend != "auto" else os.environ.get("DISTILL_OPS_BACKEND") or "auto"
     chosen = resolve_backend(backend, device)
     if backend != "auto":
         check_kernel_dtype(chosen, **tensors)
@@ -63,7 +66,7 @@ def choose_kernel(backend: str, device: torch.device, divergence: int | None,
         return "torch"
     if chosen == "cpu":
         return "cpu" if has_native() else "torch"
-    if backend == "cuda":
+    if wanted == "cuda":
         return "cuda"
     if chosen in ("triton", "cuda"):
         try:
