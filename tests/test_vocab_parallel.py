@@ -170,10 +170,21 @@ def _dense_case(rank, world, widths, seed, dtype, extreme, backend, device="cpu"
     return errs
 
 
+def _sparse_errs(s, idx, lp, sl, group, backend, kw) -> tuple:
+    """(loss, gradient) errors of sparse_kd_loss(**kw) on this rank's slice `sl` of the rows
+    s: sharded against the one-process op and float64's (_errs)."""
+    from distill_ops import reference
+
+    lu, gu = _loss_and_grad(lambda x: distill_ops.sparse_kd_loss(x, idx, lp, **kw), s)
+    ls, gs = _loss_and_grad(lambda x: distill_ops.sparse_kd_loss(
+        x, idx, lp, process_group=group, backend=backend, **kw), s[:, sl])
+    lr, gr = _loss_and_grad(lambda x: reference.sparse_kd_loss(x, idx, lp.double(), **kw),
+                            s.double())
+    return _errs(ls, lu, lr, 1e-6), _errs(gs, gu[:, sl], gr[:, sl])
+
+
 def _sparse_case(rank, world, widths, seed, dtype, backend, device="cpu", divs=DIVERGENCES):
     import torch.distributed as dist
-
-    from distill_ops import reference
 
     group = dist.group.WORLD
     torch.manual_seed(seed)
@@ -193,14 +204,8 @@ def _sparse_case(rank, world, widths, seed, dtype, backend, device="cpu", divs=D
             kw = dict(divergence=div, tail=tail, temperature=2.0, source_temperature=1.0,
                       labels=labels, hard_weight=0.3,
                       teacher_interpolation=0.7 if div in ("ab", "akl") else 1.0)
-            lu, gu = _loss_and_grad(lambda x, kw=kw: distill_ops.sparse_kd_loss(
-                x, idx, lp, **kw), s)
-            ls, gs = _loss_and_grad(lambda x, kw=kw: distill_ops.sparse_kd_loss(
-                x, idx, lp, process_group=group, backend=backend, **kw), s[:, sl])
-            lr, gr = _loss_and_grad(lambda x, kw=kw: reference.sparse_kd_loss(
-                x, idx, lp.double(), **kw), s.double())
-            errs[f"{div}/{tail}/loss"] = _errs(ls, lu, lr, 1e-6)
-            errs[f"{div}/{tail}/grad"] = _errs(gs, gu[:, sl], gr[:, sl])
+            errs[f"{div}/{tail}/loss"], errs[f"{div}/{tail}/grad"] = _sparse_errs(
+                s, idx, lp, sl, group, backend, kw)
     # Ignored rows (mask) and masked vocabulary (-inf student logits off the support, some on
     # every rank's slice).
     s2 = s.clone()
@@ -211,23 +216,11 @@ def _sparse_case(rank, world, widths, seed, dtype, backend, device="cpu", divs=D
     mask = torch.ones(n, dtype=torch.bool, device=device)
     mask[[3, 5]] = False
     kw = dict(tail="bucket", temperature=1.5, mask=mask, labels=labels, hard_weight=0.2)
-    lu, gu = _loss_and_grad(lambda x: distill_ops.sparse_kd_loss(x, idx, lp, **kw), s2)
-    ls, gs = _loss_and_grad(lambda x: distill_ops.sparse_kd_loss(
-        x, idx, lp, process_group=group, backend=backend, **kw), s2[:, sl])
-    lr, gr = _loss_and_grad(lambda x: reference.sparse_kd_loss(x, idx, lp.double(), **kw),
-                            s2.double())
-    errs["mask/loss"] = _errs(ls, lu, lr, 1e-6)
-    errs["mask/grad"] = _errs(gs, gu[:, sl], gr[:, sl])
+    errs["mask/loss"], errs["mask/grad"] = _sparse_errs(s2, idx, lp, sl, group, backend, kw)
     # The whole vocabulary as the support: no rest class, the dense loss.
     full = distill_ops.topk_logprobs(t, v)
-    lu, gu = _loss_and_grad(lambda x: distill_ops.sparse_kd_loss(x, full.indices,
-                                                                 full.logprobs), s)
-    ls, gs = _loss_and_grad(lambda x: distill_ops.sparse_kd_loss(
-        x, full.indices, full.logprobs, process_group=group, backend=backend), s[:, sl])
-    lr, gr = _loss_and_grad(lambda x: reference.sparse_kd_loss(
-        x, full.indices, full.logprobs.double()), s.double())
-    errs["k=V/loss"] = _errs(ls, lu, lr, 1e-6)
-    errs["k=V/grad"] = _errs(gs, gu[:, sl], gr[:, sl])
+    errs["k=V/loss"], errs["k=V/grad"] = _sparse_errs(s, full.indices, full.logprobs, sl,
+                                                      group, backend, {})
     # A confident student: its support `gap` nats above the rest, whose mass at the row's
     # maximum loses its digits (45: fp64 sums of fp32 terms), is past fp32's range (120) or
     # float64's (800); row 4 has a support id far below the rest too. Seed 843519828 of
@@ -238,15 +231,10 @@ def _sparse_case(rank, world, widths, seed, dtype, backend, device="cpu", divs=D
             s3[r, idx[r][idx[r] >= 0]] += gap
         s3[4, idx[4, -1]] -= 2 * gap
         for div in ("forward_kl", "jsd"):
-            kw = dict(divergence=div, tail="bucket", temperature=1.0)
-            lu, gu = _loss_and_grad(lambda x, kw=kw: distill_ops.sparse_kd_loss(
-                x, idx, lp, **kw), s3)
-            ls, gs = _loss_and_grad(lambda x, kw=kw: distill_ops.sparse_kd_loss(
-                x, idx, lp, process_group=group, backend=backend, **kw), s3[:, sl])
-            lr, gr = _loss_and_grad(lambda x, kw=kw: reference.sparse_kd_loss(
-                x, idx, lp.double(), **kw), s3.double())
-            errs[f"confident{gap:g}/{div}/loss"] = _errs(ls, lu, lr, 1e-6)
-            errs[f"confident{gap:g}/{div}/grad"] = _errs(gs, gu[:, sl], gr[:, sl])
+            key = f"confident{gap:g}/{div}"
+            errs[f"{key}/loss"], errs[f"{key}/grad"] = _sparse_errs(
+                s3, idx, lp, sl, group, backend, dict(divergence=div, tail="bucket",
+                                                      temperature=1.0))
     return errs
 
 

@@ -77,16 +77,8 @@ __global__ void __launch_bounds__(kThreads, DIV == 7 ? 1 : 2) dense_kd_kernel(De
     int lo = range.lo, hi = range.hi;
     while (hi - lo > 1) {
       const int mid = lo + (hi - lo) / 2;
-      const float tau = __int_as_float(mid);
-      float mass = 0.0f;
-      walk([&](const auto&, const auto& zt, int64_t) {
-#pragma unroll
-        for (int i = 0; i < int(sizeof(zt) / sizeof(float)); ++i) {
-          const float p = dense_p(r, k, zt[i]);
-          mass += p >= tau ? p : 0.0f;
-        }
-      });
-      mass = block_reduce(mass, AddFloat{}, 0.0f, sm_float);
+      const float mass = block_reduce(akl_mass_part(r, k, __int_as_float(mid), walk),
+                                      AddFloat{}, 0.0f, sm_float);
       if (mass >= a.beta) lo = mid; else hi = mid;
     }
     const float tau = a.beta >= 1.0f ? 0.0f : __int_as_float(lo);

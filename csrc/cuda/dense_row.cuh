@@ -60,6 +60,21 @@ __device__ __forceinline__ void write_grads(const DenseArgs& a, const DenseRow& 
   }
 }
 
+// AKL: this thread's part of the teacher's mass at p >= tau over a row walk (walk_row).
+template <class Walk>
+__device__ __forceinline__ float akl_mass_part(const DenseRow& r, Scales k, float tau,
+                                               Walk&& walk) {
+  float mass = 0.0f;
+  walk([&](const auto&, const auto& zt, int64_t) {
+#pragma unroll
+    for (int i = 0; i < int(sizeof(zt) / sizeof(float)); ++i) {
+      const float p = dense_p(r, k, zt[i]);
+      mass += p >= tau ? p : 0.0f;
+    }
+  });
+  return mass;
+}
+
 }  // namespace distill_ops::cuda
 
 namespace distill_ops::cuda {

@@ -111,15 +111,8 @@ __global__ void __launch_bounds__(kThreads, DIV == 7 ? 1 : 2)
     __shared__ float sm_float[32];
     const float tau = float(f[kTau]);
     if (phase == 3) {  // the slice's teacher mass at p >= tau
-      float mass = 0.0f;
-      walk([&](const auto&, const auto& zt, int64_t) {
-#pragma unroll
-        for (int i = 0; i < int(sizeof(zt) / sizeof(float)); ++i) {
-          const float p = dense_p(r, k, zt[i]);
-          mass += p >= tau ? p : 0.0f;
-        }
-      });
-      mass = block_reduce(mass, AddFloat{}, 0.0f, sm_float);
+      const float mass = block_reduce(akl_mass_part(r, k, tau, walk), AddFloat{}, 0.0f,
+                                      sm_float);
       if (threadIdx.x == 0) f[kA] = mass;
       return;
     }

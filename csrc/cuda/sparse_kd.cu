@@ -20,14 +20,13 @@
 
 #include "common.cuh"
 #include "kernels.cuh"
-#include "sparse_math.cuh"
+#include "sparse_row.cuh"
 #include "vec_io.cuh"
 
 namespace distill_ops::cuda {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr float kRestFloor = 0x1p-60f;  // csrc/cpu/row_math.h's
 
 struct SparseArgs {
   const void* s;
@@ -70,10 +69,6 @@ struct HardTerm {
     return found ? gz : NAN;
   }
 };
-
-__device__ __forceinline__ bool in_support(const uint32_t* bits, int64_t j) {
-  return (bits[j >> 5] >> (j & 31)) & 1u;
-}
 
 // One row per block, instantiated per student dtype and hard term: the student row is read
 // with 16-byte loads in groups of 8 (bf16 / fp16) or 4 (fp32) logits, one running maximum
@@ -136,39 +131,18 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(SparseArgs a) {
 
   // Pass 1 over the student: softmax statistics at T, the off-support mass (cross term with
   // weight 1 off the support), and the T = 1 statistics and z_label of the hard term.
-  Online st{-kFltMax, 0.0f, 0.0f};
-  float a1 = 0.0f, z_label = 0.0f;
-  for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < n_vec; j0 += int64_t(blockDim.x) * VEC) {
-    float x[VEC];
-    load_group<TS, VEC>(s_row + j0 * TS::kBytes, x);
-    const uint32_t word = bits[j0 >> 5] >> (j0 & 31);
-    sparse_push_group<HARD>(st, a1, z_label, x, word, inv_t, a.temperature, j0, label);
-  }
-  for (int64_t j = n_vec + threadIdx.x; j < vocab; j += blockDim.x) {
-    const float x[1] = {load_one<TS>(s_row, j)};
-    const uint32_t word = in_support(bits, j) ? 1u : 0u;
-    sparse_push_group<HARD>(st, a1, z_label, x, word, inv_t, a.temperature, j, label);
-  }
-  // The T = 1 sums ride on the T statistics' maximum (times T): merged as an Online of
-  // their own with maximum m T.
-  if (st.m == -kFltMax) st.m = kNegInf;  // only masked logits: empty
-  Online one{st.m == kNegInf ? kNegInf : st.m * a.temperature, a1, 0.0f};
-  st = block_reduce(st, MergeOnline{}, online_empty(), red_online);
+  const SparseStats stats = sparse_row_stats<TS, HARD>(s_row, vocab, bits, inv_t, a.temperature,
+                                                       label, red_online, red_f);
+  const Online st = stats.st;
   const float log_s = logf(st.a), inv_s = 1.0f / st.a;
   // The rest's sum at the row maximum or, below kRestFloor (its terms near or past fp32's
   // range there: a confident student), two more passes at its own maximum m_rest.
   float s_rest = st.c, m_rest = st.m;
   if (tail == Tail::Bucket && s_rest < kRestFloor) {
-    float mr = kNegInf;
-    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x)
-      if (!in_support(bits, j)) mr = fmaxf(mr, load_one<TS>(s_row, j) * inv_t);
-    mr = block_reduce(mr, MaxFloat{}, kNegInf, red_f);
-    if (mr != kNegInf) {
-      float sr = 0.0f;
-      for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x)
-        if (!in_support(bits, j)) sr += expf(load_one<TS>(s_row, j) * inv_t - mr);
-      s_rest = block_reduce(sr, AddFloat{}, 0.0f, red_f);
-      m_rest = mr;
+    const Online rest = sparse_rest_at_own_max<TS>(s_row, vocab, bits, inv_t, red_f);
+    if (rest.m != kNegInf) {
+      s_rest = rest.a;
+      m_rest = rest.m;
     }
   }
 
@@ -291,9 +265,8 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(SparseArgs a) {
   float log_s1 = 0.0f;
   bool found = true;
   if (hard) {
-    one = block_reduce(one, MergeOnline{}, online_empty(), red_online);
-    z_label = block_reduce(z_label, AddFloat{}, 0.0f, red_f);
-    log_s1 = logf(one.a);
+    const float z_label = stats.z_label;
+    log_s1 = logf(stats.one.a);
     found = label >= 0 && label < vocab;
     row_loss += a.hard_weight * (found ? (st.m - z_label) * a.temperature + log_s1 : NAN);
   }

@@ -21,14 +21,13 @@
 
 #include "common.cuh"
 #include "kernels.cuh"
-#include "sparse_math.cuh"
+#include "sparse_row.cuh"
 #include "vec_io.cuh"
 
 namespace distill_ops::cuda {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr float kRestFloor = 0x1p-60f;  // csrc/cpu/row_math.h's
 // Record fields (sparse_vp.cpp's).
 constexpr int kM = 0, kSum = 1, kRest = 2, kOwn = 3, kSum1 = 4, kZy = 5, kFields = 8;
 constexpr int kOff = 1, kBase = 2, kLogS1 = 4;
@@ -47,13 +46,8 @@ struct SparseVpArgs {
   float temperature, hard_weight;
 };
 
-__device__ __forceinline__ bool owned_bit(const uint32_t* bits, int64_t j) {
-  return (bits[j >> 5] >> (j & 31)) & 1u;
-}
-
 template <class TS, bool HARD>
 __global__ void __launch_bounds__(kThreads) sparse_vp_stats_kernel(SparseVpArgs a) {
-  constexpr int VEC = 16 / TS::kBytes;
   extern __shared__ __align__(16) unsigned char dyn[];  // the owned support bitmap
   __shared__ Online red_online[32];
   __shared__ float red_f[32];
@@ -93,41 +87,15 @@ __global__ void __launch_bounds__(kThreads) sparse_vp_stats_kernel(SparseVpArgs 
     return;
   }
   const int64_t label = HARD ? a.labels[row] : -1;
-  const int64_t n_vec = (reinterpret_cast<uintptr_t>(s_row) & 15u) == 0 ? width - width % VEC : 0;
-  Online st{-kFltMax, 0.0f, 0.0f};
-  float a1 = 0.0f, z_label = 0.0f;
-  for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < n_vec; j0 += int64_t(blockDim.x) * VEC) {
-    float x[VEC];
-    load_group<TS, VEC>(s_row + j0 * TS::kBytes, x);
-    const uint32_t word = bits[j0 >> 5] >> (j0 & 31);
-    sparse_push_group<HARD>(st, a1, z_label, x, word, inv_t, a.temperature, j0, label);
-  }
-  for (int64_t j = n_vec + threadIdx.x; j < width; j += blockDim.x) {
-    const float x[1] = {load_one<TS>(s_row, j)};
-    const uint32_t word = owned_bit(bits, j) ? 1u : 0u;
-    sparse_push_group<HARD>(st, a1, z_label, x, word, inv_t, a.temperature, j, label);
-  }
-  if (st.m == -kFltMax) st.m = kNegInf;  // only masked logits: empty
-  Online one{st.m == kNegInf ? kNegInf : st.m * a.temperature, a1, 0.0f};
-  st = block_reduce(st, MergeOnline{}, online_empty(), red_online);
-  if (HARD) {
-    one = block_reduce(one, MergeOnline{}, online_empty(), red_online);
-    z_label = block_reduce(z_label, AddFloat{}, 0.0f, red_f);
-  }
-  // The rest below the floor at m (its terms near or past fp32's range): at its own maximum.
+  const SparseStats stats = sparse_row_stats<TS, HARD>(s_row, width, bits, inv_t, a.temperature,
+                                                       label, red_online, red_f);
+  const Online st = stats.st;
+  // The rest below the floor at m (its terms near or past fp32's range): at its own maximum,
+  // recorded as its log-mass relative to m.
   float rest = st.c;
   if (st.m != kNegInf && rest < kRestFloor) {
-    float mr = kNegInf;
-    for (int64_t j = threadIdx.x; j < width; j += blockDim.x)
-      if (!owned_bit(bits, j)) mr = fmaxf(mr, load_one<TS>(s_row, j) * inv_t);
-    mr = block_reduce(mr, MaxFloat{}, kNegInf, red_f);
-    if (mr != kNegInf) {
-      float sr = 0.0f;
-      for (int64_t j = threadIdx.x; j < width; j += blockDim.x)
-        if (!owned_bit(bits, j)) sr += expf(load_one<TS>(s_row, j) * inv_t - mr);
-      sr = block_reduce(sr, AddFloat{}, 0.0f, red_f);
-      rest = (mr - st.m) + logf(sr);
-    }
+    const Online own_max = sparse_rest_at_own_max<TS>(s_row, width, bits, inv_t, red_f);
+    if (own_max.m != kNegInf) rest = (own_max.m - st.m) + logf(own_max.a);
   }
   if (threadIdx.x == 0) {
     const bool empty = st.m == kNegInf;
@@ -135,8 +103,8 @@ __global__ void __launch_bounds__(kThreads) sparse_vp_stats_kernel(SparseVpArgs 
     f[kSum] = empty ? 0.0 : double(st.a);
     f[kRest] = empty ? 0.0 : double(rest);  // log_form: < 0 (the mass is below the floor)
     f[kOwn] = owned;
-    f[kSum1] = HARD && !empty ? double(one.a) : 0.0;
-    f[kZy] = label >= 0 && label < width ? double(z_label) : 0.0;
+    f[kSum1] = HARD && !empty ? double(stats.one.a) : 0.0;
+    f[kZy] = label >= 0 && label < width ? double(stats.z_label) : 0.0;
   }
 }
 
