@@ -152,7 +152,11 @@ def _dense_case(rank, world, widths, seed, dtype, extreme, backend, device="cpu"
                 continue
             g_out = go if kw.get("reduction") == "none" else None
             kw = dict(kw, divergence=div)
-            lu, gu = _loss_and_grad(lambda x, kw=kw: distill_ops.kd_loss(x, t, **kw), s, g_out)
+            # The unsharded op on the same backend: the same kernel family's rounding (seed
+            # 701191549: the Triton AB one-series element runs 1e-6 above float64 under
+            # TAID, sharded or not, where the C++ kernel's runs 5e-8).
+            lu, gu = _loss_and_grad(lambda x, kw=kw: distill_ops.kd_loss(
+                x, t, backend=backend, **kw), s, g_out)
             ls, gs = _loss_and_grad(lambda x, kw=kw: distill_ops.kd_loss(
                 x, t[:, sl], process_group=group, backend=backend, **kw), s[:, sl], g_out)
             lr, gr = _loss_and_grad(lambda x, kw=kw: reference.kd_loss(
@@ -468,13 +472,15 @@ def _check_bf16(errs: dict) -> dict:
     one 4.8e-3 from float64, the one-device one 2.2e-3). AKL's losses within 1e-4: its
     head/tail split is discontinuous at the threshold (_check), and bf16 logits under TAID
     make near-ties there (seed 1890263875: two ids of row 1 whose p differ by 1e-14 of
-    themselves, the float64 head holding one, an fp32 computation both: 7.2e-5)."""
+    themselves, the float64 head holding one, an fp32 computation both: 7.2e-5). Or, as in
+    _check, no further from float64 than the one-device op plus that (seed 510055604, AKL
+    under TAID: 1.7e-4 from it, the sharded 3.6e-5 from float64 and it 1.3e-4)."""
     def bar(k: str) -> float:
         if not k.endswith("loss"):
             return 1e-2
         return 1e-4 if k.startswith("akl/") else 1e-5
 
-    return {k: e for k, e in errs.items() if e[0] > bar(k)}
+    return {k: e for k, e in errs.items() if e[0] > bar(k) and e[1] > e[2] + bar(k)}
 
 
 @GPU_ONLY
