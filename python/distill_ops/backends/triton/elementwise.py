@@ -176,7 +176,11 @@ def _ab_h_parts(lp, lq, a, b):
     select: p = 0 makes d = +inf and G = 0, so a h = W; q = 0 makes W = G = 0 (d = -inf or
     NaN never takes the series)."""
     d = lq - lp
-    wq = tl.exp2(lq * ((a + b) * LOG2E))
+    s = a + b
+    # s * LOG2E, the same scalar as ab_fast_terms' U = p^s: its direct form's cancellation
+    # (~40x) turns a mismatch of the two scales into a bias (the interpreter rounded
+    # (a + b) * LOG2E apart from s * LOG2E: +1e-5 on each direct element, +1e-6 a loss).
+    wq = tl.exp2(lq * (s * LOG2E))
     g = tl.exp2(lp * (a * LOG2E) + lq * (b * LOG2E))
     x = a * d
     return d, wq, g, tl.where(tl.abs(x) < 0.5, (g * x) * _exprel_small(x), wq - g)
