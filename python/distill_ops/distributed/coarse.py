@@ -66,7 +66,8 @@ def rest_shift(m: torch.Tensor, l_rest: torch.Tensor, has_rest: torch.Tensor,
                dt: torch.dtype) -> torch.Tensor:
     """The off-support e_j's base m + shift [N] (float64): shift 0, or about l_rest where the
     rest's mass is below the floor (its e_j at m would underflow), rounded so that m + shift
-    is a number of `dt`, the kernels' type: they take exp(z_j - base) at it exactly."""
+    is a number of `dt`, the kernels' type: they take exp(z_j - base) at it exactly. 0
+    for every row but bucket's (coarse_divergence's has_rest is false for the others)."""
     m = m.double()
     zero = torch.zeros_like(m)
     want = torch.where(has_rest & (l_rest < LOG_REST_FLOOR), l_rest.double(), zero)

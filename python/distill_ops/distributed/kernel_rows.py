@@ -364,7 +364,7 @@ def sparse_rows(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, sha
         loss = torch.where(valid, loss, zero)
     if not want_grad:
         return loss.to(dt), None
-    shift = rest_shift(m, l_rest, has_rest, dt) if tail == "bucket" else torch.zeros_like(m)
+    shift = rest_shift(m, l_rest, has_rest, dt)
     off, sup_grad = sparse_grad_terms(h, lq_sup, s_all.to(dt), l_rest.to(dt), has_rest, tail,
                                       shift)
     coef = sc_grad.soft_coef / t

@@ -390,7 +390,7 @@ def _sparse_chunk(xs, idx, tlp, valid, labels, divergence, tail, t, ratio, sc, s
     if not want_grad:
         return loss, None
 
-    shift = rest_shift(m, l_rest, has_rest, dt) if tail == "bucket" else torch.zeros_like(m)
+    shift = rest_shift(m, l_rest, has_rest, dt)
     off, sup_grad = sparse_grad_terms(h, lq_sup, s_all, l_rest, has_rest, tail, shift)
     if rest_z is not None:  # e_j at the base m + shift (rest_shift makes it a dt number)
         e = _exp_shifted(z, (m.double() + shift).to(dt))
