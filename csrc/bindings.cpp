@@ -39,13 +39,15 @@ void dense_kd_cpu(uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t t_pt
 
 void dense_vp_cpu(int phase, uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t t_ptr,
                   int t_dtype, int64_t t_stride, uintptr_t valid_ptr, uintptr_t labels_ptr,
-                  uintptr_t rec_ptr, uintptr_t grad_ptr, int grad_dtype, int64_t n_rows,
-                  int64_t width, const KDParams& params, bool lean, int num_threads) {
+                  uintptr_t rec_ptr, uintptr_t aux_ptr, uintptr_t grad_ptr, int grad_dtype,
+                  int64_t n_rows, int64_t width, const KDParams& params, bool lean,
+                  int num_threads) {
   distill_ops::cpu::dense_vp(phase, {as_ptr<const void>(s_ptr), s_dtype, s_stride},
                              {as_ptr<const void>(t_ptr), t_dtype, t_stride},
                              as_ptr<const uint8_t>(valid_ptr), as_ptr<const int64_t>(labels_ptr),
-                             as_ptr<double>(rec_ptr), as_ptr<void>(grad_ptr), grad_dtype, n_rows,
-                             width, params, lean, num_threads);
+                             as_ptr<double>(rec_ptr), as_ptr<double>(aux_ptr),
+                             as_ptr<void>(grad_ptr), grad_dtype, n_rows, width, params, lean,
+                             num_threads);
 }
 
 void sparse_vp_cpu(int phase, uintptr_t s_ptr, int s_dtype, int64_t s_stride, uintptr_t idx_ptr,

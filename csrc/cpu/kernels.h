@@ -34,10 +34,12 @@ void dense_kd(RowView student, RowView teacher, const uint8_t* valid, const int6
 // int64, each row's label as a column of this slice, -1 where it lies elsewhere.
 // lean: the phases read rows whose z is exact where they lie, and grad (of the accumulation
 // dtype, F32 or F64 for float64 inputs; not otherwise) given to every phase carries per-logit
-// work from phase to phase (dense_vp.cpp); bitwise equal to !lean on one process.
+// work from phase to phase (dense_vp.cpp); bitwise equal to !lean on one process. aux:
+// AKL's stashed search record (double [n_rows, 16], phases 7-11; null otherwise).
 void dense_vp(int phase, RowView student, RowView teacher, const uint8_t* valid,
-              const int64_t* labels, double* rec, void* grad, int grad_dtype, int64_t n_rows,
-              int64_t width, const KDParams& params, bool lean, int num_threads);
+              const int64_t* labels, double* rec, double* aux, void* grad, int grad_dtype,
+              int64_t n_rows, int64_t width, const KDParams& params, bool lean,
+              int num_threads);
 
 // The sparse KD loss of a vocab-parallel slice [n_rows, width] (global columns offset ..
 // offset + width; indices [n_rows, k] global ids, -1 pads) in two phases (0: statistics into

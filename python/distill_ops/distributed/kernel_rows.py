@@ -39,7 +39,12 @@ from ..dispatch import resolve_backend
 from ..validation import check_kernel_dtype
 from .coarse import coarse_divergence, rest_log_mass, rest_shift, sparse_grad_terms
 from .comm import all_gather, all_reduce
-from .head import head_threshold, head_threshold_key16
+from .head import (
+    SearchSteps,
+    head_threshold,
+    head_threshold_exchange,
+    head_threshold_key16,
+)
 
 FORWARD_KL, REVERSE_KL, JSD, TVD, AKL = 0, 1, 2, 3, 7
 # The C++ phases' shortcuts (dense_vp.cpp and sparse_vp.cpp, "lean"), bitwise equal on one
@@ -138,12 +143,13 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
         # row chunks): dense_vp.cpp, "lean phases".
         stash = LEAN and g_local is not None and g_local.dtype == torch.float32
 
-        def phase(k: int, g: Tensor | None = None, cand: Tensor | None = None) -> None:
+        def phase(k: int, g: Tensor | None = None, cand: Tensor | None = None,
+                  aux: Tensor | None = None) -> None:
             g = g_local if stash else g
-            s_in = s if cand is None else cand  # phases 6 and 7: the candidates' buffer
+            s_in = s if cand is None else cand  # phases 7, 10, 11: the candidates' buffer
             native().dense_vp_cpu(k, ptr(s_in), dtype_code(s_in), s_in.stride(0), ptr(t),
                                   dtype_code(t),
-                                  t.stride(0), ptr(valid), ptr(lab), ptr(rec),
+                                  t.stride(0), ptr(valid), ptr(lab), ptr(rec), ptr(aux),
                                   ptr(g) if g is not None else 0,
                                   dtype_code(g) if g is not None else 0, n, lim,
                                   params_grad if k == 2 else params, LEAN,
@@ -184,8 +190,7 @@ def dense_rows(xs: Tensor, xt: Tensor, valid: Tensor | None, labels: Tensor | No
         key16 = t.dtype if kernel == "triton" and t.dtype in (torch.bfloat16, torch.float16) \
             and not sc.teacher_softcap and sc.interp == 1.0 else None
         rec[:, 7] = _akl_threshold(phase, rec, sc, shard.total, key16, reduce,
-                                   g_local if stash else None)
-        rec[:, 0] = ms  # phases 6 and 7 kept the mass above their range there
+                                   g_local if stash else None, shard.group, dt)
         phase(4)
         part = reduce(rec[:, [5, 6, 7, 4]], dist.ReduceOp.SUM)
         fkl, rkl, g_head, g_tail = part.unbind(1)
@@ -248,42 +253,65 @@ def _global_sums(rec: Tensor, divergence: int, temperature: float, kl: bool, gro
 
 
 def _akl_threshold(phase, rec: Tensor, sc, vocab: int, key16: torch.dtype | None,
-                   reduce, stash: Tensor | None = None) -> Tensor:
-    """AKL's head threshold per row over the whole vocabulary (head.py): each bisection step
-    is the kernel's phase 3 (the slice's mass at p >= tau, tau in field 7; at x >= tau over
-    the teacher's own logits where `key16` names its 16-bit dtype: the Triton phases without
-    softcap or TAID) and one all-reduce of a float a row. Where the C++ phases hold p in
-    the gradient buffer (`stash`), the steps after head.NARROW_AFTER read only the values
-    still inside the search's range, gathered once (phases 6 and 7), not the row; the
-    caller puts fields 0 and 4 back. The stash holds exp(z_t - m_slice) until the first
-    step, which turns it into p in the same pass (phase 8; phase 5 alone where no step
-    runs)."""
-    scaled = stash is None
+                   reduce, stash: Tensor | None = None, group=None,
+                   dt: torch.dtype = torch.float32) -> Tensor:
+    """AKL's head threshold per row over the whole vocabulary (head.py). Without a stash each
+    bisection step is the kernel's phase 3 (the slice's mass at p >= tau, tau in field 7; at
+    x >= tau over the teacher's own logits where `key16` names its 16-bit dtype: the Triton
+    phases without softcap or TAID) and one all-reduce of a float a row. Where the C++ phases
+    hold exp(z_t - m_slice) in the gradient buffer (`stash`), head_threshold_exchange runs
+    on it (dense_vp.cpp, phases 7-11, with their own record `aux`): the first quarter step
+    turns the stash into p in the same pass (phase 5 alone where no step runs)."""
+    if stash is None:
+        def mass(tau: Tensor) -> Tensor:
+            rec[:, 7] = tau.to(torch.float64)
+            phase(3)
+            return reduce(rec[:, 5:6], dist.ReduceOp.SUM)[:, 0]
 
-    def step(k: int, tau: Tensor, **kw) -> Tensor:  # one bisection step: phase k, all-reduce
-        rec[:, 7] = tau.to(torch.float64)
-        phase(k, **kw)
-        return reduce(rec[:, 5:6], dist.ReduceOp.SUM)[:, 0]
+        if key16 is not None:
+            tau = head_threshold_key16(mass, sc.beta, rec[:, 2], rec[:, 3],
+                                       sc.teacher_scale / sc.temperature, vocab,
+                                       key16 == torch.bfloat16)
+        else:
+            tau = head_threshold(mass, sc.beta, rec[:, 3], vocab)
+        return tau.to(torch.float64)
 
-    def mass(tau: Tensor) -> Tensor:
-        nonlocal scaled
-        k, scaled = (3 if scaled else 8), True
-        return step(k, tau)
+    n = rec.shape[0]
+    aux = torch.zeros(n, 16, dtype=torch.float64, device=rec.device)
+    cand: list[Tensor] = []
 
-    def narrow(lo: Tensor, hi: Tensor):
-        cand = torch.empty_like(stash)  # pages a row's few candidates never touch stay unmapped
-        rec[:, 6], rec[:, 7] = lo.to(torch.float64), hi.to(torch.float64)
-        phase(6, cand=cand)
-        return lambda tau: step(7, tau, cand=cand)
+    def quarter(i: int, lo: Tensor, hi: Tensor) -> Tensor:
+        aux[:, 0], aux[:, 1] = lo.to(torch.float64), hi.to(torch.float64)
+        phase(8 if i == 0 else 9, aux=aux)
+        return reduce(aux[:, 2:5], dist.ReduceOp.SUM)
 
-    if key16 is not None:
-        tau = head_threshold_key16(mass, sc.beta, rec[:, 2], rec[:, 3],
-                                   sc.teacher_scale / sc.temperature, vocab,
-                                   key16 == torch.bfloat16)
-    else:
-        tau = head_threshold(mass, sc.beta, rec[:, 3], vocab,
-                             None if stash is None else narrow)
-    if not scaled:  # no step ran (a head mass of 1): the stash to p alone
+    def gather(lo: Tensor, hi: Tensor, room: int | None) -> None:
+        # As many candidates a row as the masses allow, else the width: a buffer small enough
+        # for the allocator to keep from call to call (a fresh [n, width] one page-faults).
+        aux[:, 0], aux[:, 1] = lo.to(torch.float64), hi.to(torch.float64)
+        width = stash.shape[1]
+        cap = width if room is None else min(width, room + room // 64 + 64)
+        cand.append(stash.new_empty(stash.shape[0], cap))
+        phase(10, aux=aux, cand=cand[0])
+        if cap < width and bool((aux[:, 6] > cap).any()):  # host-sync-ok: rounding's way out
+            cand[0] = torch.empty_like(stash)
+            phase(10, aux=aux, cand=cand[0])
+
+    def inner(rows: Tensor, lo: Tensor, hi: Tensor, points: Tensor) -> Tensor:
+        aux[rows, 0], aux[rows, 1] = lo.to(torch.float64), hi.to(torch.float64)
+        aux[rows, 8:11] = points.to(torch.float64)
+        phase(7, aux=aux, cand=cand[0])
+        return reduce(aux[rows, 2:5], dist.ReduceOp.SUM)
+
+    def exchange(rows: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        aux[rows, 0], aux[rows, 1] = lo.to(torch.float64), hi.to(torch.float64)
+        phase(11, aux=aux, cand=cand[0])
+        return all_gather(aux[rows, 7:16].to(dt).contiguous(), group).to(torch.float64)
+
+    tau = head_threshold_exchange(SearchSteps(quarter, gather, inner, exchange), sc.beta,
+                                  rec[:, 3],
+                                  vocab)
+    if sc.beta >= 1.0:  # no step ran (a head mass of 1): the stash to p alone
         phase(5)
     return tau.to(torch.float64)
 
