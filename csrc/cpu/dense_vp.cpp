@@ -121,6 +121,21 @@ void quarter_masses(Acc* v, int64_t width, Acc cp, const Acc (&t)[3], double* ou
   out[2] = m2;
 }
 
+// gather_range's values from j to j1 one at a time: returns part plus those at or above hi.
+template <typename Acc>
+Acc gather_tail(const Acc* v, int64_t j, int64_t j1, Acc lo, Acc hi, Acc* cand, int64_t& c,
+                int64_t cap, Acc part) {
+  for (; j < j1; ++j) {
+    if (v[j] >= hi) {
+      part += v[j];
+    } else if (v[j] >= lo) {
+      if (c < cap) cand[c] = v[j];
+      ++c;
+    }
+  }
+  return part;
+}
+
 // A pass over the block [j0, j1) of v: returns the sum of its values at or above hi, and
 // appends those in [lo, hi) to cand at c, at most `cap` in all (c counts them all: c > cap
 // tells the caller the buffer was short). cand may be v itself (c <= j: a value is read
@@ -152,15 +167,7 @@ Acc gather_range(const Acc* v, int64_t j0, int64_t j1, Acc lo, Acc hi, Acc* cand
   }
   Acc part = 0;
   for (int k = 0; k < kLanes; ++k) part += acc[k];
-  for (; j < j1; ++j) {
-    if (v[j] >= hi) {
-      part += v[j];
-    } else if (v[j] >= lo) {
-      if (c < cap) cand[c] = v[j];
-      ++c;
-    }
-  }
-  return part;
+  return gather_tail(v, j, j1, lo, hi, cand, c, cap, part);
 }
 
 #if defined(__AVX512F__)
@@ -181,16 +188,11 @@ inline float gather_range(const float* v, int64_t j0, int64_t j1, float lo, floa
     _mm512_storeu_ps(cand + c, _mm512_maskz_compress_ps(in, x));
     c += __builtin_popcount(unsigned(in));
   }
-  float part = _mm512_reduce_add_ps(acc);
-  for (; j < j1; ++j) {
-    if (v[j] >= hi) {
-      part += v[j];
-    } else if (v[j] >= lo) {
-      if (c < cap) cand[c] = v[j];
-      ++c;
-    }
-  }
-  return part;
+  alignas(64) float lanes[16];  // (GCC 12's _mm512_reduce_add_ps trips -Wmaybe-uninitialized)
+  _mm512_store_ps(lanes, acc);
+  float part = 0;
+  for (float x : lanes) part += x;
+  return gather_tail(v, j, j1, lo, hi, cand, c, cap, part);
 }
 #endif
 
