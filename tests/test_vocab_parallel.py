@@ -567,7 +567,7 @@ def _akl_search_case(rank, world, seed, head_mass):
     return same, loss_err, grad_err, int((~clear).sum())
 
 
-@pytest.mark.parametrize("head_mass", [0.3, 0.7])
+@pytest.mark.parametrize("head_mass", [1e-6, 0.3, 0.7])
 def test_akl_stashed_search_equals_the_one_device_op(seed, head_mass):
     """The C++ phases' AKL search (quarter steps, candidates, the exchange) on 2 ranks: the
     loss and gradient as the one-device op's on the whole rows, within fp32 noise (the
