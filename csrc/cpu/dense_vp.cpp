@@ -29,9 +29,10 @@
 // of an exponential: phase 2 for the KLs (they have no phase 1), phase 1 for the others,
 // which leaves the gradient's per-logit term h there in its place, for phase 2 to read
 // instead of computing the divergence's terms again (JSD: an exponential and a logarithm
-// less a logit, AB: its whole element). AKL stashes the teacher's exp(z_t - m_slice)
-// instead (m_slice in field 6), which phase 5 turns into p with the global statistics: its
-// bisection steps (phase 3) then read the stash alone, and phases 4 and 2 take p from it.
+// less a logit, AB: its whole element). AKL stashes nothing in phase 0; phase 5 or 8 writes
+// the teacher's p there from the global statistics (the plain phases' p, bit for bit: tied
+// logits on two ranks stay tied), its search reads the stash alone, and phases 4 and 2
+// take p from it.
 // The per-element maths is kd_math.h's, as in dense_kd.cpp.
 #include <algorithm>
 #include <cmath>
@@ -89,11 +90,13 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
   const Acc log_1mb = mixes ? Acc(std::log1p(-double(beta))) : Acc(0);
   constexpr bool kl = div == Divergence::ForwardKL || div == Divergence::ReverseKL;
   constexpr bool akl = div == Divergence::AKL;
-  // AKL stashes p: phase 3 reads the stash alone, as does phase 5, which rescales it.
-  const bool no_rows = kStash && akl && (phase == 3 || phase >= 5);
+  // AKL stashes p: its search reads the stash alone (phases 5 and 8 write it, from the rows).
+  const bool no_rows = kStash && akl && (phase == 3 || phase == 7 || phase >= 9);
+  // Phases 5 and 8 write p into the stash from the teacher's row (and TAID's student's).
+  const bool p_only = kStash && akl && (phase == 5 || phase == 8);
   // Phase 2 with a stash: the KLs and AKL need both rows (z_s only for the hard term or the
   // softcap in forward KL's case), the others z_s alone (q, and h from the stash).
-  const bool load_s = !no_rows && (!kStash || div != Divergence::ForwardKL || hard ||
+  const bool load_s = !no_rows && (!p_only || interp != Acc(1)) && (!kStash || div != Divergence::ForwardKL || hard ||
                                    cap_s > Acc(0) || interp != Acc(1) || phase != 2);
   const bool load_t = !no_rows && (!kStash || kl || akl || phase != 2);
   // Phase 2, stashed, without the hard term or a student softcap: one pass that writes the
@@ -188,7 +191,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
 #pragma omp simd reduction(+ : a, b, c)
           for (int64_t j = j0; j < j1; ++j) {
             const Acc e_s = exp_acc(zs_at(j) - ms), e_t = exp_acc(zt_at(j) - mt);
-            if constexpr (kStash) stash[j] = akl ? e_t : e_s;
+            if constexpr (kStash && !akl) stash[j] = e_s;
             a += e_s;
             b += e_t;
             // sum_j e_w u_j with u = (zw - mw) - (zo - mo): the weighting side w is the
@@ -252,17 +255,19 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
         }
       };
       if constexpr (div == Divergence::AKL) {
-        if (kStash && phase == 5) {  // the stash from exp(z_t - m_slice) to p
-          const Acc cp = Acc(std::exp(f[kMtSlice] - f[kMt] - f[kSt]));
+        if (kStash && (phase == 5 || phase == 8)) {
+          // p into the stash, as the plain phases compute it: the global statistics' p of
+          // each logit, whatever the slice (tied logits on two ranks stay tied; e * exp(m_slice
+          // - M - log S) from phase 0's exponentials rounded them apart by rank).
 #pragma omp simd
-          for (int64_t j = 0; j < width; ++j) stash[j] *= cp;
-          continue;
+          for (int64_t j = 0; j < width; ++j) stash[j] = p_of(j);
+          if (phase == 5) continue;
         }
-        if (kStash && phase >= 7) {  // the stashed search's steps (head_search.h)
+        if (kStash && phase >= 7) {  // the stashed search's steps (head_search.h; 8 as 9)
           Acc* cand = const_cast<Acc*>(static_cast<const Acc*>(student.ptr)) +
                       r * student.row_stride;
-          head_search_phase(phase, stash, width, cand, student.row_stride,
-                            f[kMtSlice] - f[kMt] - f[kSt], aux + r * kAuxFields);
+          head_search_phase(phase == 8 ? 9 : phase, stash, width, cand, student.row_stride,
+                            aux + r * kAuxFields);
           continue;
         }
         if (phase == 3) {  // one bisection step: the slice's teacher mass at p >= tau

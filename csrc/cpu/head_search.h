@@ -37,10 +37,9 @@ inline float p_at(double bits) {
   return p;
 }
 
-// The slice's masses at p >= t[i] (i < 3) into out, p the stash's values, which a rescaling
-// pass (kRescale) first multiplies by cp and stores back.
-template <typename Acc, bool kRescale>
-void quarter_masses(Acc* v, int64_t width, Acc cp, const Acc (&t)[3], double* out) {
+// The slice's masses at p >= t[i] (i < 3) into out, p the stash's values v.
+template <typename Acc>
+void quarter_masses(const Acc* v, int64_t width, const Acc (&t)[3], double* out) {
   double m0 = 0, m1 = 0, m2 = 0;
   for (int64_t j0 = 0; j0 < width; j0 += kSumBlock) {
     const int64_t j1 = std::min(width, j0 + kSumBlock);
@@ -48,11 +47,7 @@ void quarter_masses(Acc* v, int64_t width, Acc cp, const Acc (&t)[3], double* ou
     Acc a = 0, b = 0, c = 0;
 #pragma omp simd reduction(+ : a, b, c)
     for (int64_t j = j0; j < j1; ++j) {
-      Acc p = v[j];
-      if constexpr (kRescale) {
-        p *= cp;
-        v[j] = p;
-      }
+      const Acc p = v[j];
       a += p >= t0 ? p : Acc(0);
       b += p >= t1 ? p : Acc(0);
       c += p >= t2 ? p : Acc(0);
@@ -141,12 +136,12 @@ inline float gather_range(const float* v, int64_t j0, int64_t j1, float lo, floa
 }
 #endif
 
-// One phase of the search on a row: its stash of p (width values; phase 8 first rescales it
-// by exp(log_cp), the statistics' exp(m_slice - M - log S)), its candidates' buffer cand
-// (room for cap values) and its record a (AuxField).
+// One phase of the search on a row (7, 9, 10 or 11; dense_vp.cpp's 8 writes p, then runs
+// 9): its stash of p (width values), its candidates' buffer cand (room for cap values) and
+// its record a (AuxField).
 template <typename Acc>
-void head_search_phase(int phase, Acc* stash, int64_t width, Acc* cand, int64_t cap,
-                       double log_cp, double* a) {
+void head_search_phase(int phase, const Acc* stash, int64_t width, Acc* cand, int64_t cap,
+                       double* a) {
   const auto lo = int64_t(a[kAuxLo]), hi = int64_t(a[kAuxHi]);
   if (phase == 7) {  // the masses at three points from the candidates, kept to [lo, hi)
     // The values at or above hi join the mass above (base), those below lo leave: each
@@ -188,15 +183,11 @@ void head_search_phase(int phase, Acc* stash, int64_t width, Acc* cand, int64_t 
       return gather_range(stash, j0, j1, vlo, vhi, cand, c, cap);
     });
     a[kAuxCount] = double(c);
-  } else {  // 8, 9: the masses at the range's inner quarter points
+  } else {  // 9: the masses at the range's inner quarter points
     const Acc t[3] = {Acc(p_at(double(lo + (hi - lo) / 4))),
                       Acc(p_at(double(lo + (hi - lo) * 2 / 4))),
                       Acc(p_at(double(lo + (hi - lo) * 3 / 4)))};
-    if (phase == 8) {
-      quarter_masses<Acc, true>(stash, width, Acc(std::exp(log_cp)), t, a + kAuxMass);
-    } else {
-      quarter_masses<Acc, false>(stash, width, Acc(1), t, a + kAuxMass);
-    }
+    quarter_masses(stash, width, t, a + kAuxMass);
   }
 }
 
