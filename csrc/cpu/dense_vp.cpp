@@ -16,8 +16,8 @@
 //     range's three inner quarter points), 9 (the masses alone), 10 (the range's values
 //     gathered into a candidate buffer, passed in the student's place, and the mass above
 //     the range), 7 (the masses at three points of the range from the candidates alone,
-//     which it keeps to the range: a few hundred values a row, then fewer, not the row), 11 (this
-//     slice's count of candidates in the range and up to kExchange of them, which the ranks
+//     which it keeps to the range: a few hundred values a row, then fewer, not the row), 11
+//     (this slice's count of candidates in the range and up to kExchange of them, which the ranks
 //     exchange to read tau off); 5 (the stash to p alone) where no step runs.
 // Lean phases (`lean`; on one process bitwise equal to the plain ones, AKL to an fp32 rounding
 // of p): rows whose z is exact are read where they lie (below, "in place"), and, stashing, a
@@ -60,8 +60,8 @@ enum VpField : int {
   kA = 5, kB = 6,                      // phase 1 out: the two partial sums
   kDiv = 5, kSumH = 6,                 // phase 2 in: the divergence, sum_j h_j (or q g)
   kTau = 7,                            // AKL: tau (phases 3, 4 in), head weight (phase 2 in)
-  kMsSlice = 7,                        // stashing: the slice's student max (phase 0 out)
-  kMtSlice = 6,                        // AKL stashing: the slice's teacher max (phase 0 out)
+  kMsSlice = 7,                        // stashing (not AKL): the slice's student max
+                                       // (phase 0 out)
   // TVD stashing (phase 1 out): -1 where the stash holds sign(q - p) / 2; else it holds q
   // signed by q - p (a lean phase 2 reads q and the sign from it, no exponential), and the
   // field counts the ids with q == p > 0 (sign 0, which that cannot carry: then phase 2
@@ -96,8 +96,9 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
   const bool p_only = kStash && akl && (phase == 5 || phase == 8);
   // Phase 2 with a stash: the KLs and AKL need both rows (z_s only for the hard term or the
   // softcap in forward KL's case), the others z_s alone (q, and h from the stash).
-  const bool load_s = !no_rows && (!p_only || interp != Acc(1)) && (!kStash || div != Divergence::ForwardKL || hard ||
-                                   cap_s > Acc(0) || interp != Acc(1) || phase != 2);
+  const bool load_s = !no_rows && (!p_only || interp != Acc(1)) &&
+                      (!kStash || div != Divergence::ForwardKL || hard || cap_s > Acc(0) ||
+                       interp != Acc(1) || phase != 2);
   const bool load_t = !no_rows && (!kStash || kl || akl || phase != 2);
   // Phase 2, stashed, without the hard term or a student softcap: one pass that writes the
   // gradient over the stash in place.
@@ -218,7 +219,7 @@ void vp_impl(int phase, RowView student, RowView teacher, const uint8_t* valid,
         f[kZy] = label >= 0 && label < width ? double(zs_at(label)) : 0.0;
         // The slice's own maximum, -inf where it holds nothing: its stash of 0s then rescales
         // by exp(-inf) = 0 (not by exp(0 - m), which overflows where m < -88).
-        if constexpr (kStash) f[akl ? kMtSlice : kMsSlice] = double(akl ? mt_row : ms_row);
+        if constexpr (kStash && !akl) f[kMsSlice] = double(ms_row);
         continue;
       }
       const Acc ms = Acc(f[kMs]), log_ss = Acc(f[kSs]), mt = Acc(f[kMt]), log_st = Acc(f[kSt]);

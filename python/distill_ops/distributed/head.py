@@ -119,6 +119,11 @@ def _values_within(m_lo: Tensor, m_hi: Tensor, lo: Tensor) -> Tensor:
     return (m_lo - m_hi) / _p_of(lo).double()
 
 
+def _quarter_points(lo: Tensor, hi: Tensor) -> Tensor:
+    """[n, 3]: the inner quarter points lo + (hi - lo) * k // 4 (as head_search.h's)."""
+    return torch.stack([lo + (hi - lo) * k // 4 for k in (1, 2, 3)], 1)
+
+
 def _narrow(lo: Tensor, hi: Tensor, m_lo: Tensor, m_hi: Tensor, points: Tensor,
             masses: Tensor, head_mass: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The part of [lo, hi) cut at points [n, 3] (ascending) where the mass crosses
@@ -142,8 +147,7 @@ def _window(lo: Tensor, hi: Tensor, m_lo: Tensor, m_hi: Tensor, head_mass: float
     est = lo.double() + span * torch.nan_to_num((m_lo - head_mass) / (m_lo - m_hi), 0.5).clamp(0, 1)
     side = span * torch.nan_to_num(count.rsqrt(), 0.25).clamp(max=0.25)
     cut = torch.stack([est - side, est, est + side], 1).round().long()
-    even = torch.stack([lo + (hi - lo) * k // 4 for k in (1, 2, 3)], 1)
-    cut = torch.where((quarters | ~torch.isfinite(count))[:, None], even, cut)
+    cut = torch.where((quarters | ~torch.isfinite(count))[:, None], _quarter_points(lo, hi), cut)
     return torch.minimum(torch.maximum(cut, lo[:, None] + 1), hi[:, None] - 1)
 
 
@@ -185,7 +189,7 @@ def head_threshold_exchange(steps: SearchSteps, head_mass: float, log_st: Tensor
     m_lo = torch.ones(n, dtype=torch.float64, device=dev)
     m_hi = torch.zeros(n, dtype=torch.float64, device=dev)
     for i in range(QUARTER_STEPS):
-        points = torch.stack([lo + (hi - lo) * k // 4 for k in (1, 2, 3)], 1)
+        points = _quarter_points(lo, hi)
         masses = steps.quarter(i, lo, hi).to(torch.float64)
         lo, hi, m_lo, m_hi, _ = _narrow(lo, hi, m_lo, m_hi, points, masses, head_mass)
     bound = float(_values_within(m_lo, m_hi, lo).max())  # host-sync-ok: the buffer's size

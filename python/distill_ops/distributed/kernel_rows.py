@@ -259,9 +259,9 @@ def _akl_threshold(phase, rec: Tensor, sc, vocab: int, key16: torch.dtype | None
     bisection step is the kernel's phase 3 (the slice's mass at p >= tau, tau in field 7; at
     x >= tau over the teacher's own logits where `key16` names its 16-bit dtype: the Triton
     phases without softcap or TAID) and one all-reduce of a float a row. Where the C++ phases
-    hold exp(z_t - m_slice) in the gradient buffer (`stash`), head_threshold_exchange runs
-    on it (dense_vp.cpp, phases 7-11, with their own record `aux`): the first quarter step
-    turns the stash into p in the same pass (phase 5 alone where no step runs)."""
+    stash in the gradient buffer (`stash`), head_threshold_exchange runs on p there
+    (dense_vp.cpp, phases 7-11, with their own record `aux`): the first quarter step writes
+    p into it from the teacher's row (phase 5 alone where no step runs)."""
     if stash is None:
         def mass(tau: Tensor) -> Tensor:
             rec[:, 7] = tau.to(torch.float64)
@@ -308,9 +308,8 @@ def _akl_threshold(phase, rec: Tensor, sc, vocab: int, key16: torch.dtype | None
         phase(11, aux=aux, cand=cand[0])
         return all_gather(aux[rows, 7:16].to(dt).contiguous(), group).to(torch.float64)
 
-    tau = head_threshold_exchange(SearchSteps(quarter, gather, inner, exchange), sc.beta,
-                                  rec[:, 3],
-                                  vocab)
+    steps = SearchSteps(quarter, gather, inner, exchange)
+    tau = head_threshold_exchange(steps, sc.beta, rec[:, 3], vocab)
     if sc.beta >= 1.0:  # no step ran (a head mass of 1): the stash to p alone
         phase(5)
     return tau.to(torch.float64)
